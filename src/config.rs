@@ -1,0 +1,690 @@
+//! Configuration from the environment: the only module that reads it.
+//!
+//! Raw strings become typed values once, here; every bad variable is collected and reported
+//! together, with its name, its value (never for a secret) and the expected form, before any
+//! network call or child process.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Environment variables that hold secrets. They are never logged and never reach the runner.
+pub const SECRET_VARS: &[&str] = &[
+    "GH_TOKEN",
+    "GH_RUNNER_TOKEN",
+    "GITHUB_TOKEN",
+    "GH_APP_PRIVATE_KEY",
+    "CI_STORAGE_PRIVATE_KEY",
+    "ADMIN_TOKEN",
+    "ACTIONS_RUNNER_INPUT_TOKEN",
+    "ACTIONS_RUNNER_INPUT_PAT",
+    "ACTIONS_RUNNER_INPUT_JITCONFIG",
+];
+
+/// Where configuration comes from: the process environment in production, a map in tests.
+pub trait EnvSource {
+    fn get(&self, name: &str) -> Option<String>;
+    /// Every variable, for building the runner's environment.
+    fn vars(&self) -> Vec<(String, String)>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+    fn vars(&self) -> Vec<(String, String)> {
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect()
+    }
+}
+
+impl EnvSource for BTreeMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        BTreeMap::get(self, name).cloned()
+    }
+    fn vars(&self) -> Vec<(String, String)> {
+        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// A secret value whose Debug and Display print `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// How the supervisor obtains a registration token.
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    /// A personal access token: exchanged for registration tokens, and used to de-register.
+    Pat(Secret),
+    /// A ready registration token: used as is; the supervisor cannot de-register by itself.
+    RegistrationToken(Secret),
+}
+
+/// Where the runner is registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Repository { owner: String, repo: String },
+    Organization(String),
+}
+
+impl Scope {
+    /// The REST path prefix: `repos/{owner}/{repo}` or `orgs/{org}`.
+    pub fn api_path(&self) -> String {
+        match self {
+            Scope::Repository { owner, repo } => format!("repos/{owner}/{repo}"),
+            Scope::Organization(org) => format!("orgs/{org}"),
+        }
+    }
+    /// The path part of the runner's `--url`: `owner/repo` or `org`.
+    pub fn url_path(&self) -> String {
+        match self {
+            Scope::Repository { owner, repo } => format!("{owner}/{repo}"),
+            Scope::Organization(org) => org.clone(),
+        }
+    }
+    /// The repository name, when the scope is a repository.
+    pub fn repo(&self) -> Option<&str> {
+        match self {
+            Scope::Repository { repo, .. } => Some(repo),
+            Scope::Organization(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::Repository { owner, repo } => write!(f, "repository {owner}/{repo}"),
+            Scope::Organization(org) => write!(f, "organization {org}"),
+        }
+    }
+}
+
+/// How the runner's name is chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunnerName {
+    Exact(String),
+    /// `<prefix>-<YYYYmmdd-HHMMSS>-<random>`: unique even for containers started in one second.
+    Prefix(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// The user the runner processes run as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+/// The typed configuration; the rest of the code sees only this.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub credentials: Credentials,
+    pub scope: Scope,
+    pub labels: Vec<String>,
+    pub name: RunnerName,
+    pub group: Option<String>,
+    pub ephemeral: bool,
+    pub no_default_labels: bool,
+    pub disable_update: bool,
+    pub work_dir: String,
+    pub server_url: String,
+    pub api_url: String,
+    pub runner_dir: PathBuf,
+    /// `None` when the supervisor is not root: everything then runs as the current user.
+    pub runner_user: Option<RunnerUser>,
+    pub drain_timeout: Duration,
+    pub shutdown_delay: Duration,
+    pub status_addr: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    /// The environment the runner starts from, with every secret removed.
+    pub runner_env: Vec<(String, String)>,
+}
+
+pub const DEFAULT_RUNNER_DIR: &str = "/home/guest/actions-runner";
+pub const DEFAULT_STATUS_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_DRAIN_TIMEOUT_SEC: u64 = 600;
+pub const DEFAULT_NAME_PREFIX: &str = "ci-storage";
+
+/// One bad variable: its name, the value shown (None for secrets) and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub var: &'static str,
+    pub value: Option<String>,
+    pub expected: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.value {
+            Some(v) => write!(f, "{}={:?}: expected {}", self.var, v, self.expected),
+            None => write!(f, "{}: expected {}", self.var, self.expected),
+        }
+    }
+}
+
+/// Every problem found in the environment, reported together.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration ({} problem{})", .0.len(), if .0.len() == 1 { "" } else { "s" })]
+pub struct ConfigError(pub Vec<Problem>);
+
+/// Looks up a user in the system's user database.
+pub trait UserDb {
+    fn lookup(&self, name: &str) -> Option<RunnerUser>;
+}
+
+/// `getpwnam` through nix.
+pub struct SystemUsers;
+
+impl UserDb for SystemUsers {
+    fn lookup(&self, name: &str) -> Option<RunnerUser> {
+        let user = nix::unistd::User::from_name(name).ok()??;
+        Some(RunnerUser {
+            name: user.name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            home: user.dir,
+        })
+    }
+}
+
+/// Facts about the running process that the configuration depends on.
+pub struct Host<'a> {
+    pub is_root: bool,
+    pub users: &'a dyn UserDb,
+    /// Whether `RUNNER_DIR` holds the runner's scripts; checked on the real filesystem in
+    /// production, stubbed in unit tests.
+    pub runner_dir_ok: &'a dyn Fn(&std::path::Path) -> bool,
+}
+
+struct Collector<'a> {
+    env: &'a dyn EnvSource,
+    problems: Vec<Problem>,
+}
+
+impl Collector<'_> {
+    /// A non-empty value, trimmed; empty counts as unset (as in the original image's `${X:=}`).
+    fn get(&self, var: &'static str) -> Option<String> {
+        self.env.get(var).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+    }
+
+    fn bad(&mut self, var: &'static str, value: Option<&str>, expected: impl Into<String>) {
+        self.problems.push(Problem { var, value: value.map(str::to_string), expected: expected.into() });
+    }
+
+    fn bool(&mut self, var: &'static str, default: bool) -> bool {
+        match self.get(var) {
+            None => default,
+            Some(v) => match parse_bool(&v) {
+                Some(b) => b,
+                None => {
+                    self.bad(var, Some(&v), "a boolean: true/false, 1/0, yes/no");
+                    default
+                }
+            },
+        }
+    }
+
+    fn seconds(&mut self, var: &'static str, default: u64) -> Duration {
+        match self.get(var) {
+            None => Duration::from_secs(default),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) => Duration::from_secs(n),
+                Err(_) => {
+                    self.bad(var, Some(&v), "a whole number of seconds, e.g. 600");
+                    Duration::from_secs(default)
+                }
+            },
+        }
+    }
+}
+
+/// Parses the booleans every variable accepts; anything else is an error, so `EPHEMERAL=0`
+/// can never mean "on".
+pub fn parse_bool(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+fn valid_github_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 100 && s.chars().all(is_name_char) && s != "." && s != ".."
+}
+
+/// Runner names become file and URL components: keep them to a safe alphabet.
+pub fn valid_runner_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(is_name_char) && !s.starts_with('.')
+}
+
+fn strip_slash(s: &str) -> String {
+    s.trim_end_matches('/').to_string()
+}
+
+/// The REST API base for a server URL: `api.github.com` for github.com, `api.<host>` for
+/// GHE.com data residency, `<server>/api/v3` for GitHub Enterprise Server.
+pub fn default_api_url(server_url: &str) -> String {
+    let rest = server_url.split_once("://").map(|(_, r)| r).unwrap_or(server_url);
+    let host = rest.split('/').next().unwrap_or("");
+    let scheme = server_url.split_once("://").map(|(s, _)| s).unwrap_or("https");
+    if host.eq_ignore_ascii_case("github.com") {
+        "https://api.github.com".to_string()
+    } else if host.to_ascii_lowercase().ends_with(".ghe.com") {
+        format!("{scheme}://api.{host}")
+    } else {
+        format!("{}/api/v3", strip_slash(server_url))
+    }
+}
+
+fn valid_http_url(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once("://") else { return false };
+    matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.starts_with('/')
+}
+
+impl Config {
+    /// Reads and validates every variable, returning all problems at once.
+    pub fn from_env(env: &dyn EnvSource, host: &Host<'_>) -> Result<Config, ConfigError> {
+        let mut c = Collector { env, problems: Vec::new() };
+
+        let pat = c.get("GH_TOKEN");
+        let reg = c.get("GH_RUNNER_TOKEN");
+        let credentials = match (pat, reg) {
+            (Some(p), None) => Some(Credentials::Pat(Secret::new(p))),
+            (None, Some(r)) => Some(Credentials::RegistrationToken(Secret::new(r))),
+            (Some(_), Some(_)) => {
+                c.bad("GH_TOKEN", None, "either GH_TOKEN (a PAT) or GH_RUNNER_TOKEN (a registration token), not both");
+                None
+            }
+            (None, None) => {
+                c.bad("GH_TOKEN", None, "a personal access token with admin rights on the repository or organization (or set GH_RUNNER_TOKEN to a registration token)");
+                None
+            }
+        };
+
+        let repo = c.get("GH_REPOSITORY");
+        let org = c.get("GH_ORGANIZATION");
+        let scope = match (repo, org) {
+            (Some(r), None) => match r.split_once('/') {
+                Some((o, n)) if valid_github_name(o) && valid_github_name(n) => {
+                    Some(Scope::Repository { owner: o.to_string(), repo: n.to_string() })
+                }
+                _ => {
+                    c.bad("GH_REPOSITORY", Some(&r), "owner/repo, e.g. octo-org/octo-repo");
+                    None
+                }
+            },
+            (None, Some(o)) => {
+                if valid_github_name(&o) {
+                    Some(Scope::Organization(o))
+                } else {
+                    c.bad("GH_ORGANIZATION", Some(&o), "an organization login, e.g. octo-org");
+                    None
+                }
+            }
+            (Some(r), Some(_)) => {
+                c.bad("GH_REPOSITORY", Some(&r), "exactly one of GH_REPOSITORY (owner/repo) or GH_ORGANIZATION (org), not both");
+                None
+            }
+            (None, None) => {
+                c.bad("GH_REPOSITORY", None, "owner/repo for a repository runner (or set GH_ORGANIZATION for an organization runner)");
+                None
+            }
+        };
+
+        let labels = match c.get("GH_LABELS") {
+            None => {
+                c.bad("GH_LABELS", None, "comma-separated runner labels, e.g. linux,docker");
+                Vec::new()
+            }
+            Some(raw) => {
+                let mut labels: Vec<String> = Vec::new();
+                let mut ok = true;
+                for l in raw.split(',').map(str::trim).filter(|l| !l.is_empty()) {
+                    if l.len() > 256 || l.chars().any(|ch| ch.is_control()) {
+                        ok = false;
+                    } else if !labels.iter().any(|x| x.eq_ignore_ascii_case(l)) {
+                        labels.push(l.to_string());
+                    }
+                }
+                if !ok || labels.is_empty() {
+                    c.bad("GH_LABELS", Some(&raw), "comma-separated labels of at most 256 characters each, e.g. linux,docker");
+                }
+                labels
+            }
+        };
+
+        let name = match (c.get("RUNNER_NAME"), c.get("RUNNER_NAME_PREFIX")) {
+            (Some(n), None) => {
+                if !valid_runner_name(&n) {
+                    c.bad("RUNNER_NAME", Some(&n), "1-64 characters of A-Z a-z 0-9 . _ - (not starting with a dot)");
+                }
+                RunnerName::Exact(n)
+            }
+            (None, p) => {
+                let p = p.unwrap_or_else(|| DEFAULT_NAME_PREFIX.to_string());
+                // The generated suffix adds 23 characters.
+                if !valid_runner_name(&p) || p.len() > 40 {
+                    c.bad("RUNNER_NAME_PREFIX", Some(&p), "1-40 characters of A-Z a-z 0-9 . _ -");
+                }
+                RunnerName::Prefix(p)
+            }
+            (Some(n), Some(_)) => {
+                c.bad("RUNNER_NAME", Some(&n), "either RUNNER_NAME or RUNNER_NAME_PREFIX, not both");
+                RunnerName::Exact(n)
+            }
+        };
+
+        let group = c.get("RUNNER_GROUP");
+        if let (Some(g), Some(Scope::Repository { .. })) = (&group, &scope) {
+            let g = g.clone();
+            c.bad("RUNNER_GROUP", Some(&g), "no group for a repository runner: runner groups exist only with GH_ORGANIZATION");
+        }
+        let ephemeral = c.bool("RUNNER_EPHEMERAL", false);
+        let no_default_labels = c.bool("RUNNER_NO_DEFAULT_LABELS", false);
+        let disable_update = c.bool("RUNNER_DISABLE_UPDATE", true);
+        let work_dir = c.get("RUNNER_WORKDIR").unwrap_or_else(|| "_work".to_string());
+        if work_dir.contains('\n') {
+            c.bad("RUNNER_WORKDIR", Some(&work_dir), "a directory path");
+        }
+
+        let server_url = strip_slash(&c.get("GH_SERVER_URL").unwrap_or_else(|| "https://github.com".to_string()));
+        if !valid_http_url(&server_url) {
+            c.bad("GH_SERVER_URL", Some(&server_url), "an http(s) URL, e.g. https://github.com");
+        }
+        let api_url = strip_slash(&c.get("GH_API_URL").unwrap_or_else(|| default_api_url(&server_url)));
+        if !valid_http_url(&api_url) {
+            c.bad("GH_API_URL", Some(&api_url), "an http(s) URL, e.g. https://api.github.com");
+        }
+
+        let runner_dir = PathBuf::from(c.get("RUNNER_DIR").unwrap_or_else(|| DEFAULT_RUNNER_DIR.to_string()));
+        if !(host.runner_dir_ok)(&runner_dir) {
+            let shown = runner_dir.display().to_string();
+            c.bad("RUNNER_DIR", Some(&shown), "the actions runner's directory, holding config.sh and run.sh");
+        }
+
+        let runner_user = if host.is_root {
+            let name = c.get("RUNNER_USER").unwrap_or_else(|| "guest".to_string());
+            match host.users.lookup(&name) {
+                Some(u) => Some(u),
+                None => {
+                    c.bad("RUNNER_USER", Some(&name), "an existing user to run the runner as (the image has `guest`)");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        let drain_timeout = c.seconds("DRAIN_TIMEOUT_SEC", DEFAULT_DRAIN_TIMEOUT_SEC);
+        let shutdown_delay = c.seconds("DEBUG_SHUTDOWN_DELAY_SEC", 0);
+
+        let status_addr = match status_addr(env) {
+            Ok(a) => a,
+            Err(p) => {
+                c.problems.push(p);
+                None
+            }
+        };
+
+        let log_format = match c.get("LOG_FORMAT").as_deref() {
+            None | Some("plain") => LogFormat::Plain,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                let other = other.to_string();
+                c.bad("LOG_FORMAT", Some(&other), "plain or json");
+                LogFormat::Plain
+            }
+        };
+        let log_filter = c.get("RUST_LOG").unwrap_or_else(|| "info".to_string());
+        if tracing_subscriber::EnvFilter::try_new(&log_filter).is_err() {
+            c.bad("RUST_LOG", Some(&log_filter), "a tracing filter, e.g. info or ci_runner=debug");
+        }
+
+        let runner_env = runner_env(env);
+
+        if !c.problems.is_empty() {
+            return Err(ConfigError(c.problems));
+        }
+        let (Some(credentials), Some(scope)) = (credentials, scope) else {
+            unreachable!("a missing credential or scope is always reported as a problem");
+        };
+        Ok(Config {
+            credentials,
+            scope,
+            labels,
+            name,
+            group,
+            ephemeral,
+            no_default_labels,
+            disable_update,
+            work_dir,
+            server_url,
+            api_url,
+            runner_dir,
+            runner_user,
+            drain_timeout,
+            shutdown_delay,
+            status_addr,
+            log_format,
+            log_filter,
+            runner_env,
+        })
+    }
+
+    /// The `--url` given to `config.sh`.
+    pub fn runner_url(&self) -> String {
+        format!("{}/{}", self.server_url, self.scope.url_path())
+    }
+
+    /// The non-secret settings, for the start-up banner.
+    pub fn summary(&self) -> String {
+        let creds = match self.credentials {
+            Credentials::Pat(_) => "GH_TOKEN",
+            Credentials::RegistrationToken(_) => "GH_RUNNER_TOKEN",
+        };
+        format!(
+            "scope={} labels={} credentials={} ephemeral={} runner_dir={} work_dir={} api={} drain_timeout={}s user={}",
+            self.scope,
+            self.labels.join(","),
+            creds,
+            self.ephemeral,
+            self.runner_dir.display(),
+            self.work_dir,
+            self.api_url,
+            self.drain_timeout.as_secs(),
+            self.runner_user.as_ref().map(|u| u.name.as_str()).unwrap_or("(self)"),
+        )
+    }
+}
+
+/// The supervisor's environment minus every secret and every variable that would change how
+/// run.sh handles signals: the runner and its jobs start from this.
+fn runner_env(env: &dyn EnvSource) -> Vec<(String, String)> {
+    env.vars()
+        .into_iter()
+        .filter(|(k, _)| {
+            !SECRET_VARS.contains(&k.as_str())
+                && !k.starts_with("ACTIONS_RUNNER_INPUT_")
+                && k != "RUNNER_MANUALLY_TRAP_SIG"
+        })
+        .collect()
+}
+
+/// `STATUS_ADDR`: where `/health` is served (`off` disables it). Also read by `ci-runner status`.
+pub fn status_addr(env: &dyn EnvSource) -> Result<Option<SocketAddr>, Problem> {
+    let raw = env.get("STATUS_ADDR").map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    match raw {
+        Some(v) if v.eq_ignore_ascii_case("off") => Ok(None),
+        v => {
+            let v = v.unwrap_or_else(|| DEFAULT_STATUS_ADDR.to_string());
+            v.parse::<SocketAddr>().map(Some).map_err(|_| Problem {
+                var: "STATUS_ADDR",
+                value: Some(v),
+                expected: "ip:port to serve /health on, e.g. 0.0.0.0:8080, or off".into(),
+            })
+        }
+    }
+}
+
+/// Whether `dir` holds the runner's `config.sh` and `run.sh`.
+pub fn runner_dir_has_scripts(dir: &std::path::Path) -> bool {
+    dir.join("config.sh").is_file() && dir.join("run.sh").is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Users;
+    impl UserDb for Users {
+        fn lookup(&self, name: &str) -> Option<RunnerUser> {
+            (name == "guest").then(|| RunnerUser { name: "guest".into(), uid: 1000, gid: 1000, home: "/home/guest".into() })
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn load(pairs: &[(&str, &str)], is_root: bool) -> Result<Config, ConfigError> {
+        let ok = |_: &std::path::Path| true;
+        Config::from_env(&env(pairs), &Host { is_root, users: &Users, runner_dir_ok: &ok })
+    }
+
+    const GOOD: &[(&str, &str)] = &[("GH_TOKEN", "ghp_secret"), ("GH_REPOSITORY", "octo-org/octo-repo"), ("GH_LABELS", "linux, docker,linux")];
+
+    #[test]
+    fn good_environment_gives_typed_config() {
+        let cfg = load(GOOD, true).unwrap();
+        assert_eq!(cfg.scope, Scope::Repository { owner: "octo-org".into(), repo: "octo-repo".into() });
+        assert_eq!(cfg.labels, vec!["linux", "docker"]);
+        assert_eq!(cfg.api_url, "https://api.github.com");
+        assert_eq!(cfg.runner_url(), "https://github.com/octo-org/octo-repo");
+        assert_eq!(cfg.runner_user.unwrap().name, "guest");
+        assert!(cfg.disable_update);
+        assert_eq!(cfg.drain_timeout, Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_SEC));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = load(
+            &[("GH_REPOSITORY", "no-slash"), ("RUNNER_EPHEMERAL", "maybe"), ("DRAIN_TIMEOUT_SEC", "10m"), ("STATUS_ADDR", "nope"), ("LOG_FORMAT", "xml")],
+            true,
+        )
+        .unwrap_err();
+        let vars: Vec<_> = err.0.iter().map(|p| p.var).collect();
+        assert_eq!(vars, ["GH_TOKEN", "GH_REPOSITORY", "GH_LABELS", "RUNNER_EPHEMERAL", "DRAIN_TIMEOUT_SEC", "STATUS_ADDR", "LOG_FORMAT"]);
+    }
+
+    #[test]
+    fn secrets_never_appear_in_problems() {
+        let err = load(&[("GH_TOKEN", "ghp_secret"), ("GH_RUNNER_TOKEN", "AABBCC"), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "x")], false).unwrap_err();
+        let text: String = err.0.iter().map(|p| p.to_string()).collect();
+        assert!(!text.contains("ghp_secret") && !text.contains("AABBCC"), "{text}");
+        assert!(text.contains("not both"));
+    }
+
+    #[test]
+    fn booleans_accept_the_usual_spellings_and_reject_others() {
+        for (v, want) in [("true", true), ("1", true), ("YES", true), ("false", false), ("0", false), ("no", false)] {
+            assert_eq!(parse_bool(v), Some(want), "{v}");
+        }
+        assert_eq!(parse_bool("2"), None);
+        let mut e = GOOD.to_vec();
+        e.push(("RUNNER_EPHEMERAL", "0"));
+        assert!(!load(&e, false).unwrap().ephemeral);
+    }
+
+    #[test]
+    fn organization_scope_and_group() {
+        let cfg = load(&[("GH_TOKEN", "t"), ("GH_ORGANIZATION", "octo-org"), ("GH_LABELS", "a"), ("RUNNER_GROUP", "gpu")], false).unwrap();
+        assert_eq!(cfg.scope.api_path(), "orgs/octo-org");
+        assert_eq!(cfg.group.as_deref(), Some("gpu"));
+        assert!(cfg.runner_user.is_none());
+        let err = load(&[("GH_TOKEN", "t"), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "a"), ("RUNNER_GROUP", "gpu")], false).unwrap_err();
+        assert_eq!(err.0[0].var, "RUNNER_GROUP");
+    }
+
+    #[test]
+    fn both_scopes_or_unknown_user_are_errors() {
+        let err = load(&[("GH_TOKEN", "t"), ("GH_REPOSITORY", "a/b"), ("GH_ORGANIZATION", "a"), ("GH_LABELS", "a"), ("RUNNER_USER", "nobody-here")], true).unwrap_err();
+        let vars: Vec<_> = err.0.iter().map(|p| p.var).collect();
+        assert_eq!(vars, ["GH_REPOSITORY", "RUNNER_USER"]);
+    }
+
+    #[test]
+    fn api_url_follows_the_server() {
+        assert_eq!(default_api_url("https://github.com"), "https://api.github.com");
+        assert_eq!(default_api_url("https://octo.ghe.com"), "https://api.octo.ghe.com");
+        assert_eq!(default_api_url("https://ghes.example/"), "https://ghes.example/api/v3");
+        assert_eq!(default_api_url("http://127.0.0.1:8000"), "http://127.0.0.1:8000/api/v3");
+    }
+
+    #[test]
+    fn runner_env_has_no_secret() {
+        let mut e = GOOD.to_vec();
+        e.extend([("CI_STORAGE_PRIVATE_KEY", "k"), ("ACTIONS_RUNNER_INPUT_TOKEN", "t"), ("PATH", "/bin"), ("RUNNER_MANUALLY_TRAP_SIG", "1")]);
+        let cfg = load(&e, false).unwrap();
+        let names: Vec<_> = cfg.runner_env.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(names.contains(&"PATH") && names.contains(&"GH_REPOSITORY"));
+        for s in SECRET_VARS.iter().chain(&["RUNNER_MANUALLY_TRAP_SIG"]) {
+            assert!(!names.contains(s), "{s} leaked");
+        }
+    }
+
+    #[test]
+    fn secret_debug_is_masked() {
+        let c = Credentials::Pat(Secret::new("ghp_x"));
+        assert!(!format!("{c:?}").contains("ghp_x"));
+    }
+
+    #[test]
+    fn runner_names_are_checked() {
+        assert!(valid_runner_name("ci-storage-20260101-000000-abc"));
+        assert!(!valid_runner_name("../etc"));
+        assert!(!valid_runner_name("a b"));
+        let mut e = GOOD.to_vec();
+        e.push(("RUNNER_NAME", "bad name"));
+        assert_eq!(load(&e, false).unwrap_err().0[0].var, "RUNNER_NAME");
+    }
+}

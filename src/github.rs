@@ -1,0 +1,366 @@
+//! The GitHub REST API, as far as a runner's life needs it: registration tokens, finding a
+//! runner by name, deleting it.
+//!
+//! Every call goes through one retry loop: 5xx, transport errors and rate limits (403/429 with
+//! `retry-after` or `x-ratelimit-remaining: 0`) are retried with backoff inside a budget;
+//! 401/403/404 become errors that name the token, permission or name that is wrong.
+//! Nothing secret is logged: URLs carry no tokens, and bodies are never logged.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, USER_AGENT};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Scope, Secret};
+
+const API_VERSION: &str = "2022-11-28";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GithubError {
+    #[error("GitHub rejected the token (401 {message}): the token is invalid, expired or revoked")]
+    Unauthorized { message: String },
+    #[error("the token may not manage runners of the {scope} (403 {message}): a classic PAT needs the `repo` scope (admin on the repository) or `admin:org` (organization), a fine-grained token needs Administration: write (repository) or Self-hosted runners: write (organization)")]
+    Forbidden { scope: String, message: String },
+    #[error("{scope} not found (404): check the name, and that the token can see it")]
+    NotFound { scope: String },
+    #[error("runner {id} is still running a job (422)")]
+    Busy { id: u64 },
+    #[error("GitHub answered {status} to {method} {path}: {message}")]
+    Status { status: u16, method: Method, path: String, message: String },
+    #[error("request {method} {path} failed")]
+    Transport {
+        method: Method,
+        path: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("gave up on {path} after {attempts} attempts")]
+    GaveUp {
+        path: String,
+        attempts: u32,
+        #[source]
+        last: Box<GithubError>,
+    },
+    #[error("cancelled while calling {path}")]
+    Cancelled { path: String },
+}
+
+impl GithubError {
+    /// Errors that retrying will never fix.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Unauthorized { .. } | Self::Forbidden { .. } | Self::NotFound { .. })
+    }
+}
+
+/// How long, and how often, one call may be retried.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub max_attempts: u32,
+    pub deadline: Option<Instant>,
+}
+
+impl Budget {
+    pub fn attempts(n: u32) -> Self {
+        Self { max_attempts: n, deadline: None }
+    }
+    pub fn until(deadline: Instant) -> Self {
+        Self { max_attempts: u32::MAX, deadline: Some(deadline) }
+    }
+}
+
+/// What to do with one answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Done,
+    Retry(Duration),
+    Fail,
+}
+
+/// Exponential backoff: 1 s, 2 s, 4 s … capped at 30 s, with up to 25 % jitter.
+pub fn backoff(attempt: u32, jitter: f64) -> Duration {
+    let base = 1000u64.saturating_mul(1 << attempt.min(5)).min(30_000);
+    Duration::from_millis(base + (base as f64 * 0.25 * jitter.clamp(0.0, 1.0)) as u64)
+}
+
+/// Decides, from a status and its headers, whether a call is done, retried (and after how
+/// long) or failed, following GitHub's documented rate-limit rules.
+pub fn classify(status: u16, headers: &HeaderMap, body: &str, attempt: u32, now_epoch: u64, jitter: f64) -> Verdict {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if (200..300).contains(&status) {
+        return Verdict::Done;
+    }
+    let rate_limited = status == 429
+        || (status == 403
+            && (header("retry-after").is_some()
+                || header("x-ratelimit-remaining") == Some(0)
+                || body.contains("rate limit")));
+    if rate_limited {
+        if let Some(after) = header("retry-after") {
+            return Verdict::Retry(Duration::from_secs(after.max(1)));
+        }
+        if header("x-ratelimit-remaining") == Some(0) {
+            if let Some(reset) = header("x-ratelimit-reset") {
+                return Verdict::Retry(Duration::from_secs(reset.saturating_sub(now_epoch).max(1)));
+            }
+        }
+        // Documented: with neither header, wait at least a minute, then back off.
+        return Verdict::Retry(Duration::from_secs(60) + backoff(attempt, jitter));
+    }
+    if status >= 500 {
+        return Verdict::Retry(backoff(attempt, jitter));
+    }
+    Verdict::Fail
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunnerInfo {
+    pub id: u64,
+    pub name: String,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub busy: bool,
+}
+
+#[derive(Deserialize)]
+struct RunnerList {
+    runners: Vec<RunnerInfo>,
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    message: String,
+}
+
+/// Outcome of deleting a runner.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deleted {
+    Removed,
+    AlreadyGone,
+}
+
+/// A REST client bound to one API base and one token.
+#[derive(Clone)]
+pub struct Github {
+    http: reqwest::Client,
+    api_url: String,
+    token: Secret,
+}
+
+fn now_epoch() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn jitter() -> f64 {
+    let mut b = [0u8; 2];
+    let _ = getrandom::getrandom(&mut b);
+    f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)
+}
+
+fn next_link(headers: &HeaderMap) -> Option<String> {
+    let link = headers.get("link")?.to_str().ok()?;
+    link.split(',').find_map(|part| {
+        let (url, rel) = part.split_once(';')?;
+        rel.contains("rel=\"next\"").then(|| url.trim().trim_start_matches('<').trim_end_matches('>').to_string())
+    })
+}
+
+impl Github {
+    pub fn new(api_url: &str, token: Secret) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Self { http, api_url: api_url.trim_end_matches('/').to_string(), token })
+    }
+
+    /// One call with retries. `path` is relative to the API base, or an absolute URL from a
+    /// `Link` header.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<(StatusCode, HeaderMap, String), GithubError> {
+        let url = if path.starts_with("http") { path.to_string() } else { format!("{}/{}", self.api_url, path) };
+        let shown = path.split('?').next().unwrap_or(path).to_string();
+        let mut attempt = 0u32;
+        loop {
+            let request = self
+                .http
+                .request(method.clone(), &url)
+                .header(ACCEPT, "application/vnd.github+json")
+                .header("X-GitHub-Api-Version", API_VERSION)
+                .header(USER_AGENT, concat!("ci-runner/", env!("CARGO_PKG_VERSION")))
+                .header(AUTHORIZATION, format!("Bearer {}", self.token.expose()));
+            let result = tokio::select! {
+                r = request.send() => r,
+                () = cancel.cancelled() => return Err(GithubError::Cancelled { path: shown }),
+            };
+            let (err, wait) = match result {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let headers = resp.headers().clone();
+                    let body = resp.text().await.unwrap_or_default();
+                    match classify(status.as_u16(), &headers, &body, attempt, now_epoch(), jitter()) {
+                        Verdict::Done => return Ok((status, headers, body)),
+                        Verdict::Fail => return Ok((status, headers, body)),
+                        Verdict::Retry(wait) => {
+                            let message = serde_json::from_str::<ErrorBody>(&body).map(|b| b.message).unwrap_or_default();
+                            (GithubError::Status { status: status.as_u16(), method: method.clone(), path: shown.clone(), message }, wait)
+                        }
+                    }
+                }
+                Err(source) => (
+                    GithubError::Transport { method: method.clone(), path: shown.clone(), source },
+                    backoff(attempt, jitter()),
+                ),
+            };
+            attempt += 1;
+            let out_of_time = budget.deadline.is_some_and(|d| Instant::now() + wait > d);
+            if attempt >= budget.max_attempts || out_of_time {
+                return Err(GithubError::GaveUp { path: shown, attempts: attempt, last: Box::new(err) });
+            }
+            tracing::warn!(path = %shown, attempt, wait_ms = wait.as_millis() as u64, error = %err, "GitHub call failed, retrying.");
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = cancel.cancelled() => return Err(GithubError::Cancelled { path: shown }),
+            }
+        }
+    }
+
+    fn refusal(status: StatusCode, body: &str, method: &Method, path: &str, scope: &Scope) -> GithubError {
+        let message = serde_json::from_str::<ErrorBody>(body).map(|b| b.message).unwrap_or_default();
+        match status.as_u16() {
+            401 => GithubError::Unauthorized { message },
+            403 => GithubError::Forbidden { scope: scope.to_string(), message },
+            404 => GithubError::NotFound { scope: scope.to_string() },
+            s => GithubError::Status { status: s, method: method.clone(), path: path.to_string(), message },
+        }
+    }
+
+    async fn token(&self, scope: &Scope, kind: &str, budget: Budget, cancel: &CancellationToken) -> Result<Secret, GithubError> {
+        let path = format!("{}/actions/runners/{kind}", scope.api_path());
+        let (status, _, body) = self.call(Method::POST, &path, budget, cancel).await?;
+        if !status.is_success() {
+            return Err(Self::refusal(status, &body, &Method::POST, &path, scope));
+        }
+        let answer: TokenAnswer = serde_json::from_str(&body).map_err(|_| GithubError::Status {
+            status: status.as_u16(),
+            method: Method::POST,
+            path: path.clone(),
+            message: "the answer has no token".into(),
+        })?;
+        Ok(Secret::new(answer.token))
+    }
+
+    /// `POST /{scope}/actions/runners/registration-token`.
+    pub async fn registration_token(&self, scope: &Scope, budget: Budget, cancel: &CancellationToken) -> Result<Secret, GithubError> {
+        self.token(scope, "registration-token", budget, cancel).await
+    }
+
+    /// Finds runners by exact name, following pagination.
+    pub async fn find_runner(&self, scope: &Scope, name: &str, budget: Budget, cancel: &CancellationToken) -> Result<Option<RunnerInfo>, GithubError> {
+        let mut path = format!("{}/actions/runners?per_page=100&name={name}", scope.api_path());
+        loop {
+            let (status, headers, body) = self.call(Method::GET, &path, budget, cancel).await?;
+            if !status.is_success() {
+                return Err(Self::refusal(status, &body, &Method::GET, &path, scope));
+            }
+            let list: RunnerList = serde_json::from_str(&body).map_err(|_| GithubError::Status {
+                status: status.as_u16(),
+                method: Method::GET,
+                path: path.clone(),
+                message: "the answer is not a runner list".into(),
+            })?;
+            if let Some(r) = list.runners.into_iter().find(|r| r.name == name) {
+                return Ok(Some(r));
+            }
+            match next_link(&headers) {
+                Some(next) => path = next,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// `DELETE /{scope}/actions/runners/{id}`: 422 while the runner is busy.
+    pub async fn delete_runner(&self, scope: &Scope, id: u64, budget: Budget, cancel: &CancellationToken) -> Result<Deleted, GithubError> {
+        let path = format!("{}/actions/runners/{id}", scope.api_path());
+        let (status, _, body) = self.call(Method::DELETE, &path, budget, cancel).await?;
+        match status.as_u16() {
+            s if (200..300).contains(&s) => Ok(Deleted::Removed),
+            404 => Ok(Deleted::AlreadyGone),
+            422 => Err(GithubError::Busy { id }),
+            _ => Err(Self::refusal(status, &body, &Method::DELETE, &path, scope)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn success_and_client_errors() {
+        assert_eq!(classify(201, &HeaderMap::new(), "", 0, 0, 0.0), Verdict::Done);
+        assert_eq!(classify(404, &HeaderMap::new(), "", 0, 0, 0.0), Verdict::Fail);
+        assert_eq!(classify(401, &HeaderMap::new(), "", 0, 0, 0.0), Verdict::Fail);
+        assert_eq!(classify(403, &headers(&[("x-ratelimit-remaining", "4999")]), "{\"message\":\"Must have admin rights\"}", 0, 0, 0.0), Verdict::Fail);
+    }
+
+    #[test]
+    fn server_errors_back_off_exponentially() {
+        assert_eq!(classify(502, &HeaderMap::new(), "", 0, 0, 0.0), Verdict::Retry(Duration::from_secs(1)));
+        assert_eq!(classify(500, &HeaderMap::new(), "", 3, 0, 0.0), Verdict::Retry(Duration::from_secs(8)));
+        assert_eq!(classify(503, &HeaderMap::new(), "", 20, 0, 0.0), Verdict::Retry(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn rate_limits_follow_the_headers() {
+        let primary = headers(&[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1010")]);
+        assert_eq!(classify(403, &primary, "", 0, 1000, 0.0), Verdict::Retry(Duration::from_secs(10)));
+        assert_eq!(classify(429, &primary, "", 0, 1000, 0.0), Verdict::Retry(Duration::from_secs(10)));
+        let secondary = headers(&[("retry-after", "7")]);
+        assert_eq!(classify(403, &secondary, "", 0, 1000, 0.0), Verdict::Retry(Duration::from_secs(7)));
+        assert_eq!(
+            classify(403, &HeaderMap::new(), "You have exceeded a secondary rate limit", 0, 0, 0.0),
+            Verdict::Retry(Duration::from_secs(61))
+        );
+    }
+
+    #[test]
+    fn link_header_next() {
+        let h = headers(&[("link", "<https://api.github.com/x?page=2>; rel=\"next\", <https://api.github.com/x?page=5>; rel=\"last\"")]);
+        assert_eq!(next_link(&h).as_deref(), Some("https://api.github.com/x?page=2"));
+        assert_eq!(next_link(&headers(&[("link", "<https://a/x?page=1>; rel=\"prev\"")])), None);
+    }
+
+    #[test]
+    fn refusals_name_what_is_wrong() {
+        let scope = Scope::Repository { owner: "o".into(), repo: "r".into() };
+        let e = Github::refusal(StatusCode::NOT_FOUND, "", &Method::POST, "p", &scope);
+        assert!(e.to_string().contains("repository o/r not found"), "{e}");
+        let e = Github::refusal(StatusCode::FORBIDDEN, "{\"message\":\"Must have admin rights to Repository.\"}", &Method::POST, "p", &scope);
+        assert!(e.to_string().contains("Must have admin rights") && e.to_string().contains("Administration: write"), "{e}");
+        assert!(e.is_permanent());
+    }
+}

@@ -1,0 +1,23 @@
+//! `ci-runner`: PID 1 of a GitHub Actions self-hosted runner container.
+//!
+//! It exchanges a PAT for a registration token, registers the official runner with
+//! `config.sh`, supervises `run.sh`, knows from the runner's own output whether a job runs,
+//! and on SIGTERM lets that job finish before it de-registers. As PID 1 it reaps every zombie,
+//! forwards signals and passes exit codes through.
+//!
+//! # Layout
+//! - [`pid1`]: the tiny synchronous parent: fork, forward signals, reap, pass the exit code.
+//! - [`config`]: the only reader of the environment; typed, validated all at once.
+//! - [`github`]: the REST API (registration tokens, find and delete runners) with retries.
+//! - [`runner`]: `config.sh` and `run.sh` as processes, their output lines, their files.
+//! - [`supervisor`]: the life cycle: register, supervise, drain, de-register; the exit table.
+//! - [`status`]: the state machine's current state on `GET /health` and `ci-runner status`.
+//! - [`error`]: the top-level error and the exit codes.
+
+pub mod config;
+pub mod error;
+pub mod github;
+pub mod pid1;
+pub mod runner;
+pub mod status;
+pub mod supervisor;

@@ -1,0 +1,170 @@
+//! `ci-runner`: the PID-1 split, configuration, tracing, runtime and exit code.
+
+use std::ffi::OsString;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+
+use ci_runner::config::{self, Config, Host, LogFormat, ProcessEnv, SystemUsers};
+use ci_runner::error::{chain, ExitCode};
+use ci_runner::status::{self, StatusHandle};
+use ci_runner::supervisor::{self, RegistrationSlot, SignalKind, Supervisor};
+use ci_runner::pid1;
+use tokio::signal::unix::{signal, SignalKind as Sig};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const USAGE: &str = "usage: ci-runner            run the supervisor (configured by environment variables; see README)
+       ci-runner status     print /health from STATUS_ADDR; exit 0 when healthy, 1 otherwise
+       ci-runner init -- COMMAND [ARGS...]
+                            be PID 1 for COMMAND only: reap zombies, forward signals, pass its exit code
+       ci-runner --version";
+
+fn main() {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    match args.first().and_then(|a| a.to_str()) {
+        None => supervise(),
+        Some("init") => {
+            let rest = if args.get(1).is_some_and(|a| a == "--") { &args[2..] } else { &args[1..] };
+            pid1::run_init(rest)
+        }
+        Some("status") => status_command(),
+        Some("--version" | "-V" | "version") => println!("ci-runner {}", env!("CARGO_PKG_VERSION")),
+        Some("--help" | "-h" | "help") => println!("{USAGE}"),
+        Some(other) => {
+            eprintln!("ci-runner: unknown command {other:?}\n{USAGE}");
+            std::process::exit(ExitCode::Usage.code());
+        }
+    }
+}
+
+fn status_command() {
+    let addr = match config::status_addr(&ProcessEnv) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            eprintln!("ci-runner status: STATUS_ADDR is off");
+            std::process::exit(1);
+        }
+        Err(p) => {
+            eprintln!("ci-runner status: {p}");
+            std::process::exit(ExitCode::Config.code());
+        }
+    };
+    match status::query(addr) {
+        Ok((healthy, body)) => {
+            println!("{body}");
+            std::process::exit(if healthy { 0 } else { 1 });
+        }
+        Err(e) => {
+            eprintln!("ci-runner status: failed to reach {addr}: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn supervise() -> ! {
+    pid1::split();
+    // From here on we are the supervisor child. Keep /proc/<pid>/environ (which still holds
+    // GH_TOKEN) from processes of the same uid.
+    // SAFETY: prctl with integer arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+    let is_root = nix::unistd::geteuid().is_root();
+    let host = Host { is_root, users: &SystemUsers, runner_dir_ok: &config::runner_dir_has_scripts };
+    let cfg = match Config::from_env(&ProcessEnv, &host) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("ci-runner: {e}:");
+            for p in &e.0 {
+                eprintln!("ci-runner:   {p}");
+            }
+            std::process::exit(ExitCode::Config.code());
+        }
+    };
+    init_tracing(&cfg);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "Failed to start the runtime.");
+            std::process::exit(ExitCode::Internal.code());
+        }
+    };
+    let slot: RegistrationSlot = Arc::new(Mutex::new(None));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| runtime.block_on(run(cfg.clone(), slot.clone()))));
+    drop(runtime);
+    let code = match result {
+        Ok(code) => code,
+        Err(_) => {
+            tracing::error!("The supervisor panicked; removing the registration.");
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(supervisor::emergency_deregister(&cfg, &slot));
+            }
+            ExitCode::Internal
+        }
+    };
+    std::process::exit(code.code())
+}
+
+async fn run(cfg: Config, slot: RegistrationSlot) -> ExitCode {
+    let (tx, rx) = mpsc::unbounded_channel();
+    if let Err(e) = forward_signals(tx) {
+        tracing::error!(error = %e, "Failed to install signal handlers.");
+        return ExitCode::Internal;
+    }
+    // Handlers are in place: let the signals held since the fork through.
+    pid1::unblock_signals();
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), pid = std::process::id(), config = %cfg.summary(), "ci-runner starting.");
+
+    let (status, status_rx) = StatusHandle::new();
+    let cancel = CancellationToken::new();
+    if let Some(addr) = cfg.status_addr {
+        if let Err(source) = status::serve(addr, status_rx, cancel.clone()).await {
+            let e = ci_runner::error::Error::Status { addr, source };
+            tracing::error!(error = %chain(&e), "Failed to start.");
+            return e.exit_code();
+        }
+    }
+    let code = match Supervisor::new(cfg, status, rx, slot) {
+        Ok(s) => s.run().await,
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "Failed to start.");
+            e.exit_code()
+        }
+    };
+    cancel.cancel();
+    code
+}
+
+/// TERM and INT drive the drain; HUP, QUIT, USR1 and USR2 (which PID 1 forwards) are logged
+/// and otherwise ignored rather than left to kill the supervisor.
+fn forward_signals(tx: mpsc::UnboundedSender<SignalKind>) -> std::io::Result<()> {
+    for (kind, sig) in [(SignalKind::Term, Sig::terminate()), (SignalKind::Int, Sig::interrupt())] {
+        let mut stream = signal(sig)?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if tx.send(kind).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    for (name, sig) in [("SIGHUP", Sig::hangup()), ("SIGQUIT", Sig::quit()), ("SIGUSR1", Sig::user_defined1()), ("SIGUSR2", Sig::user_defined2())] {
+        let mut stream = signal(sig)?;
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                tracing::info!(signal = name, "Signal ignored.");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn init_tracing(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_filter).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Plain => builder.with_ansi(nix::unistd::isatty(2).unwrap_or(false)).init(),
+    }
+}

@@ -1,0 +1,214 @@
+//! PID-1 duties: the tiny synchronous parent that forwards signals, reaps every zombie and
+//! passes the child's exit status through.
+//!
+//! The parent forks before anything else (no threads, no runtime, no allocation-heavy work)
+//! and then only loops on `sigwait`: forwarding TERM/INT/HUP/QUIT/USR1/USR2/WINCH to the child
+//! and reaping with `waitpid(-1, WNOHANG)` on each SIGCHLD (signals merge, so it drains the
+//! queue every time). The child does the real work. When the binary is not PID 1 (under
+//! `docker --init` or ECS `initProcessEnabled`) the parent marks itself a child subreaper, so
+//! orphans of the runner's job steps still come to it and are reaped.
+//!
+//! Forking (rather than re-executing the binary) keeps the secret-bearing environment out of
+//! any new `execve` and spares a second start-up; the child is single-threaded at the fork.
+
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStrExt;
+
+use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{self, ForkResult, Pid};
+
+/// Signals the parent passes on to the child.
+const FORWARDED: &[Signal] = &[
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+];
+
+/// Job-control signals the parent swallows (it owns no terminal work of its own).
+const SWALLOWED: &[Signal] = &[Signal::SIGTSTP, Signal::SIGTTIN, Signal::SIGTTOU];
+
+fn parent_set() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in FORWARDED.iter().chain(SWALLOWED) {
+        set.add(*s);
+    }
+    set.add(Signal::SIGCHLD);
+    set
+}
+
+/// Exit status a shell would report: the code, or 128+n for death by signal n.
+pub fn status_code(status: WaitStatus) -> Option<i32> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(code),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+        _ => None,
+    }
+}
+
+/// Resets what a child inherits from us: an empty signal mask and default dispositions for
+/// every catchable signal. Only async-signal-safe calls: it runs between fork and exec.
+pub fn reset_signals() -> std::io::Result<()> {
+    // SAFETY: sigprocmask and signal with SIG_DFL are async-signal-safe and touch only this
+    // process's own signal state.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Unblocks every signal in the calling thread; pending ones are delivered now.
+pub fn unblock_signals() {
+    let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+}
+
+/// Marks this process a child subreaper unless it already is PID 1.
+fn become_reaper() {
+    if unistd::getpid().as_raw() != 1 {
+        // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes plain integers.
+        unsafe {
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        }
+    }
+}
+
+/// Makes the child its own process group and, when we have a terminal, its foreground group,
+/// so a Ctrl-C reaches it once (from the terminal) rather than twice (terminal + forward).
+fn own_group_and_terminal() {
+    let _ = unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+    if unistd::isatty(0).unwrap_or(false) {
+        // SAFETY: ignoring SIGTTOU around tcsetpgrp so a background group may take the tty.
+        unsafe {
+            let old = libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+            libc::tcsetpgrp(0, libc::getpid());
+            libc::signal(libc::SIGTTOU, old);
+        }
+    }
+}
+
+/// Forks. The parent never returns: it forwards, reaps and exits with the child's status.
+/// The child returns in its own process group, with the forwarded signals still blocked.
+pub fn split() {
+    let set = parent_set();
+    if let Err(e) = signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None) {
+        eprintln!("ci-runner: failed to block signals: {e}");
+        std::process::exit(1);
+    }
+    become_reaper();
+    // SAFETY: no other thread exists yet (this is the first thing main does), so the child
+    // may run arbitrary code after the fork.
+    match unsafe { unistd::fork() } {
+        // The child keeps the signals blocked until its handlers are installed (see
+        // `unblock_signals`), so a SIGTERM forwarded in between is held, not fatal.
+        Ok(ForkResult::Child) => own_group_and_terminal(),
+        Ok(ForkResult::Parent { child }) => parent_loop(child, &set),
+        Err(e) => {
+            eprintln!("ci-runner: failed to fork the supervisor: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// `ci-runner init -- CMD ARGS…`: PID-1 duties for an arbitrary command (like tini).
+pub fn run_init(argv: &[OsString]) -> ! {
+    let Some(cargs) = argv.iter().map(|a| CString::new(a.as_bytes()).ok()).collect::<Option<Vec<_>>>() else {
+        eprintln!("ci-runner init: an argument contains a NUL byte");
+        std::process::exit(2);
+    };
+    if cargs.is_empty() {
+        eprintln!("ci-runner init: usage: ci-runner init -- COMMAND [ARGS...]");
+        std::process::exit(2);
+    }
+    let set = parent_set();
+    if let Err(e) = signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None) {
+        eprintln!("ci-runner init: failed to block signals: {e}");
+        std::process::exit(1);
+    }
+    become_reaper();
+    // SAFETY: single-threaded; the child only calls async-signal-safe functions before exec.
+    match unsafe { unistd::fork() } {
+        Ok(ForkResult::Child) => {
+            own_group_and_terminal();
+            if reset_signals().is_err() {
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(126) };
+            }
+            let err = unistd::execvp(&cargs[0], &cargs).unwrap_err();
+            let code = if err == nix::errno::Errno::ENOENT { 127 } else { 126 };
+            eprintln!("ci-runner init: failed to run {:?}: {err}", cargs[0]);
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(code) };
+        }
+        Ok(ForkResult::Parent { child }) => parent_loop(child, &set),
+        Err(e) => {
+            eprintln!("ci-runner init: failed to fork: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The parent's whole life: wait for a signal, forward or reap, exit when the child is gone.
+fn parent_loop(child: Pid, set: &SigSet) -> ! {
+    // The parent holds secrets in its environment: keep /proc/<pid>/environ from other users
+    // of the same uid.
+    // SAFETY: prctl with integer arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+    loop {
+        let sig = match set.wait() {
+            Ok(s) => s,
+            Err(_) => continue,
+        };
+        if sig == Signal::SIGCHLD {
+            if let Some(code) = reap(child) {
+                std::process::exit(code);
+            }
+        } else if FORWARDED.contains(&sig) {
+            // ESRCH just means the child is already gone; SIGCHLD will tell.
+            let _ = signal::kill(child, sig);
+        }
+    }
+}
+
+/// Reaps every exited child; returns the main child's status code once it has exited.
+fn reap(child: Pid) -> Option<i32> {
+    let mut result = None;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return result,
+            Ok(status) => {
+                if status.pid() == Some(child) {
+                    result = status_code(status).or(result);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_status_maps_like_a_shell() {
+        let p = Pid::from_raw(10);
+        assert_eq!(status_code(WaitStatus::Exited(p, 3)), Some(3));
+        assert_eq!(status_code(WaitStatus::Signaled(p, Signal::SIGTERM, false)), Some(143));
+        assert_eq!(status_code(WaitStatus::Signaled(p, Signal::SIGKILL, true)), Some(137));
+        assert_eq!(status_code(WaitStatus::StillAlive), None);
+    }
+}

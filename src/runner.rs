@@ -1,0 +1,485 @@
+//! The actions runner as processes: `config.sh` to register, `run.sh` to listen, the lines they
+//! print, and the files they leave in the runner root.
+//!
+//! Busy/idle is read from inside the container, from the Listener's own terminal lines
+//! (`<ts>: Running job: X`, `<ts>: Job X completed with result: R`), never from GitHub's
+//! lagging `busy` flag. Lines are matched anchored at the start, because with
+//! `ACTIONS_RUNNER_PRINT_LOG_TO_STDOUT=1` each one is repeated inside a trace prefix.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::{Gid, Pid, Uid};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, RunnerUser, Secret};
+
+/// What one line of the runner's output tells the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineEvent {
+    /// `<ts>: Listening for Jobs`: connected and idle.
+    Listening,
+    JobStarted(String),
+    JobCompleted { name: String, result: String },
+    /// The registration is gone from the server: re-register.
+    RegistrationGone,
+    /// `A session for this runner already exists.` or run-helper's rc-5 line.
+    SessionConflict,
+    /// The runner version is too old for GitHub.
+    Deprecated,
+    /// run-helper.sh reports the Listener's return code.
+    ListenerExit(i32),
+}
+
+/// Strips `YYYY-MM-DD HH:MM:SSZ: ` from the start of a line.
+fn strip_timestamp(line: &str) -> Option<&str> {
+    let b = line.as_bytes();
+    if b.len() < 22 {
+        return None;
+    }
+    let digits = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18];
+    let shape = digits.iter().all(|&i| b[i].is_ascii_digit())
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b' '
+        && b[13] == b':'
+        && b[16] == b':'
+        && b[19] == b'Z'
+        && b[20] == b':'
+        && b[21] == b' ';
+    shape.then(|| &line[22..])
+}
+
+/// Removes ANSI colour sequences (the runner prints `√` in green).
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Classifies one (ANSI-stripped) line.
+pub fn parse_line(line: &str) -> Option<LineEvent> {
+    let line = line.trim_end();
+    if let Some(rest) = strip_timestamp(line) {
+        if rest == "Listening for Jobs" {
+            return Some(LineEvent::Listening);
+        }
+        if let Some(name) = rest.strip_prefix("Running job: ") {
+            return Some(LineEvent::JobStarted(name.to_string()));
+        }
+        if let Some(rest) = rest.strip_prefix("Job ") {
+            if let Some((name, result)) = rest.rsplit_once(" completed with result: ") {
+                if !result.is_empty() && result.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Some(LineEvent::JobCompleted { name: name.to_string(), result: result.to_string() });
+                }
+            }
+        }
+        return None;
+    }
+    if line.starts_with("The runner no longer exists on the server.")
+        || line.starts_with("Failed to create a session. The runner registration has been deleted")
+        || line.contains("Registration was not found or is not medium trust")
+    {
+        return Some(LineEvent::RegistrationGone);
+    }
+    if line == "A session for this runner already exists." {
+        return Some(LineEvent::SessionConflict);
+    }
+    if line.starts_with("An error occurred: Runner version") && line.ends_with("is deprecated and cannot receive messages.") {
+        return Some(LineEvent::Deprecated);
+    }
+    let helper = [
+        ("Runner listener exit with 0 return code", 0),
+        ("Runner listener exit with terminated error", 1),
+        ("Runner listener exit with retryable error", 2),
+        ("Runner listener exit because of updating", 3),
+        ("Runner listener exit with Session Conflict error", 5),
+        ("Runner listener exit with deprecated version exit code: 7", 7),
+    ];
+    for (prefix, rc) in helper {
+        if line.starts_with(prefix) {
+            return Some(LineEvent::ListenerExit(rc));
+        }
+    }
+    if let Some(code) = line.strip_prefix("Exiting with unknown error code: ") {
+        return code.trim().parse().ok().map(LineEvent::ListenerExit);
+    }
+    None
+}
+
+/// Which stream a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("failed to start {}", path.display())]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("config.sh exited with {status}: {last_error}")]
+    ConfigFailed { status: String, last_error: String },
+    #[error("config.sh did not finish within {0:?}")]
+    ConfigTimeout(Duration),
+    #[error("failed to wait for {what}")]
+    Wait {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The user's uid, gid and supplementary groups, resolved before fork (getgrouplist reads
+/// /etc/group, which is not safe between fork and exec).
+#[derive(Debug, Clone)]
+struct Identity {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+}
+
+fn identity(user: &RunnerUser) -> Identity {
+    let groups = CString::new(user.name.as_bytes())
+        .ok()
+        .and_then(|n| nix::unistd::getgrouplist(&n, Gid::from_raw(user.gid)).ok())
+        .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_else(|| vec![user.gid]);
+    Identity { uid: user.uid, gid: user.gid, groups }
+}
+
+/// A command for the runner user: its own process group, a clean signal mask and default
+/// dispositions, the scrubbed environment, stdin from /dev/null, output piped.
+fn command(cfg: &Config, program: &Path, extra_env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.current_dir(&cfg.runner_dir)
+        .env_clear()
+        .envs(cfg.runner_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        // Lets us tell a deprecated runner (rc 7) from other terminal errors.
+        .env("ACTIONS_RUNNER_RETURN_VERSION_DEPRECATED_EXIT_CODE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let ident = cfg.runner_user.as_ref().map(|u| {
+        cmd.env("HOME", &u.home).env("USER", &u.name).env("LOGNAME", &u.name);
+        identity(u)
+    });
+    if cfg.runner_user.as_ref().is_some_and(|u| u.uid == 0) {
+        cmd.env("RUNNER_ALLOW_RUNASROOT", "1");
+    }
+    // SAFETY: the closure only makes async-signal-safe system calls (setgroups, setgid,
+    // setuid, sigprocmask, signal) on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(id) = &ident {
+                if libc::setgroups(id.groups.len(), id.groups.as_ptr()) != 0
+                    || libc::setgid(id.gid) != 0
+                    || libc::setuid(id.uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            crate::pid1::reset_signals()
+        });
+    }
+    cmd
+}
+
+/// Forwards a child's output lines into one channel, ANSI stripped, blank lines dropped.
+fn pump(stream: impl AsyncRead + Unpin + Send + 'static, which: Stream, tx: mpsc::UnboundedSender<(Stream, String)>) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let line = strip_ansi(&line);
+            if line.trim().is_empty() {
+                continue;
+            }
+            if tx.send((which, line)).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// What `config.sh` needs to register one runner.
+pub struct Registration<'a> {
+    pub name: &'a str,
+    pub token: &'a Secret,
+}
+
+/// Runs `config.sh --unattended --replace …` as the runner user. The token goes through the
+/// environment (`ACTIONS_RUNNER_INPUT_TOKEN`, which the Listener deletes once read), never argv.
+pub async fn configure(cfg: &Config, reg: Registration<'_>, timeout: Duration) -> Result<(), RunnerError> {
+    let program = cfg.runner_dir.join("config.sh");
+    let mut args: Vec<String> = vec![
+        "--unattended".into(),
+        "--replace".into(),
+        "--url".into(),
+        cfg.runner_url(),
+        "--name".into(),
+        reg.name.into(),
+        "--labels".into(),
+        cfg.labels.join(","),
+        "--work".into(),
+        cfg.work_dir.clone(),
+    ];
+    if let Some(group) = &cfg.group {
+        args.extend(["--runnergroup".into(), group.clone()]);
+    }
+    if cfg.ephemeral {
+        args.push("--ephemeral".into());
+    }
+    if cfg.no_default_labels {
+        args.push("--no-default-labels".into());
+    }
+    if cfg.disable_update {
+        args.push("--disableupdate".into());
+    }
+    let mut cmd = command(cfg, &program, &[("ACTIONS_RUNNER_INPUT_TOKEN", reg.token.expose())]);
+    cmd.args(&args).kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| RunnerError::Spawn { path: program.clone(), source })?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if let Some(out) = child.stdout.take() {
+        pump(out, Stream::Stdout, tx.clone());
+    }
+    if let Some(err) = child.stderr.take() {
+        pump(err, Stream::Stderr, tx);
+    }
+    let mut last_error = String::new();
+    let run = async {
+        let mut done = None;
+        loop {
+            tokio::select! {
+                line = rx.recv() => match line {
+                    Some((stream, line)) => {
+                        tracing::info!(target: "runner", "{line}");
+                        if stream == Stream::Stderr {
+                            last_error = line;
+                        }
+                    }
+                    None => break,
+                },
+                status = child.wait(), if done.is_none() => {
+                    done = Some(status);
+                }
+            }
+        }
+        match done {
+            Some(s) => s,
+            None => child.wait().await,
+        }
+    };
+    let status = tokio::time::timeout(timeout, run).await.map_err(|_| RunnerError::ConfigTimeout(timeout))?;
+    let status = status.map_err(|source| RunnerError::Wait { what: "config.sh", source })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(RunnerError::ConfigFailed { status: describe(status), last_error })
+    }
+}
+
+/// `exit status 3` or `signal 9`.
+pub fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "an unknown status".into(),
+    }
+}
+
+/// A running `run.sh` and its process group.
+pub struct RunnerProcess {
+    child: Child,
+    pgid: Pid,
+}
+
+/// The runner's output lines, in order, tagged with their stream.
+pub type Lines = mpsc::UnboundedReceiver<(Stream, String)>;
+
+impl RunnerProcess {
+    /// Starts `run.sh` from the runner root (so `update.finished` lands where run-helper looks).
+    pub fn spawn(cfg: &Config) -> Result<(Self, Lines), RunnerError> {
+        let program = cfg.runner_dir.join("run.sh");
+        let mut child = command(cfg, &program, &[])
+            .spawn()
+            .map_err(|source| RunnerError::Spawn { path: program.clone(), source })?;
+        let pgid = Pid::from_raw(child.id().unwrap_or(0) as i32);
+        let (tx, lines) = mpsc::unbounded_channel();
+        if let Some(out) = child.stdout.take() {
+            pump(out, Stream::Stdout, tx.clone());
+        }
+        if let Some(err) = child.stderr.take() {
+            pump(err, Stream::Stderr, tx);
+        }
+        Ok((Self { child, pgid }, lines))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pgid.as_raw() as u32
+    }
+
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Asks the Listener to shut down: SIGINT to the Listener alone, which is the runner's own
+    /// clean stop (a running job would be cancelled, so callers only do this when idle or on
+    /// purpose). Without a Listener (between restarts) the whole group gets SIGTERM.
+    pub fn stop_listener(&self) -> usize {
+        let listeners = find_in_group(self.pgid, "Runner.Listener");
+        for pid in &listeners {
+            let _ = nix::sys::signal::kill(*pid, Signal::SIGINT);
+        }
+        if listeners.is_empty() {
+            let _ = killpg(self.pgid, Signal::SIGTERM);
+        }
+        listeners.len()
+    }
+
+    /// SIGKILL to the whole group: the last resort.
+    pub fn kill(&self) {
+        let _ = killpg(self.pgid, Signal::SIGKILL);
+    }
+
+    /// Whether a `Runner.Worker` (a job) runs in the group right now.
+    pub fn worker_running(&self) -> bool {
+        !find_in_group(self.pgid, "Runner.Worker").is_empty()
+    }
+}
+
+/// Processes in process group `pgid` whose argv[0] or argv[1] (scripts run by an interpreter)
+/// ends in `/<name>`.
+pub fn find_in_group(pgid: Pid, name: &str) -> Vec<Pid> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut found = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // Fields after the parenthesised comm: state ppid pgrp …
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
+        let pgrp = after.split_whitespace().nth(2).and_then(|s| s.parse::<i32>().ok());
+        if pgrp != Some(pgid.as_raw()) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let matches = cmdline.split(|b| *b == 0).take(2).any(|arg| {
+            let arg = std::ffi::OsStr::from_bytes(arg);
+            Path::new(arg).file_name().is_some_and(|f| f == name)
+        });
+        if matches {
+            found.push(Pid::from_raw(pid));
+        }
+    }
+    found
+}
+
+/// The runner's local registration files.
+pub const LOCAL_FILES: &[&str] = &[".runner", ".credentials", ".credentials_rsaparams"];
+
+/// The runner id (`agentId`) from `.runner`, read case-insensitively (Newtonsoft writes
+/// camelCase, possibly behind a UTF-8 BOM).
+pub fn read_agent_id(runner_dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(runner_dir.join(".runner")).ok()?;
+    let value: serde_json::Value = serde_json::from_str(text.trim_start_matches('\u{feff}')).ok()?;
+    value.as_object()?.iter().find(|(k, _)| k.eq_ignore_ascii_case("agentId")).and_then(|(_, v)| v.as_u64())
+}
+
+/// Deletes the local registration, as `config.sh remove --local` does.
+pub fn remove_local_files(runner_dir: &Path) {
+    for f in LOCAL_FILES {
+        let _ = std::fs::remove_file(runner_dir.join(f));
+    }
+}
+
+pub fn is_configured(runner_dir: &Path) -> bool {
+    runner_dir.join(".runner").exists()
+}
+
+/// Gives the runner user the runner root, without a recursive chown of the payload: only the
+/// root itself must be writable (config.sh writes `.runner` there).
+pub fn prepare_root(cfg: &Config) -> io::Result<()> {
+    if let Some(u) = &cfg.runner_user {
+        nix::unistd::chown(&cfg.runner_dir, Some(Uid::from_raw(u.uid)), Some(Gid::from_raw(u.gid))).map_err(io::Error::from)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_lines_are_parsed() {
+        assert_eq!(parse_line("2026-08-17 14:15:44Z: Listening for Jobs"), Some(LineEvent::Listening));
+        assert_eq!(
+            parse_line("2026-08-17 14:15:44Z: Running job: build (ubuntu, 18)"),
+            Some(LineEvent::JobStarted("build (ubuntu, 18)".into()))
+        );
+        assert_eq!(
+            parse_line("2026-08-17 14:16:00Z: Job build (ubuntu, 18) completed with result: Succeeded"),
+            Some(LineEvent::JobCompleted { name: "build (ubuntu, 18)".into(), result: "Succeeded".into() })
+        );
+    }
+
+    #[test]
+    fn trace_copies_are_not_counted_twice() {
+        assert_eq!(parse_line("[RUNNER 2026-08-17 14:15:44Z INFO Terminal] WRITE LINE: 2026-08-17 14:15:44Z: Running job: build"), None);
+        assert_eq!(parse_line("echo 2026-08-17 14:15:44Z: Running job: x"), None);
+    }
+
+    #[test]
+    fn lifecycle_lines_are_recognised() {
+        assert_eq!(parse_line("The runner no longer exists on the server. Cleaning up local configuration."), Some(LineEvent::RegistrationGone));
+        assert_eq!(parse_line("A session for this runner already exists."), Some(LineEvent::SessionConflict));
+        assert_eq!(
+            parse_line("An error occurred: Runner version v2.300.0 is deprecated and cannot receive messages."),
+            Some(LineEvent::Deprecated)
+        );
+        assert_eq!(parse_line("Runner listener exit with retryable error, re-launch runner in 5 seconds."), Some(LineEvent::ListenerExit(2)));
+        assert_eq!(parse_line("Exiting with unknown error code: 143"), Some(LineEvent::ListenerExit(143)));
+        assert_eq!(parse_line("hello"), None);
+    }
+
+    #[test]
+    fn ansi_is_stripped() {
+        assert_eq!(strip_ansi("\u{1b}[32m√\u{1b}[0m Connected to GitHub"), "√ Connected to GitHub");
+    }
+
+    #[test]
+    fn agent_id_is_read_case_insensitively() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".runner"), "\u{feff}{\n  \"AgentId\": 42,\n  \"agentName\": \"x\"\n}").unwrap();
+        assert_eq!(read_agent_id(dir.path()), Some(42));
+        remove_local_files(dir.path());
+        assert_eq!(read_agent_id(dir.path()), None);
+    }
+}

@@ -1,0 +1,165 @@
+//! The supervisor's state, served as JSON on `GET /health`, and the `ci-runner status` client.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State as AxumState;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Where the supervisor is in the runner's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Starting,
+    Registering,
+    Idle,
+    Busy,
+    Draining,
+    Stopped,
+    Failed,
+}
+
+impl State {
+    /// `/health` answers 200 in these states: a draining runner is still doing its job.
+    pub fn healthy(self) -> bool {
+        !matches!(self, State::Stopped | State::Failed)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub state: State,
+    pub version: &'static str,
+    pub runner_name: Option<String>,
+    pub runner_id: Option<u64>,
+    pub busy: bool,
+    pub job: Option<String>,
+    pub jobs_completed: u64,
+    pub restarts: u32,
+    /// Unix seconds of the last state change.
+    pub since: u64,
+    pub last_error: Option<String>,
+}
+
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            state: State::Starting,
+            version: env!("CARGO_PKG_VERSION"),
+            runner_name: None,
+            runner_id: None,
+            busy: false,
+            job: None,
+            jobs_completed: 0,
+            restarts: 0,
+            since: now(),
+            last_error: None,
+        }
+    }
+}
+
+/// The writer side, owned by the supervisor.
+#[derive(Clone)]
+pub struct StatusHandle(watch::Sender<Status>);
+
+impl StatusHandle {
+    pub fn new() -> (Self, watch::Receiver<Status>) {
+        let (tx, rx) = watch::channel(Status::default());
+        (Self(tx), rx)
+    }
+
+    pub fn set_state(&self, state: State) {
+        self.0.send_modify(|s| {
+            if s.state != state {
+                s.state = state;
+                s.since = now();
+            }
+        });
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        self.0.send_modify(f);
+    }
+
+    pub fn get(&self) -> Status {
+        self.0.borrow().clone()
+    }
+}
+
+async fn health(AxumState(rx): AxumState<watch::Receiver<Status>>) -> impl IntoResponse {
+    let status = rx.borrow().clone();
+    let code = if status.state.healthy() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(status))
+}
+
+/// Binds `addr` now (so a bad or busy address fails the start) and serves until `cancel`.
+pub async fn serve(addr: SocketAddr, rx: watch::Receiver<Status>, cancel: CancellationToken) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = Router::new().route("/health", get(health)).with_state(rx);
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
+    }))
+}
+
+/// The address to connect to for a listening address (`0.0.0.0` → loopback).
+pub fn connect_addr(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port()),
+        _ => addr,
+    }
+}
+
+/// `ci-runner status`: prints `/health` and returns whether it answered 200.
+pub fn query(addr: SocketAddr) -> Result<(bool, String), std::io::Error> {
+    let timeout = Duration::from_secs(3);
+    let mut stream = TcpStream::connect_timeout(&connect_addr(addr), timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let ok = response.split_whitespace().nth(1) == Some("200");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((ok, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draining_is_healthy_failed_is_not() {
+        assert!(State::Draining.healthy() && State::Busy.healthy() && State::Starting.healthy());
+        assert!(!State::Failed.healthy() && !State::Stopped.healthy());
+    }
+
+    #[tokio::test]
+    async fn health_answers_with_the_state() {
+        let (handle, rx) = StatusHandle::new();
+        let cancel = CancellationToken::new();
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        serve(addr, rx, cancel.clone()).await.unwrap();
+        handle.set_state(State::Busy);
+        let (ok, body) = tokio::task::spawn_blocking(move || query(addr).unwrap()).await.unwrap();
+        assert!(ok);
+        assert!(body.contains("\"state\":\"busy\""), "{body}");
+        handle.set_state(State::Failed);
+        let (ok, body) = tokio::task::spawn_blocking(move || query(addr).unwrap()).await.unwrap();
+        assert!(!ok, "{body}");
+        cancel.cancel();
+    }
+}

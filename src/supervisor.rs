@@ -1,0 +1,652 @@
+//! The runner's whole life: register, supervise `run.sh`, drain on a signal, de-register.
+//!
+//! The drain (README "Shutdown sequence"): on the first SIGTERM/SIGINT the runner stops taking
+//! jobs at once. Idle: the registration is deleted through the REST API (so GitHub can assign
+//! it nothing more) and the Listener gets SIGINT. Busy: nothing is signalled (the runner would
+//! cancel the job); when the Listener prints `completed with result`, it gets SIGINT before it
+//! can poll for another job, then the registration is deleted. `DRAIN_TIMEOUT_SEC` bounds the
+//! wait; past it (or on a second signal) the Listener gets SIGINT and cancels the job, so
+//! GitHub records it as cancelled rather than lost. A third signal kills the runner.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, Credentials, RunnerName};
+use crate::error::{chain, Error, ExitCode};
+use crate::github::{backoff, Budget, Deleted, Github, GithubError};
+use crate::runner::{self, describe, parse_line, LineEvent, Registration, RunnerProcess};
+use crate::status::{State, StatusHandle};
+
+/// The signals the supervisor acts on; the caller (main, or a test) feeds them in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalKind {
+    Term,
+    Int,
+}
+
+/// A registration that exists on GitHub and must be removed on every exit path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub name: String,
+    pub id: Option<u64>,
+}
+
+/// Shared with main's panic path, which de-registers whatever this holds.
+pub type RegistrationSlot = Arc<Mutex<Option<Registered>>>;
+
+/// How long a stopped Listener may take to exit before its group is killed: the runner's own
+/// cancel path needs SIGINT → 7.5 s → SIGTERM → 2.5 s for the step, plus reporting.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
+/// De-registration may run this long past the drain deadline.
+pub const DEREGISTER_GRACE: Duration = Duration::from_secs(20);
+const CONFIG_TIMEOUT: Duration = Duration::from_secs(180);
+const MAX_FAILURES: u32 = 10;
+/// A run this long (or one that completed a job) resets the failure count.
+const STABLE_RUN: Duration = Duration::from_secs(600);
+
+/// Everything known about one exit of `run.sh`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub status: String,
+    pub listener_rc: Option<i32>,
+    pub registration_gone: bool,
+    pub session_conflict: bool,
+    pub deprecated: bool,
+    pub jobs_completed: u64,
+    pub still_configured: bool,
+}
+
+/// What to do after `run.sh` exits by itself (no drain in progress).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Start `run.sh` again after the delay, with the same registration.
+    Restart(Duration),
+    /// Register afresh (new token, `config.sh`) after the delay.
+    Reregister(Duration),
+    /// The runner's work is over (an ephemeral runner ran its job): de-register, exit 0.
+    Done,
+    /// Give up: de-register, exit with `RunnerFailed`.
+    Fatal(String),
+}
+
+/// Restart delay after `failures` consecutive failed runs: 1 s, 2 s, 4 s … 60 s.
+pub fn restart_delay(failures: u32) -> Duration {
+    Duration::from_secs((1u64 << failures.min(6)).min(60))
+}
+
+/// The table in the README ("What each exit of run.sh means").
+pub fn decide(info: &ExitInfo, ephemeral: bool, failures: u32) -> Decision {
+    let delay = restart_delay(failures);
+    if ephemeral && info.jobs_completed > 0 {
+        return Decision::Done;
+    }
+    if info.deprecated || info.listener_rc == Some(7) {
+        // GitHub has sent this for the current version during an outage (actions/runner#4613):
+        // retry a few times before believing it.
+        return if failures >= 2 {
+            Decision::Fatal("the runner version is deprecated: rebuild the image with a newer runner".into())
+        } else {
+            Decision::Restart(delay.max(Duration::from_secs(5)))
+        };
+    }
+    if info.registration_gone || !info.still_configured {
+        return Decision::Reregister(delay);
+    }
+    if info.session_conflict || info.listener_rc == Some(5) {
+        // The server keeps a stale session for minutes; a new registration gets a new one.
+        return if failures >= 2 { Decision::Reregister(delay) } else { Decision::Restart(delay) };
+    }
+    if failures >= MAX_FAILURES {
+        return Decision::Fatal(format!("run.sh failed {failures} times in a row (last: {})", info.status));
+    }
+    Decision::Restart(delay)
+}
+
+/// A name unique per container start: `<prefix>-<YYYYmmdd-HHMMSS>-<6 random chars>`.
+pub fn runner_name(name: &RunnerName) -> String {
+    match name {
+        RunnerName::Exact(n) => n.clone(),
+        RunnerName::Prefix(p) => {
+            let now = time::OffsetDateTime::now_utc();
+            let stamp = now
+                .format(time::macros::format_description!("[year][month][day]-[hour][minute][second]"))
+                .unwrap_or_default();
+            let mut bytes = [0u8; 6];
+            let _ = getrandom::getrandom(&mut bytes);
+            let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
+            let suffix: String = bytes.iter().map(|b| alphabet[*b as usize % alphabet.len()] as char).collect();
+            format!("{p}-{stamp}-{suffix}")
+        }
+    }
+}
+
+/// A DELETE of our runner in flight while the drain goes on.
+type DeleteCall = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Deleted, GithubError>> + Send>>;
+
+/// State of a drain in progress.
+struct Drain {
+    deadline: Instant,
+    signals: u32,
+    timed_out: bool,
+    deregistered: bool,
+}
+
+enum Outcome {
+    Drained { timed_out: bool, deregistered: bool },
+    Exited(ExitInfo),
+}
+
+/// A signal arrived while the supervisor was waiting on something else.
+struct Interrupted;
+
+pub struct Supervisor {
+    cfg: Config,
+    github: Option<Github>,
+    status: StatusHandle,
+    signals: mpsc::UnboundedReceiver<SignalKind>,
+    registration: RegistrationSlot,
+    name: String,
+    cancel: CancellationToken,
+}
+
+impl Supervisor {
+    pub fn new(cfg: Config, status: StatusHandle, signals: mpsc::UnboundedReceiver<SignalKind>, registration: RegistrationSlot) -> Result<Self, Error> {
+        let github = match &cfg.credentials {
+            Credentials::Pat(token) => Some(Github::new(&cfg.api_url, token.clone()).map_err(Error::Http)?),
+            Credentials::RegistrationToken(_) => None,
+        };
+        let name = runner_name(&cfg.name);
+        status.update(|s| s.runner_name = Some(name.clone()));
+        Ok(Self { cfg, github, status, signals, registration, name, cancel: CancellationToken::new() })
+    }
+
+    /// Runs until the runner is drained, finished or failed; returns the process exit code.
+    pub async fn run(mut self) -> ExitCode {
+        let code = match self.run_inner().await {
+            Ok(code) => code,
+            Err(e) => {
+                error!(error = %chain(&e), "Supervisor failed.");
+                self.status.update(|s| s.last_error = Some(chain(&e)));
+                let budget = Budget::until(Instant::now() + DEREGISTER_GRACE);
+                if let Err(de) = self.deregister(budget).await {
+                    error!(error = %chain(&de), "Failed to de-register the runner.");
+                }
+                self.status.set_state(State::Failed);
+                e.exit_code()
+            }
+        };
+        if code == ExitCode::Ok || code == ExitCode::DrainTimeout {
+            self.status.set_state(State::Stopped);
+        }
+        code
+    }
+
+    async fn run_inner(&mut self) -> Result<ExitCode, Error> {
+        self.clean_stale_registration().await;
+        runner::prepare_root(&self.cfg).map_err(|source| Error::Prepare { path: self.cfg.runner_dir.clone(), source })?;
+        let mut failures = 0u32;
+        'register: loop {
+            match self.register().await {
+                Ok(()) => {}
+                Err(Ok(Interrupted)) => return self.stop_before_listening().await,
+                Err(Err(e)) => return Err(e),
+            }
+            loop {
+                let started = Instant::now();
+                let outcome = self.supervise_once().await?;
+                let info = match outcome {
+                    Outcome::Drained { timed_out, deregistered } => return Ok(self.finish_drain(timed_out, deregistered).await),
+                    Outcome::Exited(info) => info,
+                };
+                if info.jobs_completed > 0 || started.elapsed() >= STABLE_RUN {
+                    failures = 0;
+                }
+                let decision = decide(&info, self.cfg.ephemeral, failures);
+                info!(status = %info.status, listener_rc = ?info.listener_rc, decision = ?decision, "Runner exited.");
+                match decision {
+                    Decision::Done => {
+                        self.deregister(Budget::until(Instant::now() + DEREGISTER_GRACE)).await?;
+                        return Ok(ExitCode::Ok);
+                    }
+                    Decision::Fatal(msg) => return Err(Error::RunnerGaveUp(msg)),
+                    Decision::Restart(delay) => {
+                        failures += 1;
+                        self.status.update(|s| s.restarts += 1);
+                        if self.pause(delay).await.is_err() {
+                            return self.stop_before_listening().await;
+                        }
+                    }
+                    Decision::Reregister(delay) => {
+                        failures += 1;
+                        self.status.update(|s| s.restarts += 1);
+                        // The old registration may linger on the server: remove it first.
+                        if let Err(e) = self.deregister(Budget::attempts(3)).await {
+                            warn!(error = %chain(&e), "Failed to remove the old registration.");
+                        }
+                        if self.pause(delay).await.is_err() {
+                            return self.stop_before_listening().await;
+                        }
+                        continue 'register;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps, unless a signal comes first.
+    async fn pause(&mut self, delay: Duration) -> Result<(), Interrupted> {
+        self.status.set_state(State::Starting);
+        info!(delay_ms = delay.as_millis() as u64, "Restarting the runner after a pause.");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => Ok(()),
+            Some(sig) = self.signals.recv() => {
+                info!(signal = ?sig, "Signal received while the runner was down.");
+                Err(Interrupted)
+            }
+        }
+    }
+
+    /// A signal came before the Listener ran: remove whatever was registered, exit 0.
+    async fn stop_before_listening(&mut self) -> Result<ExitCode, Error> {
+        self.status.set_state(State::Draining);
+        self.deregister(Budget::until(Instant::now() + DEREGISTER_GRACE)).await?;
+        info!("Stopped before taking any job.");
+        Ok(ExitCode::Ok)
+    }
+
+    /// A `.runner` left by an earlier start of this container: delete that registration on
+    /// GitHub (when we can) and the local files, so nothing stale piles up.
+    async fn clean_stale_registration(&mut self) {
+        if !runner::is_configured(&self.cfg.runner_dir) {
+            return;
+        }
+        let id = runner::read_agent_id(&self.cfg.runner_dir);
+        info!(runner_id = ?id, "Removing a registration left by an earlier start.");
+        if let (Some(gh), Some(id)) = (&self.github, id) {
+            let budget = Budget::attempts(3);
+            if let Err(e) = gh.delete_runner(&self.cfg.scope, id, budget, &self.cancel).await {
+                warn!(runner_id = id, error = %chain(&e), "Failed to delete the stale registration; GitHub removes offline runners after 14 days.");
+            }
+        }
+        runner::remove_local_files(&self.cfg.runner_dir);
+    }
+
+    /// Token, then `config.sh`. A signal during the token fetch aborts it at once; a signal
+    /// during `config.sh` lets it finish (a half-written registration is worse), then stops.
+    async fn register(&mut self) -> Result<(), Result<Interrupted, Error>> {
+        self.status.set_state(State::Registering);
+        runner::remove_local_files(&self.cfg.runner_dir);
+        let token = match (&self.cfg.credentials, &self.github) {
+            (Credentials::Pat(_), Some(gh)) => {
+                let fetch = gh.registration_token(&self.cfg.scope, Budget::attempts(8), &self.cancel);
+                tokio::select! {
+                    t = fetch => t.map_err(|e| Err(Error::Github(e)))?,
+                    Some(sig) = self.signals.recv() => {
+                        info!(signal = ?sig, "Signal received during registration.");
+                        return Err(Ok(Interrupted));
+                    }
+                }
+            }
+            (Credentials::RegistrationToken(t), _) => t.clone(),
+            (Credentials::Pat(_), None) => unreachable!("a PAT always has a client"),
+        };
+        info!(runner = %self.name, url = %self.cfg.runner_url(), "Registering the runner.");
+        let reg = Registration { name: &self.name, token: &token };
+        let configure = runner::configure(&self.cfg, reg, CONFIG_TIMEOUT);
+        tokio::pin!(configure);
+        let mut interrupted = false;
+        let result = loop {
+            tokio::select! {
+                r = &mut configure => break r,
+                Some(sig) = self.signals.recv() => {
+                    info!(signal = ?sig, "Signal received during config.sh; stopping once it returns.");
+                    interrupted = true;
+                }
+            }
+        };
+        // Record the registration before judging the result: config.sh may have registered
+        // and then failed, and the exit paths must remove it.
+        let mut id = runner::read_agent_id(&self.cfg.runner_dir);
+        if id.is_none() && runner::is_configured(&self.cfg.runner_dir) {
+            if let Some(gh) = &self.github {
+                id = gh.find_runner(&self.cfg.scope, &self.name, Budget::attempts(3), &self.cancel).await.ok().flatten().map(|r| r.id);
+            }
+        }
+        if runner::is_configured(&self.cfg.runner_dir) || id.is_some() {
+            *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = Some(Registered { name: self.name.clone(), id });
+            self.status.update(|s| s.runner_id = id);
+        }
+        result.map_err(|e| Err(Error::Runner(e)))?;
+        if interrupted {
+            return Err(Ok(Interrupted));
+        }
+        info!(runner = %self.name, runner_id = ?id, "Runner registered.");
+        Ok(())
+    }
+
+    /// Removes the registration from GitHub and the local files; retries a busy answer (the
+    /// API's busy flag lags the runner by up to a minute) until the budget runs out.
+    async fn deregister(&mut self, budget: Budget) -> Result<(), Error> {
+        let Some(reg) = self.registration.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Ok(());
+        };
+        let Some(gh) = &self.github else {
+            warn!(runner = %reg.name, "No GH_TOKEN: cannot de-register; GitHub removes offline runners after 14 days (1 day if ephemeral).");
+            runner::remove_local_files(&self.cfg.runner_dir);
+            *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Ok(());
+        };
+        let id = match reg.id {
+            Some(id) => Some(id),
+            None => gh.find_runner(&self.cfg.scope, &reg.name, budget, &self.cancel).await?.map(|r| r.id),
+        };
+        if let Some(id) = id {
+            let mut attempt = 0;
+            loop {
+                match gh.delete_runner(&self.cfg.scope, id, budget, &self.cancel).await {
+                    Ok(Deleted::Removed) => {
+                        info!(runner = %reg.name, runner_id = id, "Runner de-registered.");
+                        break;
+                    }
+                    Ok(Deleted::AlreadyGone) => {
+                        info!(runner = %reg.name, runner_id = id, "Runner was already gone from GitHub.");
+                        break;
+                    }
+                    Err(GithubError::Busy { .. }) => {
+                        let wait = backoff(attempt, 0.0).min(Duration::from_secs(5));
+                        attempt += 1;
+                        if budget.deadline.is_some_and(|d| Instant::now() + wait > d) || attempt >= budget.max_attempts {
+                            return Err(Error::Github(GithubError::Busy { id }));
+                        }
+                        info!(runner_id = id, "GitHub still reports the runner busy; retrying.");
+                        tokio::time::sleep(wait).await;
+                    }
+                    Err(e) => return Err(Error::Github(e)),
+                }
+            }
+        }
+        runner::remove_local_files(&self.cfg.runner_dir);
+        *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.status.update(|s| s.runner_id = None);
+        Ok(())
+    }
+
+    /// After the drain's run.sh has exited: make sure the registration is gone, then stop.
+    async fn finish_drain(&mut self, timed_out: bool, deregistered: bool) -> ExitCode {
+        let mut code = if timed_out { ExitCode::DrainTimeout } else { ExitCode::Ok };
+        if !deregistered || self.registration.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            if let Err(e) = self.deregister(Budget::until(Instant::now() + DEREGISTER_GRACE)).await {
+                error!(error = %chain(&e), "Failed to de-register the runner during the drain.");
+                code = e.exit_code();
+            }
+        }
+        runner::remove_local_files(&self.cfg.runner_dir);
+        let delay = self.cfg.shutdown_delay.as_secs();
+        if delay > 0 {
+            // DEBUG_SHUTDOWN_DELAY_SEC, as in the original image: the last number logged is how
+            // long the orchestrator really waited before SIGKILL.
+            info!(seconds = delay, "Delaying the exit (DEBUG_SHUTDOWN_DELAY_SEC).");
+            for k in 1..=delay {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                info!("  ...{k} seconds elapsed");
+            }
+        }
+        info!(exit_code = code.code(), "Drain complete.");
+        code
+    }
+
+    fn start_delete(&self) -> Option<DeleteCall> {
+        let gh = self.github.clone()?;
+        let id = self.registration.lock().unwrap_or_else(|p| p.into_inner()).as_ref()?.id?;
+        let scope = self.cfg.scope.clone();
+        let cancel = self.cancel.clone();
+        let budget = Budget::attempts(3);
+        Some(Box::pin(async move { gh.delete_runner(&scope, id, budget, &cancel).await }))
+    }
+
+    /// One run of `run.sh`, until it exits.
+    async fn supervise_once(&mut self) -> Result<Outcome, Error> {
+        let (mut proc, mut lines) = RunnerProcess::spawn(&self.cfg)?;
+        info!(pid = proc.pid(), "Runner started.");
+        self.status.set_state(State::Starting);
+        let mut info = ExitInfo::default();
+        let mut busy: Option<String> = None;
+        let mut drain: Option<Drain> = None;
+        let mut delete: Option<DeleteCall> = None;
+        let mut delete_retry_at: Option<Instant> = None;
+        let mut kill_at: Option<Instant> = None;
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 86400);
+
+        let status = loop {
+            let drain_deadline = drain.as_ref().filter(|d| !d.timed_out).map(|d| d.deadline).unwrap_or(far);
+            tokio::select! {
+                biased;
+                Some((_, line)) = lines.recv() => {
+                    info!(target: "runner", "{line}");
+                    let Some(event) = parse_line(&line) else { continue };
+                    match event {
+                        LineEvent::Listening => {
+                            if drain.is_none() && busy.is_none() {
+                                self.status.set_state(State::Idle);
+                            }
+                        }
+                        LineEvent::JobStarted(name) => {
+                            info!(job = %name, "Job started.");
+                            if drain.as_ref().is_some_and(|d| d.deregistered) {
+                                warn!(job = %name, "A job started while the runner was being removed; waiting for it.");
+                            }
+                            self.status.update(|s| { s.busy = true; s.job = Some(name.clone()); });
+                            if drain.is_none() {
+                                self.status.set_state(State::Busy);
+                            }
+                            busy = Some(name);
+                        }
+                        LineEvent::JobCompleted { name, result } => {
+                            info.jobs_completed += 1;
+                            busy = None;
+                            info!(job = %name, result = %result, "Job finished.");
+                            self.status.update(|s| { s.busy = false; s.job = None; s.jobs_completed += 1; });
+                            if drain.is_some() {
+                                // Before the Listener can poll for another job.
+                                let n = proc.stop_listener();
+                                info!(listeners = n, "Job done while draining: stopping the runner.");
+                                kill_at.get_or_insert(Instant::now() + STOP_GRACE);
+                            } else if !self.cfg.ephemeral {
+                                self.status.set_state(State::Idle);
+                            }
+                        }
+                        LineEvent::RegistrationGone => info.registration_gone = true,
+                        LineEvent::SessionConflict => info.session_conflict = true,
+                        LineEvent::Deprecated => info.deprecated = true,
+                        LineEvent::ListenerExit(rc) => info.listener_rc = Some(rc),
+                    }
+                }
+                Some(sig) = self.signals.recv() => {
+                    let count = drain.as_ref().map_or(0, |d| d.signals) + 1;
+                    match drain.as_mut() {
+                        None => {
+                            let deadline = Instant::now() + self.cfg.drain_timeout;
+                            info!(signal = ?sig, drain_timeout_s = self.cfg.drain_timeout.as_secs(), "Signal received: draining (no new job will start).");
+                            self.status.set_state(State::Draining);
+                            drain = Some(Drain { deadline, signals: 1, timed_out: false, deregistered: false });
+                            match &busy {
+                                Some(job) => info!(job = %job, "Waiting for the running job to finish."),
+                                None => {
+                                    delete = self.start_delete();
+                                    if delete.is_none() {
+                                        proc.stop_listener();
+                                        kill_at = Some(Instant::now() + STOP_GRACE);
+                                    }
+                                }
+                            }
+                        }
+                        Some(d) if count == 2 => {
+                            d.signals = 2;
+                            warn!(signal = ?sig, job = ?busy, "Second signal: stopping the runner now; a running job is cancelled.");
+                            d.timed_out = busy.is_some();
+                            proc.stop_listener();
+                            kill_at = Some(Instant::now() + STOP_GRACE);
+                        }
+                        Some(d) => {
+                            d.signals = count;
+                            warn!(signal = ?sig, "Third signal: killing the runner.");
+                            d.timed_out = busy.is_some();
+                            proc.kill();
+                        }
+                    }
+                }
+                result = async { delete.as_mut().expect("guarded").await }, if delete.is_some() => {
+                    delete = None;
+                    let d = drain.as_mut().expect("deletes run only while draining");
+                    match result {
+                        Ok(_) => {
+                            d.deregistered = true;
+                            *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                            runner::remove_local_files(&self.cfg.runner_dir);
+                            info!("Runner de-registered.");
+                            if busy.is_none() {
+                                proc.stop_listener();
+                                kill_at.get_or_insert(Instant::now() + STOP_GRACE);
+                            }
+                        }
+                        Err(GithubError::Busy { .. }) if busy.is_none() => {
+                            // GitHub has assigned a job that the Listener has not announced yet.
+                            info!("GitHub reports the runner busy; waiting.");
+                            delete_retry_at = Some(Instant::now() + Duration::from_secs(1));
+                        }
+                        Err(GithubError::Busy { .. }) => {}
+                        Err(e) => {
+                            warn!(error = %chain(&e), "Failed to de-register; retrying.");
+                            delete_retry_at = Some(Instant::now() + Duration::from_secs(2));
+                        }
+                    }
+                }
+                () = sleep_until(delete_retry_at.unwrap_or(far)), if delete_retry_at.is_some() => {
+                    delete_retry_at = None;
+                    if busy.is_none() && drain.as_ref().is_some_and(|d| !d.deregistered) {
+                        delete = self.start_delete();
+                    }
+                }
+                () = sleep_until(drain_deadline), if drain.as_ref().is_some_and(|d| !d.timed_out) => {
+                    let d = drain.as_mut().expect("guarded");
+                    d.timed_out = busy.is_some();
+                    if d.timed_out {
+                        warn!(job = ?busy, "Drain deadline passed: cancelling the running job.");
+                    } else {
+                        warn!("Drain deadline passed: stopping the runner.");
+                    }
+                    // Mark the deadline handled even when idle.
+                    d.deadline = far;
+                    proc.stop_listener();
+                    kill_at.get_or_insert(Instant::now() + STOP_GRACE);
+                }
+                () = sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
+                    kill_at = None;
+                    warn!("The runner did not stop in time: killing it.");
+                    proc.kill();
+                }
+                status = proc.wait() => break status,
+            }
+        };
+        let status = status.map_err(|source| Error::Runner(runner::RunnerError::Wait { what: "run.sh", source }))?;
+        // Lines still buffered in the pipes (orphans may hold them open, so do not wait for EOF).
+        while let Ok((_, line)) = lines.try_recv() {
+            info!(target: "runner", "{line}");
+            match parse_line(&line) {
+                Some(LineEvent::RegistrationGone) => info.registration_gone = true,
+                Some(LineEvent::SessionConflict) => info.session_conflict = true,
+                Some(LineEvent::Deprecated) => info.deprecated = true,
+                Some(LineEvent::ListenerExit(rc)) => info.listener_rc = Some(rc),
+                Some(LineEvent::JobCompleted { .. }) => info.jobs_completed += 1,
+                _ => {}
+            }
+        }
+        info.status = describe(status);
+        info.still_configured = runner::is_configured(&self.cfg.runner_dir);
+        self.status.update(|s| { s.busy = false; s.job = None; });
+        Ok(match drain {
+            Some(d) => Outcome::Drained { timed_out: d.timed_out, deregistered: d.deregistered },
+            None => Outcome::Exited(info),
+        })
+    }
+}
+
+/// After a panic: remove whatever registration the slot holds, best effort, briefly.
+pub async fn emergency_deregister(cfg: &Config, slot: &RegistrationSlot) {
+    let Some(reg) = slot.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+    let Credentials::Pat(token) = &cfg.credentials else { return };
+    let Ok(gh) = Github::new(&cfg.api_url, token.clone()) else { return };
+    let cancel = CancellationToken::new();
+    let budget = Budget::until(Instant::now() + DEREGISTER_GRACE);
+    let id = match reg.id {
+        Some(id) => Some(id),
+        None => gh.find_runner(&cfg.scope, &reg.name, budget, &cancel).await.ok().flatten().map(|r| r.id),
+    };
+    if let Some(id) = id {
+        match gh.delete_runner(&cfg.scope, id, budget, &cancel).await {
+            Ok(_) => info!(runner = %reg.name, runner_id = id, "Runner de-registered."),
+            Err(e) => error!(error = %chain(&e), "Failed to de-register the runner."),
+        }
+    }
+    runner::remove_local_files(&cfg.runner_dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> ExitInfo {
+        ExitInfo { status: "exit status 0".into(), still_configured: true, ..Default::default() }
+    }
+
+    #[test]
+    fn ephemeral_runner_is_done_after_its_job() {
+        let i = ExitInfo { jobs_completed: 1, ..info() };
+        assert_eq!(decide(&i, true, 0), Decision::Done);
+        assert_eq!(decide(&i, false, 0), Decision::Restart(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn crashes_restart_with_growing_backoff_then_give_up() {
+        let i = ExitInfo { status: "signal 9".into(), ..info() };
+        assert_eq!(decide(&i, false, 0), Decision::Restart(Duration::from_secs(1)));
+        assert_eq!(decide(&i, false, 3), Decision::Restart(Duration::from_secs(8)));
+        assert_eq!(decide(&i, false, 9), Decision::Restart(Duration::from_secs(60)));
+        assert!(matches!(decide(&i, false, MAX_FAILURES), Decision::Fatal(_)));
+    }
+
+    #[test]
+    fn lost_registration_reregisters() {
+        assert_eq!(decide(&ExitInfo { registration_gone: true, ..info() }, false, 0), Decision::Reregister(Duration::from_secs(1)));
+        assert_eq!(decide(&ExitInfo { still_configured: false, ..info() }, false, 1), Decision::Reregister(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn session_conflicts_restart_then_reregister() {
+        let i = ExitInfo { listener_rc: Some(5), ..info() };
+        assert_eq!(decide(&i, false, 0), Decision::Restart(Duration::from_secs(1)));
+        assert_eq!(decide(&i, false, 2), Decision::Reregister(Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn deprecated_is_retried_before_it_is_fatal() {
+        let i = ExitInfo { listener_rc: Some(7), ..info() };
+        assert_eq!(decide(&i, false, 0), Decision::Restart(Duration::from_secs(5)));
+        assert!(matches!(decide(&i, false, 2), Decision::Fatal(_)));
+    }
+
+    #[test]
+    fn generated_names_are_unique_and_valid() {
+        let p = RunnerName::Prefix("ci-storage".into());
+        let a = runner_name(&p);
+        let b = runner_name(&p);
+        assert_ne!(a, b);
+        assert!(a.starts_with("ci-storage-") && crate::config::valid_runner_name(&a), "{a}");
+        assert_eq!(runner_name(&RunnerName::Exact("x".into())), "x");
+    }
+}
