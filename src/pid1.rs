@@ -50,20 +50,32 @@ pub fn status_code(status: WaitStatus) -> Option<i32> {
     }
 }
 
+/// The kernel's `struct sigaction` (x86_64 and aarch64 both define `SA_RESTORER`).
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
 /// Resets what a child inherits from us: an empty signal mask and default dispositions for
-/// every catchable signal. Only async-signal-safe calls: it runs between fork and exec.
+/// every signal, real-time ones included (tini and dumb-init check SigIgn is all zero).
+/// Only raw system calls: it runs between fork and exec. glibc refuses to touch signals 32
+/// and 33 (its own), so `rt_sigaction` is called directly.
 pub fn reset_signals() -> std::io::Result<()> {
-    // SAFETY: sigprocmask and signal with SIG_DFL are async-signal-safe and touch only this
-    // process's own signal state.
+    // SAFETY: sigprocmask and rt_sigaction with SIG_DFL are async-signal-safe and touch only
+    // this process's own signal state; the struct matches the kernel's layout.
     unsafe {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        for sig in 1..32 {
+        let act = KernelSigaction { handler: 0, flags: 0, restorer: 0, mask: 0 };
+        for sig in 1..=64 {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
+                libc::syscall(libc::SYS_rt_sigaction, sig, &act as *const KernelSigaction, std::ptr::null_mut::<KernelSigaction>(), 8usize);
             }
         }
     }

@@ -1,0 +1,6 @@
+//! Integration tests: the real `ci-runner` binary against the fake GitHub API and the fake
+//! runner (tests/fakes), and as a real PID 1 in a new PID namespace.
+
+mod harness;
+mod pid1;
+mod scenarios;
