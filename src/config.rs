@@ -38,9 +38,7 @@ impl EnvSource for ProcessEnv {
         std::env::var(name).ok()
     }
     fn vars(&self) -> Vec<(String, String)> {
-        std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .collect()
+        std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect()
     }
 }
 
@@ -214,12 +212,7 @@ pub struct SystemUsers;
 impl UserDb for SystemUsers {
     fn lookup(&self, name: &str) -> Option<RunnerUser> {
         let user = nix::unistd::User::from_name(name).ok()??;
-        Some(RunnerUser {
-            name: user.name,
-            uid: user.uid.as_raw(),
-            gid: user.gid.as_raw(),
-            home: user.dir,
-        })
+        Some(RunnerUser { name: user.name, uid: user.uid.as_raw(), gid: user.gid.as_raw(), home: user.dir })
     }
 }
 
@@ -362,11 +355,19 @@ impl Config {
                 }
             }
             (Some(r), Some(_)) => {
-                c.bad("GH_REPOSITORY", Some(&r), "exactly one of GH_REPOSITORY (owner/repo) or GH_ORGANIZATION (org), not both");
+                c.bad(
+                    "GH_REPOSITORY",
+                    Some(&r),
+                    "exactly one of GH_REPOSITORY (owner/repo) or GH_ORGANIZATION (org), not both",
+                );
                 None
             }
             (None, None) => {
-                c.bad("GH_REPOSITORY", None, "owner/repo for a repository runner (or set GH_ORGANIZATION for an organization runner)");
+                c.bad(
+                    "GH_REPOSITORY",
+                    None,
+                    "owner/repo for a repository runner (or set GH_ORGANIZATION for an organization runner)",
+                );
                 None
             }
         };
@@ -387,7 +388,11 @@ impl Config {
                     }
                 }
                 if !ok || labels.is_empty() {
-                    c.bad("GH_LABELS", Some(&raw), "comma-separated labels of at most 256 characters each, e.g. linux,docker");
+                    c.bad(
+                        "GH_LABELS",
+                        Some(&raw),
+                        "comma-separated labels of at most 256 characters each, e.g. linux,docker",
+                    );
                 }
                 labels
             }
@@ -417,7 +422,11 @@ impl Config {
         let group = c.get("RUNNER_GROUP");
         if let (Some(g), Some(Scope::Repository { .. })) = (&group, &scope) {
             let g = g.clone();
-            c.bad("RUNNER_GROUP", Some(&g), "no group for a repository runner: runner groups exist only with GH_ORGANIZATION");
+            c.bad(
+                "RUNNER_GROUP",
+                Some(&g),
+                "no group for a repository runner: runner groups exist only with GH_ORGANIZATION",
+            );
         }
         let ephemeral = c.bool("RUNNER_EPHEMERAL", false);
         let no_default_labels = c.bool("RUNNER_NO_DEFAULT_LABELS", false);
@@ -578,7 +587,12 @@ mod tests {
     struct Users;
     impl UserDb for Users {
         fn lookup(&self, name: &str) -> Option<RunnerUser> {
-            (name == "guest").then(|| RunnerUser { name: "guest".into(), uid: 1000, gid: 1000, home: "/home/guest".into() })
+            (name == "guest").then(|| RunnerUser {
+                name: "guest".into(),
+                uid: 1000,
+                gid: 1000,
+                home: "/home/guest".into(),
+            })
         }
     }
 
@@ -591,7 +605,8 @@ mod tests {
         Config::from_env(&env(pairs), &Host { is_root, users: &Users, runner_dir_ok: &ok })
     }
 
-    const GOOD: &[(&str, &str)] = &[("GH_TOKEN", "ghp_secret"), ("GH_REPOSITORY", "octo-org/octo-repo"), ("GH_LABELS", "linux, docker,linux")];
+    const GOOD: &[(&str, &str)] =
+        &[("GH_TOKEN", "ghp_secret"), ("GH_REPOSITORY", "octo-org/octo-repo"), ("GH_LABELS", "linux, docker,linux")];
 
     #[test]
     fn good_environment_gives_typed_config() {
@@ -608,17 +623,38 @@ mod tests {
     #[test]
     fn every_problem_is_reported_at_once() {
         let err = load(
-            &[("GH_REPOSITORY", "no-slash"), ("RUNNER_EPHEMERAL", "maybe"), ("DRAIN_TIMEOUT_SEC", "10m"), ("STATUS_ADDR", "nope"), ("LOG_FORMAT", "xml")],
+            &[
+                ("GH_REPOSITORY", "no-slash"),
+                ("RUNNER_EPHEMERAL", "maybe"),
+                ("DRAIN_TIMEOUT_SEC", "10m"),
+                ("STATUS_ADDR", "nope"),
+                ("LOG_FORMAT", "xml"),
+            ],
             true,
         )
         .unwrap_err();
         let vars: Vec<_> = err.0.iter().map(|p| p.var).collect();
-        assert_eq!(vars, ["GH_TOKEN", "GH_REPOSITORY", "GH_LABELS", "RUNNER_EPHEMERAL", "DRAIN_TIMEOUT_SEC", "STATUS_ADDR", "LOG_FORMAT"]);
+        assert_eq!(
+            vars,
+            [
+                "GH_TOKEN",
+                "GH_REPOSITORY",
+                "GH_LABELS",
+                "RUNNER_EPHEMERAL",
+                "DRAIN_TIMEOUT_SEC",
+                "STATUS_ADDR",
+                "LOG_FORMAT"
+            ]
+        );
     }
 
     #[test]
     fn secrets_never_appear_in_problems() {
-        let err = load(&[("GH_TOKEN", "ghp_secret"), ("GH_RUNNER_TOKEN", "AABBCC"), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "x")], false).unwrap_err();
+        let err = load(
+            &[("GH_TOKEN", "ghp_secret"), ("GH_RUNNER_TOKEN", "AABBCC"), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "x")],
+            false,
+        )
+        .unwrap_err();
         let text: String = err.0.iter().map(|p| p.to_string()).collect();
         assert!(!text.contains("ghp_secret") && !text.contains("AABBCC"), "{text}");
         assert!(text.contains("not both"));
@@ -637,17 +673,33 @@ mod tests {
 
     #[test]
     fn organization_scope_and_group() {
-        let cfg = load(&[("GH_TOKEN", "t"), ("GH_ORGANIZATION", "octo-org"), ("GH_LABELS", "a"), ("RUNNER_GROUP", "gpu")], false).unwrap();
+        let cfg = load(
+            &[("GH_TOKEN", "t"), ("GH_ORGANIZATION", "octo-org"), ("GH_LABELS", "a"), ("RUNNER_GROUP", "gpu")],
+            false,
+        )
+        .unwrap();
         assert_eq!(cfg.scope.api_path(), "orgs/octo-org");
         assert_eq!(cfg.group.as_deref(), Some("gpu"));
         assert!(cfg.runner_user.is_none());
-        let err = load(&[("GH_TOKEN", "t"), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "a"), ("RUNNER_GROUP", "gpu")], false).unwrap_err();
+        let err =
+            load(&[("GH_TOKEN", "t"), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "a"), ("RUNNER_GROUP", "gpu")], false)
+                .unwrap_err();
         assert_eq!(err.0[0].var, "RUNNER_GROUP");
     }
 
     #[test]
     fn both_scopes_or_unknown_user_are_errors() {
-        let err = load(&[("GH_TOKEN", "t"), ("GH_REPOSITORY", "a/b"), ("GH_ORGANIZATION", "a"), ("GH_LABELS", "a"), ("RUNNER_USER", "nobody-here")], true).unwrap_err();
+        let err = load(
+            &[
+                ("GH_TOKEN", "t"),
+                ("GH_REPOSITORY", "a/b"),
+                ("GH_ORGANIZATION", "a"),
+                ("GH_LABELS", "a"),
+                ("RUNNER_USER", "nobody-here"),
+            ],
+            true,
+        )
+        .unwrap_err();
         let vars: Vec<_> = err.0.iter().map(|p| p.var).collect();
         assert_eq!(vars, ["GH_REPOSITORY", "RUNNER_USER"]);
     }
@@ -663,7 +715,12 @@ mod tests {
     #[test]
     fn runner_env_has_no_secret() {
         let mut e = GOOD.to_vec();
-        e.extend([("CI_STORAGE_PRIVATE_KEY", "k"), ("ACTIONS_RUNNER_INPUT_TOKEN", "t"), ("PATH", "/bin"), ("RUNNER_MANUALLY_TRAP_SIG", "1")]);
+        e.extend([
+            ("CI_STORAGE_PRIVATE_KEY", "k"),
+            ("ACTIONS_RUNNER_INPUT_TOKEN", "t"),
+            ("PATH", "/bin"),
+            ("RUNNER_MANUALLY_TRAP_SIG", "1"),
+        ]);
         let cfg = load(&e, false).unwrap();
         let names: Vec<_> = cfg.runner_env.iter().map(|(k, _)| k.as_str()).collect();
         assert!(names.contains(&"PATH") && names.contains(&"GH_REPOSITORY"));

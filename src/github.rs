@@ -88,7 +88,8 @@ pub fn backoff(attempt: u32, jitter: f64) -> Duration {
 /// Decides, from a status and its headers, whether a call is done, retried (and after how
 /// long) or failed, following GitHub's documented rate-limit rules.
 pub fn classify(status: u16, headers: &HeaderMap, body: &str, attempt: u32, now_epoch: u64, jitter: f64) -> Verdict {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    let header =
+        |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     if (200..300).contains(&status) {
         return Verdict::Done;
     }
@@ -216,8 +217,17 @@ impl Github {
                         Verdict::Done => return Ok((status, headers, body)),
                         Verdict::Fail => return Ok((status, headers, body)),
                         Verdict::Retry(wait) => {
-                            let message = serde_json::from_str::<ErrorBody>(&body).map(|b| b.message).unwrap_or_default();
-                            (GithubError::Status { status: status.as_u16(), method: method.clone(), path: shown.clone(), message }, wait)
+                            let message =
+                                serde_json::from_str::<ErrorBody>(&body).map(|b| b.message).unwrap_or_default();
+                            (
+                                GithubError::Status {
+                                    status: status.as_u16(),
+                                    method: method.clone(),
+                                    path: shown.clone(),
+                                    message,
+                                },
+                                wait,
+                            )
                         }
                     }
                 }
@@ -249,7 +259,13 @@ impl Github {
         }
     }
 
-    async fn token(&self, scope: &Scope, kind: &str, budget: Budget, cancel: &CancellationToken) -> Result<Secret, GithubError> {
+    async fn token(
+        &self,
+        scope: &Scope,
+        kind: &str,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<Secret, GithubError> {
         let path = format!("{}/actions/runners/{kind}", scope.api_path());
         let (status, _, body) = self.call(Method::POST, &path, budget, cancel).await?;
         if !status.is_success() {
@@ -265,12 +281,23 @@ impl Github {
     }
 
     /// `POST /{scope}/actions/runners/registration-token`.
-    pub async fn registration_token(&self, scope: &Scope, budget: Budget, cancel: &CancellationToken) -> Result<Secret, GithubError> {
+    pub async fn registration_token(
+        &self,
+        scope: &Scope,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<Secret, GithubError> {
         self.token(scope, "registration-token", budget, cancel).await
     }
 
     /// Finds runners by exact name, following pagination.
-    pub async fn find_runner(&self, scope: &Scope, name: &str, budget: Budget, cancel: &CancellationToken) -> Result<Option<RunnerInfo>, GithubError> {
+    pub async fn find_runner(
+        &self,
+        scope: &Scope,
+        name: &str,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<Option<RunnerInfo>, GithubError> {
         let mut path = format!("{}/actions/runners?per_page=100&name={name}", scope.api_path());
         loop {
             let (status, headers, body) = self.call(Method::GET, &path, budget, cancel).await?;
@@ -294,7 +321,13 @@ impl Github {
     }
 
     /// `DELETE /{scope}/actions/runners/{id}`: 422 while the runner is busy.
-    pub async fn delete_runner(&self, scope: &Scope, id: u64, budget: Budget, cancel: &CancellationToken) -> Result<Deleted, GithubError> {
+    pub async fn delete_runner(
+        &self,
+        scope: &Scope,
+        id: u64,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<Deleted, GithubError> {
         let path = format!("{}/actions/runners/{id}", scope.api_path());
         let (status, _, body) = self.call(Method::DELETE, &path, budget, cancel).await?;
         match status.as_u16() {
@@ -324,7 +357,17 @@ mod tests {
         assert_eq!(classify(201, &HeaderMap::new(), "", 0, 0, 0.0), Verdict::Done);
         assert_eq!(classify(404, &HeaderMap::new(), "", 0, 0, 0.0), Verdict::Fail);
         assert_eq!(classify(401, &HeaderMap::new(), "", 0, 0, 0.0), Verdict::Fail);
-        assert_eq!(classify(403, &headers(&[("x-ratelimit-remaining", "4999")]), "{\"message\":\"Must have admin rights\"}", 0, 0, 0.0), Verdict::Fail);
+        assert_eq!(
+            classify(
+                403,
+                &headers(&[("x-ratelimit-remaining", "4999")]),
+                "{\"message\":\"Must have admin rights\"}",
+                0,
+                0,
+                0.0
+            ),
+            Verdict::Fail
+        );
     }
 
     #[test]
@@ -349,7 +392,10 @@ mod tests {
 
     #[test]
     fn link_header_next() {
-        let h = headers(&[("link", "<https://api.github.com/x?page=2>; rel=\"next\", <https://api.github.com/x?page=5>; rel=\"last\"")]);
+        let h = headers(&[(
+            "link",
+            "<https://api.github.com/x?page=2>; rel=\"next\", <https://api.github.com/x?page=5>; rel=\"last\"",
+        )]);
         assert_eq!(next_link(&h).as_deref(), Some("https://api.github.com/x?page=2"));
         assert_eq!(next_link(&headers(&[("link", "<https://a/x?page=1>; rel=\"prev\"")])), None);
     }
@@ -359,8 +405,17 @@ mod tests {
         let scope = Scope::Repository { owner: "o".into(), repo: "r".into() };
         let e = Github::refusal(StatusCode::NOT_FOUND, "", &Method::POST, "p", &scope);
         assert!(e.to_string().contains("repository o/r not found"), "{e}");
-        let e = Github::refusal(StatusCode::FORBIDDEN, "{\"message\":\"Must have admin rights to Repository.\"}", &Method::POST, "p", &scope);
-        assert!(e.to_string().contains("Must have admin rights") && e.to_string().contains("Administration: write"), "{e}");
+        let e = Github::refusal(
+            StatusCode::FORBIDDEN,
+            "{\"message\":\"Must have admin rights to Repository.\"}",
+            &Method::POST,
+            "p",
+            &scope,
+        );
+        assert!(
+            e.to_string().contains("Must have admin rights") && e.to_string().contains("Administration: write"),
+            "{e}"
+        );
         assert!(e.is_permanent());
     }
 }

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use ci_runner::config::{self, Config, Host, LogFormat, ProcessEnv, SystemUsers};
 use ci_runner::error::{chain, ExitCode};
+use ci_runner::pid1;
 use ci_runner::status::{self, StatusHandle};
 use ci_runner::supervisor::{self, RegistrationSlot, SignalKind, Supervisor};
-use ci_runner::pid1;
 use tokio::signal::unix::{signal, SignalKind as Sig};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -149,7 +149,12 @@ fn forward_signals(tx: mpsc::UnboundedSender<SignalKind>) -> std::io::Result<()>
             }
         });
     }
-    for (name, sig) in [("SIGHUP", Sig::hangup()), ("SIGQUIT", Sig::quit()), ("SIGUSR1", Sig::user_defined1()), ("SIGUSR2", Sig::user_defined2())] {
+    for (name, sig) in [
+        ("SIGHUP", Sig::hangup()),
+        ("SIGQUIT", Sig::quit()),
+        ("SIGUSR1", Sig::user_defined1()),
+        ("SIGUSR2", Sig::user_defined2()),
+    ] {
         let mut stream = signal(sig)?;
         tokio::spawn(async move {
             while stream.recv().await.is_some() {

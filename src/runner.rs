@@ -27,7 +27,10 @@ pub enum LineEvent {
     /// `<ts>: Listening for Jobs`: connected and idle.
     Listening,
     JobStarted(String),
-    JobCompleted { name: String, result: String },
+    JobCompleted {
+        name: String,
+        result: String,
+    },
     /// The registration is gone from the server: re-register.
     RegistrationGone,
     /// `A session for this runner already exists.` or run-helper's rc-5 line.
@@ -104,7 +107,9 @@ pub fn parse_line(line: &str) -> Option<LineEvent> {
     if line == "A session for this runner already exists." {
         return Some(LineEvent::SessionConflict);
     }
-    if line.starts_with("An error occurred: Runner version") && line.ends_with("is deprecated and cannot receive messages.") {
+    if line.starts_with("An error occurred: Runner version")
+        && line.ends_with("is deprecated and cannot receive messages.")
+    {
         return Some(LineEvent::Deprecated);
     }
     let helper = [
@@ -428,7 +433,8 @@ pub fn is_configured(runner_dir: &Path) -> bool {
 /// root itself must be writable (config.sh writes `.runner` there).
 pub fn prepare_root(cfg: &Config) -> io::Result<()> {
     if let Some(u) = &cfg.runner_user {
-        nix::unistd::chown(&cfg.runner_dir, Some(Uid::from_raw(u.uid)), Some(Gid::from_raw(u.gid))).map_err(io::Error::from)?;
+        nix::unistd::chown(&cfg.runner_dir, Some(Uid::from_raw(u.uid)), Some(Gid::from_raw(u.gid)))
+            .map_err(io::Error::from)?;
     }
     Ok(())
 }
@@ -452,19 +458,30 @@ mod tests {
 
     #[test]
     fn trace_copies_are_not_counted_twice() {
-        assert_eq!(parse_line("[RUNNER 2026-08-17 14:15:44Z INFO Terminal] WRITE LINE: 2026-08-17 14:15:44Z: Running job: build"), None);
+        assert_eq!(
+            parse_line(
+                "[RUNNER 2026-08-17 14:15:44Z INFO Terminal] WRITE LINE: 2026-08-17 14:15:44Z: Running job: build"
+            ),
+            None
+        );
         assert_eq!(parse_line("echo 2026-08-17 14:15:44Z: Running job: x"), None);
     }
 
     #[test]
     fn lifecycle_lines_are_recognised() {
-        assert_eq!(parse_line("The runner no longer exists on the server. Cleaning up local configuration."), Some(LineEvent::RegistrationGone));
+        assert_eq!(
+            parse_line("The runner no longer exists on the server. Cleaning up local configuration."),
+            Some(LineEvent::RegistrationGone)
+        );
         assert_eq!(parse_line("A session for this runner already exists."), Some(LineEvent::SessionConflict));
         assert_eq!(
             parse_line("An error occurred: Runner version v2.300.0 is deprecated and cannot receive messages."),
             Some(LineEvent::Deprecated)
         );
-        assert_eq!(parse_line("Runner listener exit with retryable error, re-launch runner in 5 seconds."), Some(LineEvent::ListenerExit(2)));
+        assert_eq!(
+            parse_line("Runner listener exit with retryable error, re-launch runner in 5 seconds."),
+            Some(LineEvent::ListenerExit(2))
+        );
         assert_eq!(parse_line("Exiting with unknown error code: 143"), Some(LineEvent::ListenerExit(143)));
         assert_eq!(parse_line("hello"), None);
     }

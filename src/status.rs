@@ -104,7 +104,11 @@ async fn health(AxumState(rx): AxumState<watch::Receiver<Status>>) -> impl IntoR
 }
 
 /// Binds `addr` now (so a bad or busy address fails the start) and serves until `cancel`.
-pub async fn serve(addr: SocketAddr, rx: watch::Receiver<Status>, cancel: CancellationToken) -> std::io::Result<tokio::task::JoinHandle<()>> {
+pub async fn serve(
+    addr: SocketAddr,
+    rx: watch::Receiver<Status>,
+    cancel: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let app = Router::new().route("/health", get(health)).with_state(rx);
     Ok(tokio::spawn(async move {

@@ -155,7 +155,12 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(cfg: Config, status: StatusHandle, signals: mpsc::UnboundedReceiver<SignalKind>, registration: RegistrationSlot) -> Result<Self, Error> {
+    pub fn new(
+        cfg: Config,
+        status: StatusHandle,
+        signals: mpsc::UnboundedReceiver<SignalKind>,
+        registration: RegistrationSlot,
+    ) -> Result<Self, Error> {
         let github = match &cfg.credentials {
             Credentials::Pat(token) => Some(Github::new(&cfg.api_url, token.clone()).map_err(Error::Http)?),
             Credentials::RegistrationToken(_) => None,
@@ -188,7 +193,8 @@ impl Supervisor {
 
     async fn run_inner(&mut self) -> Result<ExitCode, Error> {
         self.clean_stale_registration().await;
-        runner::prepare_root(&self.cfg).map_err(|source| Error::Prepare { path: self.cfg.runner_dir.clone(), source })?;
+        runner::prepare_root(&self.cfg)
+            .map_err(|source| Error::Prepare { path: self.cfg.runner_dir.clone(), source })?;
         let mut failures = 0u32;
         'register: loop {
             match self.register().await {
@@ -200,7 +206,9 @@ impl Supervisor {
                 let started = Instant::now();
                 let outcome = self.supervise_once().await?;
                 let info = match outcome {
-                    Outcome::Drained { timed_out, deregistered } => return Ok(self.finish_drain(timed_out, deregistered).await),
+                    Outcome::Drained { timed_out, deregistered } => {
+                        return Ok(self.finish_drain(timed_out, deregistered).await)
+                    }
                     Outcome::Exited(info) => info,
                 };
                 if info.jobs_completed > 0 || started.elapsed() >= STABLE_RUN {
@@ -314,11 +322,17 @@ impl Supervisor {
         let mut id = runner::read_agent_id(&self.cfg.runner_dir);
         if id.is_none() && runner::is_configured(&self.cfg.runner_dir) {
             if let Some(gh) = &self.github {
-                id = gh.find_runner(&self.cfg.scope, &self.name, Budget::attempts(3), &self.cancel).await.ok().flatten().map(|r| r.id);
+                id = gh
+                    .find_runner(&self.cfg.scope, &self.name, Budget::attempts(3), &self.cancel)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|r| r.id);
             }
         }
         if runner::is_configured(&self.cfg.runner_dir) || id.is_some() {
-            *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = Some(Registered { name: self.name.clone(), id });
+            *self.registration.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Registered { name: self.name.clone(), id });
             self.status.update(|s| s.runner_id = id);
         }
         result.map_err(|e| Err(Error::Runner(e)))?;
@@ -360,7 +374,8 @@ impl Supervisor {
                     Err(GithubError::Busy { .. }) => {
                         let wait = backoff(attempt, 0.0).min(Duration::from_secs(5));
                         attempt += 1;
-                        if budget.deadline.is_some_and(|d| Instant::now() + wait > d) || attempt >= budget.max_attempts {
+                        if budget.deadline.is_some_and(|d| Instant::now() + wait > d) || attempt >= budget.max_attempts
+                        {
                             return Err(Error::Github(GithubError::Busy { id }));
                         }
                         info!(runner_id = id, "GitHub still reports the runner busy; retrying.");
@@ -568,7 +583,10 @@ impl Supervisor {
         }
         info.status = describe(status);
         info.still_configured = runner::is_configured(&self.cfg.runner_dir);
-        self.status.update(|s| { s.busy = false; s.job = None; });
+        self.status.update(|s| {
+            s.busy = false;
+            s.job = None;
+        });
         Ok(match drain {
             Some(d) => Outcome::Drained { timed_out: d.timed_out, deregistered: d.deregistered },
             None => Outcome::Exited(info),
@@ -622,8 +640,14 @@ mod tests {
 
     #[test]
     fn lost_registration_reregisters() {
-        assert_eq!(decide(&ExitInfo { registration_gone: true, ..info() }, false, 0), Decision::Reregister(Duration::from_secs(1)));
-        assert_eq!(decide(&ExitInfo { still_configured: false, ..info() }, false, 1), Decision::Reregister(Duration::from_secs(2)));
+        assert_eq!(
+            decide(&ExitInfo { registration_gone: true, ..info() }, false, 0),
+            Decision::Reregister(Duration::from_secs(1))
+        );
+        assert_eq!(
+            decide(&ExitInfo { still_configured: false, ..info() }, false, 1),
+            Decision::Reregister(Duration::from_secs(2))
+        );
     }
 
     #[test]

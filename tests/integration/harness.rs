@@ -37,7 +37,12 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut cond: impl FnMut() -> Opti
 
 /// Skips locally, fails on CI, when a tool is missing.
 pub fn require(tool: &str) -> bool {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
     if !found {
         assert!(std::env::var("CI").is_err(), "{tool} is required on CI");
         eprintln!("skipping: {tool} not found");
@@ -126,7 +131,11 @@ impl FakeGithub {
     }
 
     pub fn get(&self, path: &str) -> Value {
-        ureq::get(&format!("{}{path}", self.url())).call().unwrap_or_else(|e| panic!("GET {path}: {e}")).into_json().unwrap()
+        ureq::get(&format!("{}{path}", self.url()))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .into_json()
+            .unwrap()
     }
 
     pub fn post(&self, path: &str, body: Value) -> Value {
@@ -167,7 +176,9 @@ impl FakeGithub {
     pub fn rest_requests(&self, method: &str, part: &str) -> Vec<Value> {
         self.requests()
             .into_iter()
-            .filter(|r| r["method"] == method && r["path"].as_str().is_some_and(|p| p.contains(part) && !p.contains("/_fake/")))
+            .filter(|r| {
+                r["method"] == method && r["path"].as_str().is_some_and(|p| p.contains(part) && !p.contains("/_fake/"))
+            })
             .collect()
     }
 
@@ -278,14 +289,18 @@ pub fn base_env(gh: &FakeGithub, runner: &RunnerDir) -> Vec<(String, String)> {
 
 impl Supervisor {
     pub fn start(env: &[(String, String)]) -> Self {
-        let port = free_port();
-        let status_addr = format!("127.0.0.1:{port}");
+        let status_addr = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(bin());
-        cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
         if !env.iter().any(|(k, _)| k == "STATUS_ADDR") {
             cmd.env("STATUS_ADDR", &status_addr);
         }
-        cmd.process_group(0);
+        Self::from_command(cmd, status_addr)
+    }
+
+    /// Starts `cmd` (ci-runner, or something wrapping it) with its output captured.
+    pub fn from_command(mut cmd: Command, status_addr: String) -> Self {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
         let mut child = cmd.spawn().expect("start ci-runner");
         let log = Arc::new(Mutex::new(Vec::new()));
         capture(child.stdout.take().unwrap(), log.clone());

@@ -101,7 +101,8 @@ fn pid1_in_a_new_namespace_reaps_a_thousand_orphans() {
 #[test]
 fn subreaper_reaps_orphans_when_not_pid1() {
     // Not PID 1: the orphans are re-parented to ci-runner (a child subreaper), which is $PPID.
-    let out = Command::new(bin()).args(["init", "--", "sh", "-c", &format!("set -- $PPID; {ORPHANS}")]).output().unwrap();
+    let out =
+        Command::new(bin()).args(["init", "--", "sh", "-c", &format!("set -- $PPID; {ORPHANS}")]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
 }
@@ -117,7 +118,8 @@ fn pid1_in_a_namespace_passes_exit_codes_and_signals() {
     let ready = dir.path().join("ready");
     let script = format!("trap 'exit 9' TERM; touch {}; while :; do sleep 0.02; done", ready.display());
     let mut child = in_namespace(&["sh", "-c", &script]).unwrap().spawn().unwrap();
-    let init_pid = wait_for("the namespace's PID 1", Duration::from_secs(10), || descendants(child.id()).first().copied());
+    let init_pid =
+        wait_for("the namespace's PID 1", Duration::from_secs(10), || descendants(child.id()).first().copied());
     wait_for("the shell's trap", Duration::from_secs(10), || ready.exists().then_some(()));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(init_pid as i32), Signal::SIGTERM).unwrap();
     let status = wait_for("the namespace to exit", Duration::from_secs(10), || child.try_wait().unwrap());

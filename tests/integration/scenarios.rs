@@ -1,0 +1,299 @@
+//! The supervisor's life, end to end: the real binary, the fake GitHub, the fake runner.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+use crate::harness::*;
+
+const BOOT: Duration = Duration::from_secs(30);
+const LONG: Duration = Duration::from_secs(60);
+
+fn env_with(gh: &FakeGithub, runner: &RunnerDir, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = base_env(gh, runner);
+    for (k, v) in extra {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
+}
+
+/// Starts a supervisor and waits until its runner is online and idle.
+fn start_idle(gh: &FakeGithub, runner: &RunnerDir, extra: &[(&str, &str)]) -> (Supervisor, String) {
+    let sup = Supervisor::start(&env_with(gh, runner, extra));
+    sup.wait_state("idle", BOOT);
+    let name = sup.runner_name();
+    wait_for("the runner online on the fake GitHub", BOOT, || {
+        gh.runner_named(&name).filter(|r| r["status"] == "online").map(|_| ())
+    });
+    (sup, name)
+}
+
+fn job_status(gh: &FakeGithub, id: u64) -> String {
+    gh.job(id)["status"].as_str().unwrap_or_default().to_string()
+}
+
+fn wait_job_status(gh: &FakeGithub, id: u64, status: &str, timeout: Duration) -> serde_json::Value {
+    wait_for(&format!("job {id} {status}"), timeout, || Some(gh.job(id)).filter(|j| j["status"] == status))
+}
+
+#[test]
+fn sigterm_when_idle_deregisters_and_exits_zero() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let (mut sup, name) = start_idle(&gh, &runner, &[]);
+    sup.signal(Signal::SIGTERM);
+    let status = sup.wait_exit(LONG);
+    assert_eq!(status.code(), Some(0), "{}", sup.log());
+    assert!(gh.runner_named(&name).is_none(), "runner {name} left registered");
+    assert!(!runner.path().join(".runner").exists(), ".runner left behind");
+    assert!(sup.log_has("Runner de-registered."));
+}
+
+#[test]
+fn sigterm_mid_job_lets_job_finish_then_deregisters() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let scratch = runner.scratch();
+    let (mut sup, name) = start_idle(&gh, &runner, &[]);
+    let first = gh.enqueue("first", &["ci-test"], &gated_steps(&scratch, "first"));
+    wait_for("the first job to start", LONG, || scratch.join("first.started").exists().then_some(()));
+    sup.signal(Signal::SIGTERM);
+    sup.wait_state("draining", BOOT);
+    // Queued during the drain: must not start here.
+    let second = gh.enqueue("second", &["ci-test"], &gated_steps(&scratch, "second"));
+    release(&scratch, "first");
+    let status = sup.wait_exit(LONG);
+    assert_eq!(status.code(), Some(0), "{}", sup.log());
+    let job = gh.job(first);
+    assert_eq!(job["result"], "Succeeded", "the first job was not allowed to finish: {job}");
+    assert!(scratch.join("first.done").exists());
+    assert_eq!(job_status(&gh, second), "queued", "the second job started on a draining runner");
+    assert!(!scratch.join("second.started").exists());
+    assert!(gh.runner_named(&name).is_none(), "runner {name} left registered");
+}
+
+#[test]
+fn drain_timeout_cancels_the_job_and_deregisters() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let scratch = runner.scratch();
+    let (mut sup, name) = start_idle(&gh, &runner, &[("DRAIN_TIMEOUT_SEC", "1")]);
+    let id = gh.enqueue("stuck", &["ci-test"], &gated_steps(&scratch, "stuck"));
+    wait_for("the job to start", LONG, || scratch.join("stuck.started").exists().then_some(()));
+    sup.signal(Signal::SIGTERM);
+    let status = sup.wait_exit(LONG);
+    assert_eq!(status.code(), Some(7), "{}", sup.log());
+    let job = wait_job_status(&gh, id, "completed", BOOT);
+    assert_eq!(job["result"], "Canceled", "{job}");
+    assert!(gh.runner_named(&name).is_none(), "runner {name} left registered");
+}
+
+#[test]
+fn second_signal_cancels_the_job_at_once() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let scratch = runner.scratch();
+    let (mut sup, name) = start_idle(&gh, &runner, &[]);
+    let id = gh.enqueue("long", &["ci-test"], &gated_steps(&scratch, "long"));
+    wait_for("the job to start", LONG, || scratch.join("long.started").exists().then_some(()));
+    sup.signal(Signal::SIGTERM);
+    sup.wait_log("Waiting for the running job to finish.", BOOT);
+    sup.signal(Signal::SIGINT);
+    let status = sup.wait_exit(LONG);
+    assert_eq!(status.code(), Some(7), "{}", sup.log());
+    assert_eq!(wait_job_status(&gh, id, "completed", BOOT)["result"], "Canceled");
+    assert!(gh.runner_named(&name).is_none());
+}
+
+#[test]
+fn github_errors_and_rate_limits_are_retried_and_nothing_is_left_registered() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    gh.fault(json!({"kind": "status", "status": 502, "count": 2, "path_contains": "registration-token"}));
+    gh.fault(json!({"kind": "rate_limit_secondary", "count": 1, "path_contains": "registration-token"}));
+    gh.fault(json!({"kind": "rate_limit_primary", "count": 1, "path_contains": "registration-token"}));
+    let (mut sup, name) = start_idle(&gh, &runner, &[]);
+    assert_eq!(gh.rest_requests("POST", "registration-token").len(), 5, "expected 4 failures then success");
+    gh.fault(json!({"kind": "status", "status": 503, "count": 2, "method": "DELETE"}));
+    gh.fault(json!({"kind": "rate_limit_primary", "count": 1, "method": "DELETE"}));
+    sup.signal(Signal::SIGTERM);
+    let status = sup.wait_exit(LONG);
+    assert_eq!(status.code(), Some(0), "{}", sup.log());
+    assert!(gh.runner_named(&name).is_none(), "runner {name} left registered");
+    assert!(gh.rest_requests("DELETE", "/actions/runners/").len() >= 4);
+    assert!(!sup.log_has(PAT), "the token reached the log");
+}
+
+#[test]
+fn bad_configuration_reports_every_error_and_calls_nothing() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let env = env_with(
+        &gh,
+        &runner,
+        &[
+            ("GH_REPOSITORY", "not-a-repo"),
+            ("RUNNER_EPHEMERAL", "maybe"),
+            ("DRAIN_TIMEOUT_SEC", "ten"),
+            ("STATUS_ADDR", "nowhere"),
+        ],
+    );
+    let mut sup = Supervisor::start(&env);
+    let status = sup.wait_exit(BOOT);
+    assert_eq!(status.code(), Some(3), "{}", sup.log());
+    for var in [
+        "GH_REPOSITORY=\"not-a-repo\"",
+        "RUNNER_EPHEMERAL=\"maybe\"",
+        "DRAIN_TIMEOUT_SEC=\"ten\"",
+        "STATUS_ADDR=\"nowhere\"",
+    ] {
+        assert!(sup.log_has(var), "{var} not reported:\n{}", sup.log());
+    }
+    let rest: Vec<_> =
+        gh.requests().into_iter().filter(|r| !r["path"].as_str().unwrap_or("").contains("/_fake/")).collect();
+    assert!(rest.is_empty(), "API called despite bad configuration: {rest:?}");
+}
+
+#[test]
+fn refused_token_and_unknown_repository_are_clear_errors() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let mut sup = Supervisor::start(&env_with(&gh, &runner, &[("GH_TOKEN", "ghp_wrong")]));
+    assert_eq!(sup.wait_exit(BOOT).code(), Some(4), "{}", sup.log());
+    assert!(sup.log_has("401") && sup.log_has("invalid, expired or revoked"), "{}", sup.log());
+    assert!(!sup.log_has("ghp_wrong"));
+    let mut sup = Supervisor::start(&env_with(&gh, &runner, &[("GH_REPOSITORY", "octo-org/missing")]));
+    assert_eq!(sup.wait_exit(BOOT).code(), Some(4), "{}", sup.log());
+    assert!(sup.log_has("repository octo-org/missing not found"), "{}", sup.log());
+    let mut sup = Supervisor::start(&env_with(&gh, &runner, &[("GH_TOKEN", "ghp_noadmin")]));
+    assert_eq!(sup.wait_exit(BOOT).code(), Some(4), "{}", sup.log());
+    assert!(sup.log_has("Administration: write"), "{}", sup.log());
+    assert!(gh.runners().is_empty(), "a refused start registered something");
+}
+
+#[test]
+fn runner_crash_is_restarted_with_backoff() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let (mut sup, name) = start_idle(&gh, &runner, &[]);
+    let listener = wait_for("the Listener process", BOOT, || {
+        descendants(sup.pid()).into_iter().find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("Runner.Listener"))
+        })
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(listener as i32), Signal::SIGKILL).unwrap();
+    sup.wait_log("Restarting the runner after a pause.", BOOT);
+    wait_for("a second run.sh", BOOT, || (sup.count("Runner started.") >= 2).then_some(()));
+    let health = sup.wait_state("idle", BOOT);
+    assert_eq!(health["restarts"], 1, "{health}");
+    wait_for("the runner online again", BOOT, || {
+        gh.runner_named(&name).filter(|r| r["status"] == "online").map(|_| ())
+    });
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(LONG).code(), Some(0));
+    assert!(gh.runner_named(&name).is_none());
+}
+
+#[test]
+fn no_secret_reaches_the_job_or_any_runner_process() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let scratch = runner.scratch();
+    let (mut sup, _) = start_idle(&gh, &runner, &[("CI_STORAGE_PRIVATE_KEY", "key-material-xyz")]);
+    let steps = format!("env > {s}/env.txt; {}", gated_steps(&scratch, "env"), s = scratch.display());
+    let id = gh.enqueue("env", &["ci-test"], &steps);
+    wait_for("the job to start", LONG, || scratch.join("env.started").exists().then_some(()));
+    let job_env = std::fs::read_to_string(scratch.join("env.txt")).unwrap();
+    assert!(job_env.contains("GITHUB_ACTIONS=true"), "not a job environment: {job_env}");
+    for secret in [PAT, "key-material-xyz"] {
+        assert!(!job_env.contains(secret), "{secret} in the job's environment");
+    }
+    assert!(!job_env.contains("GH_TOKEN="), "GH_TOKEN set in the job");
+    // Every process under the supervisor except the supervisor itself (which holds the token,
+    // non-dumpable), while the job runs.
+    let supervisor_child = descendants(sup.pid()).into_iter().min().unwrap();
+    let mut checked = 0;
+    for pid in descendants(sup.pid()).into_iter().filter(|p| *p != supervisor_child) {
+        for file in ["environ", "cmdline"] {
+            if let Ok(bytes) = std::fs::read(format!("/proc/{pid}/{file}")) {
+                let text = String::from_utf8_lossy(&bytes);
+                assert!(!text.contains(PAT) && !text.contains("key-material-xyz"), "secret in /proc/{pid}/{file}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 8, "too few runner processes inspected ({checked})");
+    release(&scratch, "env");
+    wait_job_status(&gh, id, "completed", LONG);
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(LONG).code(), Some(0));
+    assert!(!sup.log_has(PAT) && !sup.log_has("key-material-xyz"), "a secret reached the log");
+}
+
+#[test]
+fn status_command_reports_busy_then_unreachable_after_exit() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let scratch = runner.scratch();
+    let (mut sup, _) = start_idle(&gh, &runner, &[]);
+    gh.enqueue("probe", &["ci-test"], &gated_steps(&scratch, "probe"));
+    sup.wait_state("busy", LONG);
+    let out = std::process::Command::new(bin())
+        .arg("status")
+        .env_clear()
+        .env("STATUS_ADDR", &sup.status_addr)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.contains("\"state\":\"busy\"") && body.contains("\"job\":\"probe\""), "{body}");
+    release(&scratch, "probe");
+    sup.wait_state("idle", LONG);
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(LONG).code(), Some(0));
+    let out = std::process::Command::new(bin())
+        .arg("status")
+        .env_clear()
+        .env("STATUS_ADDR", &sup.status_addr)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "status must fail once the supervisor is gone");
+}
+
+#[test]
+fn supervisor_as_pid1_drains_and_reaps_job_orphans() {
+    if !is_root() || !require("unshare") {
+        return;
+    }
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let scratch = runner.scratch();
+    let mut env = base_env(&gh, &runner);
+    let port = free_port();
+    env.push(("STATUS_ADDR".into(), format!("127.0.0.1:{port}")));
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--mount-proc", bin()]).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    let mut sup = Supervisor::from_command(cmd, format!("127.0.0.1:{port}"));
+    sup.wait_state("idle", BOOT);
+    // 200 daemonised grandchildren: re-parented to PID 1, they must not stay zombies.
+    let steps = format!(
+        "i=0; while [ $i -lt 200 ]; do ( /bin/true & ); i=$((i+1)); done; touch {s}/orphans.done",
+        s = scratch.display()
+    );
+    let id = gh.enqueue("orphans", &["ci-test"], &steps);
+    wait_job_status(&gh, id, "completed", LONG);
+    let init = wait_for("the namespace's PID 1", BOOT, || descendants(sup.pid()).first().copied());
+    wait_for("no zombie under the namespace's PID 1", BOOT, || {
+        let zombies = descendants(init).into_iter().filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+        });
+        (zombies.count() == 0).then_some(())
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(init as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(sup.wait_exit(LONG).code(), Some(0), "{}", sup.log());
+    assert!(gh.runners().is_empty());
+}
