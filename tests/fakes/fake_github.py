@@ -11,7 +11,7 @@ Usage: fake_github.py --listen 127.0.0.1:0 --port-file PATH
 
 Behaviour follows shared/reference/runner-and-github-api.md (sections 2.4, 5.2, 8) and
 tests/fakes/SPEC.md. The runner-side protocol (`/_fake/agent/*`) is our own design because
-the real runner talks to internal services; it is documented next to `AgentApi` below.
+the real runner talks to internal services; it is documented above `FakeGitHub.agent`.
 """
 
 import argparse
@@ -28,13 +28,17 @@ import uuid
 from datetime import datetime, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 DOCS = "https://docs.github.com/rest"
 RUNNER_DOCS = "https://docs.github.com/rest/actions/self-hosted-runners"
 TOKEN_TTL_SEC = 3600.0
 RATE_LIMIT = 5000
 MAX_POLL_WAIT_SEC = 2.0
+# GitHub does not hand a runner its next job the instant it reports the previous one; the
+# real Listener also spends a few round trips after a job. Without this, a supervisor that
+# stops the Listener on "completed with result" would race the fake's next assignment.
+DEFAULT_ASSIGN_COOLDOWN_SEC = 0.5
 DEFAULT_LABELS = ("self-hosted", "Linux", "X64")
 # Names GitHub reports as `read-only` (OS, architecture, self-hosted); the rest are `custom`.
 READ_ONLY_LABELS = {"self-hosted", "linux", "macos", "windows", "x64", "x86", "arm", "arm64"}
@@ -133,6 +137,7 @@ class State:
         self.label_ids = {}      # lower label -> id
         self.faults = []
         self.deprecate_below = None
+        self.assign_cooldown = DEFAULT_ASSIGN_COOLDOWN_SEC
         self.rate_window_start = time.time()
         self.rate_used = 0
         self.next_entity_id = 1000
@@ -279,7 +284,7 @@ class State:
             "ephemeral": bool(ephemeral), "disable_update": bool(disable_update), "jit": jit,
             "os": "unknown" if jit else "linux", "version": None, "client_id": None,
             "session": None, "busy": False, "job": None, "jobs_taken": 0, "pending": [],
-            "created_at": time.time(),
+            "created_at": time.time(), "idle_since": 0.0,
         }
         self.runners[rid] = r
         self.new_client(r)
@@ -337,6 +342,7 @@ class State:
         if r and r["job"] == j["id"]:
             r["busy"] = False
             r["job"] = None
+            r["idle_since"] = time.monotonic()
             if r["ephemeral"]:
                 # GitHub removes an ephemeral registration once its job is done (section 5.1).
                 self.delete_runner(r)
@@ -364,7 +370,8 @@ class FakeGitHub:
             elif fault:
                 raise self.fault_error(fault)
 
-        if req["kind"] == "agent" and parts[2:3] == ["sessions"] and parts[4:5] == ["message"]:
+        if (req["kind"] == "agent" and req["method"] == "GET" and len(parts) == 5
+                and parts[2] == "sessions" and parts[4] == "message"):
             return self.agent_poll(req)  # takes the lock itself (it waits on the condition)
 
         with st.cond:
@@ -850,8 +857,12 @@ class FakeGitHub:
                     raise self.agent_error(404, "session_not_found", "Session not found")
                 if r["pending"]:
                     return 200, r["pending"].pop(0), {}
+                wake = deadline
                 if not r["busy"] and not (r["ephemeral"] and r["jobs_taken"] > 0):
-                    j = st.next_job_for(r)
+                    ready_at = r["idle_since"] + st.assign_cooldown
+                    j = st.next_job_for(r) if time.monotonic() >= ready_at else None
+                    if time.monotonic() < ready_at:
+                        wake = min(deadline, ready_at)
                     if j:
                         j.update(status="in_progress", runner_id=r["id"], runner_name=r["name"],
                                  assigned_at=time.time())
@@ -862,10 +873,9 @@ class FakeGitHub:
                             "id": j["id"], "name": j["name"], "steps": j["steps"],
                             "repository": j["repository"], "labels": j["labels"],
                         }}, {}
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if deadline - time.monotonic() <= 0:
                     return 200, {"type": "none"}, {}
-                st.cond.wait(remaining)
+                st.cond.wait(max(0.0, wake - time.monotonic()) + 0.001)
 
     # =================================================================== control
     def control(self, req):
@@ -922,6 +932,12 @@ class FakeGitHub:
         if parts == ["faults", "clear"] and method == "POST":
             st.faults.clear()
             return 200, {"faults": []}, {}
+        if parts == ["config"]:
+            if method == "POST":
+                body = req_json(req)
+                if "assign_cooldown_ms" in body:
+                    st.assign_cooldown = max(0.0, float(body["assign_cooldown_ms"]) / 1000.0)
+            return 200, {"assign_cooldown_ms": int(st.assign_cooldown * 1000)}, {}
         if parts == ["deprecate"] and method == "POST":
             below = req_json(req).get("below")
             st.deprecate_below = str(below) if below else None
@@ -1096,8 +1112,19 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def dispatch(self, method):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length > 0 else b""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            body = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline().strip():
+                        pass  # trailers
+                    break
+                body += self.rfile.read(size)
+                self.rfile.readline()
+        else:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length > 0 else b""
         split = urlsplit(self.path)
         path = split.path or "/"
         prefix = ""

@@ -280,6 +280,8 @@ pub fn base_env(gh: &FakeGithub, runner: &RunnerDir) -> Vec<(String, String)> {
         ("FAKE_RETRY_SLEEP_SEC".into(), "0.2".into()),
         ("FAKE_CANCEL_SIGINT_WAIT_SEC".into(), "1".into()),
         ("FAKE_CANCEL_SIGTERM_WAIT_SEC".into(), "1".into()),
+        ("FAKE_SESSION_RETRY_SEC".into(), "0.2".into()),
+        ("FAKE_HTTP_RETRY_SEC".into(), "0.05".into()),
     ];
     if let Some(u) = runner.user {
         env.push(("RUNNER_USER".into(), u.into()));

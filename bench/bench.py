@@ -1,0 +1,292 @@
+#!/usr/bin/python3
+"""Benchmarks for the supervisor's bars (issue #2). Run as root after `cargo build --release`:
+
+    python3 bench/bench.py [--runs N]
+
+Everything is local: the fake GitHub on 127.0.0.1, the fake runner in temp dirs.
+Prints a Markdown report (the body of BENCHMARKS.md) on stdout.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "ci-runner")
+FAKES = os.path.join(ROOT, "tests", "fakes")
+
+
+def wait_for(what, timeout, cond, interval=0.002):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out waiting for " + what)
+        time.sleep(interval)
+
+
+def descendants(pid):
+    parent = {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % p) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        parent[int(p)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, frontier = [], [pid]
+    while frontier:
+        cur = frontier.pop()
+        for p, pp in parent.items():
+            if pp == cur and p not in out:
+                out.append(p)
+                frontier.append(p)
+    return out
+
+
+def kill_tree(proc):
+    for p in descendants(proc.pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        proc.kill()
+    except OSError:
+        pass
+    proc.wait()
+
+
+class FakeGithub:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp()
+        port_file = os.path.join(self.dir, "port")
+        self.proc = subprocess.Popen(
+            ["/usr/bin/python3", os.path.join(FAKES, "fake_github.py"), "--listen", "127.0.0.1:0", "--port-file", port_file],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.port = int(wait_for("fake GitHub", 20, lambda: os.path.exists(port_file) and open(port_file).read().strip()))
+        self.url = "http://127.0.0.1:%d" % self.port
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def runner_copy(instant_config=False, stamp=None):
+    d = tempfile.mkdtemp()
+    os.chmod(d, 0o755)
+    shutil.copytree(os.path.join(FAKES, "runner"), d, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    if instant_config:
+        # "a config.sh that returns at once": writes the registration file and exits.
+        with open(os.path.join(d, "config.sh"), "w") as f:
+            f.write('#!/bin/bash\nprintf \'{"agentId": 1, "agentName": "bench"}\' > "$(dirname "$0")/.runner"\n')
+    if stamp:
+        # run.sh records when it started (a bash builtin: no fork), then idles.
+        with open(os.path.join(d, "run.sh"), "w") as f:
+            f.write('#!/bin/bash\nprintf "%%s\\n" "$EPOCHREALTIME" > %s\nexec sleep 3600\n' % stamp)
+    for dirpath, dirnames, filenames in os.walk(d):
+        for n in dirnames + filenames:
+            os.chown(os.path.join(dirpath, n), 65534, 65534)
+    os.chown(d, 65534, 65534)
+    return d
+
+
+def env_for(gh, runner_dir, status_port):
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "GH_TOKEN": "ghp_admin",
+        "GH_REPOSITORY": "octo-org/octo-repo",
+        "GH_LABELS": "bench",
+        "GH_SERVER_URL": gh.url,
+        "GH_API_URL": gh.url + "/api/v3",
+        "RUNNER_DIR": runner_dir,
+        "RUNNER_USER": "nobody",
+        "STATUS_ADDR": "127.0.0.1:%d" % status_port,
+        "RUST_LOG": "warn",
+    }
+
+
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def health(port):
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=2) as r:
+            return json.load(r)
+    except Exception:
+        return None
+
+
+def bench_start(gh, runs):
+    """exec of ci-runner → run.sh started, with config.sh returning at once."""
+    sup, base = [], []
+    for _ in range(runs):
+        stamp = tempfile.mktemp()
+        d = runner_copy(instant_config=True, stamp=stamp)
+        port = free_port()
+        t0 = time.time()
+        p = subprocess.Popen([BIN], env=env_for(gh, d, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t1 = float(wait_for("run.sh stamp", 20, lambda: os.path.exists(stamp) and open(stamp).read().strip()))
+        sup.append((t1 - t0) * 1000)
+        kill_tree(p)
+        os.unlink(stamp)
+        # Baseline: the same run.sh started directly (fork+exec from Python, no supervisor).
+        t0 = time.time()
+        q = subprocess.Popen([os.path.join(d, "run.sh")], stdout=subprocess.DEVNULL)
+        t1 = float(wait_for("run.sh stamp", 20, lambda: os.path.exists(stamp) and open(stamp).read().strip()))
+        base.append((t1 - t0) * 1000)
+        kill_tree(q)
+        os.unlink(stamp)
+        shutil.rmtree(d, ignore_errors=True)
+    return sup, base
+
+
+def rss_kib(pid, field="VmRSS"):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def pss_kib(pid):
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def start_idle(gh):
+    d = runner_copy()
+    port = free_port()
+    p = subprocess.Popen([BIN], env=env_for(gh, d, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for("idle", 30, lambda: (health(port) or {}).get("state") == "idle", interval=0.01)
+    return p, d, port
+
+
+def bench_memory(gh, runs):
+    samples = []
+    for _ in range(runs):
+        p, d, port = start_idle(gh)
+        time.sleep(1)  # settle after start-up; this is a measurement, not a test assertion
+        child = [c for c in descendants(p.pid) if open("/proc/%d/comm" % c).read().strip() == "ci-runner"][0]
+        samples.append((rss_kib(p.pid), rss_kib(child), pss_kib(p.pid) + pss_kib(child)))
+        kill_tree(p)
+        shutil.rmtree(d, ignore_errors=True)
+    # Baseline: the original image's PID 1, a bash script waiting on run.sh.
+    b = subprocess.Popen(["bash", "-c", "sleep 3600 & wait $!"])
+    time.sleep(0.2)
+    bash_rss = rss_kib(b.pid)
+    kill_tree(b)
+    return samples, bash_rss
+
+
+def bench_sigterm(gh, runs):
+    out = []
+    for _ in range(runs):
+        p, d, port = start_idle(gh)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=60)
+        out.append((time.monotonic() - t0) * 1000)
+        if rc != 0:
+            raise SystemExit("SIGTERM exit code %d" % rc)
+        kill_tree(p)
+        shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+REAP = r'''
+import os, time
+n = int(os.environ["N"])
+pid = os.fork()
+if pid == 0:
+    # The maker: forks N children that exit at once, never waits, then exits itself, so all N
+    # are re-parented to PID 1 (as zombies or about to be).
+    for _ in range(n):
+        if os.fork() == 0:
+            os._exit(0)
+    os._exit(0)
+os.waitpid(pid, 0)
+t0 = time.monotonic()
+me = str(os.getpid())
+while True:
+    with open("/proc/1/task/1/children") as f:
+        kids = f.read().split()
+    if kids == [me]:
+        break
+t1 = time.monotonic()
+zombies = sum(1 for p in os.listdir("/proc") if p.isdigit() and open("/proc/%s/stat" % p).read().rsplit(")", 1)[1].split()[0] == "Z")
+print("%.3f %d" % ((t1 - t0) * 1000, zombies))
+'''
+
+
+def bench_reap(runs, n=10000):
+    out = []
+    for _ in range(runs):
+        r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", BIN, "init", "--", "/usr/bin/python3", "-c", REAP],
+                           env={"N": str(n), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300)
+        ms, zombies = r.stdout.split()
+        out.append((float(ms), int(zombies)))
+    return out
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=20)
+    args = ap.parse_args()
+    if not os.path.exists(BIN):
+        raise SystemExit("build first: cargo build --release")
+    gh = FakeGithub()
+    try:
+        start, base = bench_start(gh, args.runs)
+        mem, bash_rss = bench_memory(gh, 3)
+        term = bench_sigterm(gh, max(5, args.runs // 2))
+        reap = bench_reap(5)
+    finally:
+        gh.close()
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print("Machine: %s, %d cores, %s, kernel %s. Command: `python3 bench/bench.py --runs %d` (release build)."
+          % (cpu, os.cpu_count(), "%.0f GiB" % (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+             platform.release(), args.runs))
+    print()
+    print("| Bar | Target | Measured (median) | Spread | Baseline in the same run |")
+    print("|---|---|---|---|---|")
+    print("| exec → `run.sh` started (fake GitHub on loopback, instant `config.sh`), %d runs | < 50 ms | %.1f ms | min %.1f, max %.1f | `run.sh` started directly: %.1f ms (supervisor adds %.1f ms) |"
+          % (len(start), med(start), min(start), max(start), med(base), med(start) - med(base)))
+    tot = [a + b for a, b, _ in mem]
+    print("| RSS of both processes while the runner idles, %d runs | < 10 MiB | %.1f MiB (PID 1 %.1f + supervisor %.1f) | PSS %.1f MiB | bash PID 1 of the original image: %.1f MiB |"
+          % (len(mem), med(tot) / 1024, med([a for a, _, _ in mem]) / 1024, med([b for _, b, _ in mem]) / 1024,
+             med([c for _, _, c in mem]) / 1024, bash_rss / 1024))
+    print("| SIGTERM → exit when idle (de-registered), %d runs | < 1 s | %.0f ms | min %.0f, max %.0f | — |"
+          % (len(term), med(term), min(term), max(term)))
+    print("| Reaping 10,000 orphans as PID 1 in a new PID namespace, %d runs | < 1 s, none left | %.0f ms, %d zombies left | min %.0f, max %.0f | — |"
+          % (len(reap), med([m for m, _ in reap]), max(z for _, z in reap), min(m for m, _ in reap), max(m for m, _ in reap)))
+
+
+if __name__ == "__main__":
+    main()
