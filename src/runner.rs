@@ -325,6 +325,8 @@ pub fn describe(status: ExitStatus) -> String {
 pub struct RunnerProcess {
     child: Child,
     pgid: Pid,
+    /// The Listener's pid, learnt when it announces itself.
+    listener: Option<Pid>,
 }
 
 /// The runner's output lines, in order, tagged with their stream.
@@ -345,7 +347,7 @@ impl RunnerProcess {
         if let Some(err) = child.stderr.take() {
             pump(err, Stream::Stderr, tx);
         }
-        Ok((Self { child, pgid }, lines))
+        Ok((Self { child, pgid, listener: None }, lines))
     }
 
     pub fn pid(&self) -> u32 {
@@ -360,6 +362,12 @@ impl RunnerProcess {
     /// clean stop (a running job would be cancelled, so callers only do this when idle or on
     /// purpose). Without a Listener (between restarts) the whole group gets SIGTERM.
     pub fn stop_listener(&self) -> usize {
+        // The remembered pid, if it is still a process of our group (pids get reused).
+        if let Some(pid) = self.listener.filter(|p| process_group(*p) == Some(self.pgid)) {
+            if nix::sys::signal::kill(pid, Signal::SIGINT).is_ok() {
+                return 1;
+            }
+        }
         let listeners = find_in_group(self.pgid, "Runner.Listener");
         for pid in &listeners {
             let _ = nix::sys::signal::kill(*pid, Signal::SIGINT);
@@ -368,6 +376,14 @@ impl RunnerProcess {
             let _ = killpg(self.pgid, Signal::SIGTERM);
         }
         listeners.len()
+    }
+
+    /// Finds and remembers the Listener's pid (it changes only when run.sh restarts it).
+    pub fn remember_listener(&mut self) {
+        let alive = self.listener.is_some_and(|p| find_in_group(self.pgid, "Runner.Listener").contains(&p));
+        if !alive {
+            self.listener = find_in_group(self.pgid, "Runner.Listener").into_iter().next();
+        }
     }
 
     /// SIGKILL to the whole group: the last resort.
@@ -381,6 +397,13 @@ impl RunnerProcess {
     }
 }
 
+/// The process group of `pid`, from `/proc/<pid>/stat`.
+fn process_group(pid: Pid) -> Option<Pid> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(2)?.parse().ok().map(Pid::from_raw)
+}
+
 /// Processes in process group `pgid` whose argv[0] or argv[1] (scripts run by an interpreter)
 /// ends in `/<name>`.
 pub fn find_in_group(pgid: Pid, name: &str) -> Vec<Pid> {
@@ -388,11 +411,8 @@ pub fn find_in_group(pgid: Pid, name: &str) -> Vec<Pid> {
     let mut found = Vec::new();
     for entry in dir.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
         // Fields after the parenthesised comm: state ppid pgrp …
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
-        let pgrp = after.split_whitespace().nth(2).and_then(|s| s.parse::<i32>().ok());
-        if pgrp != Some(pgid.as_raw()) {
+        if process_group(Pid::from_raw(pid)) != Some(pgid) {
             continue;
         }
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };

@@ -97,9 +97,12 @@ pub fn decide(info: &ExitInfo, ephemeral: bool, failures: u32) -> Decision {
     if info.registration_gone || !info.still_configured {
         return Decision::Reregister(delay);
     }
-    if info.session_conflict || info.listener_rc == Some(5) {
-        // The server keeps a stale session for minutes; a new registration gets a new one.
-        return if failures >= 2 { Decision::Reregister(delay) } else { Decision::Restart(delay) };
+    // A conflicting session, or a Listener that died without deleting its session (killed by a
+    // signal: OOM, SIGKILL), means the server holds a stale session for minutes; the Listener
+    // would retry it for 240 s and give up. Re-registering with --replace gets a new one now.
+    let killed = info.listener_rc.is_some_and(|rc| rc > 128);
+    if info.session_conflict || info.listener_rc == Some(5) || killed {
+        return Decision::Reregister(delay);
     }
     if failures >= MAX_FAILURES {
         return Decision::Fatal(format!("run.sh failed {failures} times in a row (last: {})", info.status));
@@ -444,6 +447,9 @@ impl Supervisor {
                 Some((_, line)) = lines.recv() => {
                     info!(target: "runner", "{line}");
                     let Some(event) = parse_line(&line) else { continue };
+                    // Learn the Listener's pid while nothing is urgent, so the SIGINT at a job's
+                    // end goes out without a /proc scan.
+                    let event_kind = matches!(event, LineEvent::Listening | LineEvent::JobStarted(_)).then_some(true);
                     match event {
                         LineEvent::Listening => {
                             if drain.is_none() && busy.is_none() {
@@ -476,9 +482,19 @@ impl Supervisor {
                             }
                         }
                         LineEvent::RegistrationGone => info.registration_gone = true,
-                        LineEvent::SessionConflict => info.session_conflict = true,
+                        LineEvent::SessionConflict => {
+                            if !info.session_conflict && drain.is_none() && busy.is_none() {
+                                // Do not sit through 240 s of retries: stop and re-register.
+                                info!("The server holds a stale session for this runner: re-registering.");
+                                proc.stop_listener();
+                            }
+                            info.session_conflict = true;
+                        }
                         LineEvent::Deprecated => info.deprecated = true,
                         LineEvent::ListenerExit(rc) => info.listener_rc = Some(rc),
+                    }
+                    if matches!(event_kind, Some(true)) {
+                        proc.remember_listener();
                     }
                 }
                 Some(sig) = self.signals.recv() => {
@@ -651,10 +667,15 @@ mod tests {
     }
 
     #[test]
-    fn session_conflicts_restart_then_reregister() {
+    fn stale_sessions_reregister_at_once() {
         let i = ExitInfo { listener_rc: Some(5), ..info() };
-        assert_eq!(decide(&i, false, 0), Decision::Restart(Duration::from_secs(1)));
+        assert_eq!(decide(&i, false, 0), Decision::Reregister(Duration::from_secs(1)));
+        let i = ExitInfo { session_conflict: true, ..info() };
         assert_eq!(decide(&i, false, 2), Decision::Reregister(Duration::from_secs(4)));
+        let killed = ExitInfo { listener_rc: Some(137), ..info() };
+        assert_eq!(decide(&killed, false, 0), Decision::Reregister(Duration::from_secs(1)));
+        let clean = ExitInfo { listener_rc: Some(0), ..info() };
+        assert_eq!(decide(&clean, false, 0), Decision::Restart(Duration::from_secs(1)));
     }
 
     #[test]
