@@ -505,6 +505,11 @@ impl Supervisor {
                             info!(signal = ?sig, drain_timeout_s = self.cfg.drain_timeout.as_secs(), "Signal received: draining (no new job will start).");
                             self.status.set_state(State::Draining);
                             drain = Some(Drain { deadline, signals: 1, timed_out: false, deregistered: false });
+                            // The Worker process is the second witness: its "Running job" line may
+                            // still be in the pipe.
+                            if busy.is_none() && proc.worker_running() {
+                                busy = Some("(starting)".into());
+                            }
                             match &busy {
                                 Some(job) => info!(job = %job, "Waiting for the running job to finish."),
                                 None => {
@@ -540,6 +545,10 @@ impl Supervisor {
                             *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = None;
                             runner::remove_local_files(&self.cfg.runner_dir);
                             info!("Runner de-registered.");
+                            if busy.is_none() && proc.worker_running() {
+                                warn!("A job started while the runner was being removed; waiting for it.");
+                                busy = Some("(starting)".into());
+                            }
                             if busy.is_none() {
                                 proc.stop_listener();
                                 kill_at.get_or_insert(Instant::now() + STOP_GRACE);

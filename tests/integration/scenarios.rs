@@ -305,3 +305,53 @@ fn supervisor_as_pid1_drains_and_reaps_job_orphans() {
     assert_eq!(sup.wait_exit(LONG).code(), Some(0), "{}", sup.log());
     assert!(gh.runners().is_empty());
 }
+
+#[test]
+fn ephemeral_runner_exits_zero_after_its_job_and_leaves_nothing() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let scratch = runner.scratch();
+    let (mut sup, name) = start_idle(&gh, &runner, &[("RUNNER_EPHEMERAL", "true")]);
+    let one = gh.enqueue("one", &["ci-test"], &gated_steps(&scratch, "one"));
+    let two = gh.enqueue("two", &["ci-test"], &gated_steps(&scratch, "two"));
+    wait_for("the first job to start", LONG, || scratch.join("one.started").exists().then_some(()));
+    release(&scratch, "one");
+    assert_eq!(sup.wait_exit(LONG).code(), Some(0), "{}", sup.log());
+    assert_eq!(gh.job(one)["result"], "Succeeded");
+    assert_eq!(job_status(&gh, two), "queued", "an ephemeral runner took a second job");
+    assert!(gh.runner_named(&name).is_none(), "ephemeral runner {name} left registered");
+    assert!(!runner.path().join(".runner").exists());
+}
+
+#[test]
+fn registration_deleted_on_the_server_is_registered_again() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let (mut sup, name) = start_idle(&gh, &runner, &[]);
+    let id = gh.runner_named(&name).unwrap()["id"].as_u64().unwrap();
+    // Someone removes the runner in GitHub's UI while it idles.
+    ureq::delete(&format!("{}/api/v3/repos/{REPO}/actions/runners/{id}", gh.url()))
+        .set("Authorization", &format!("Bearer {PAT}"))
+        .call()
+        .unwrap();
+    sup.wait_log("decision=Reregister", LONG);
+    wait_for("the runner registered and online again", LONG, || {
+        gh.runner_named(&name).filter(|r| r["status"] == "online" && r["id"].as_u64() != Some(id)).map(|_| ())
+    });
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(LONG).code(), Some(0), "{}", sup.log());
+    assert!(gh.runners().is_empty(), "a registration was left behind: {:?}", gh.runners());
+}
+
+#[test]
+fn sigterm_during_registration_leaves_nothing_registered() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    // The registration token call hangs for 3 s; the signal comes meanwhile.
+    gh.fault(json!({"kind": "slow", "count": 1, "delay_ms": 3000, "path_contains": "registration-token"}));
+    let mut sup = Supervisor::start(&base_env(&gh, &runner));
+    sup.wait_state("registering", BOOT);
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(BOOT).code(), Some(0), "{}", sup.log());
+    assert!(gh.runners().is_empty(), "{:?}", gh.runners());
+}
