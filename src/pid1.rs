@@ -117,27 +117,33 @@ fn own_group_and_terminal() {
     }
 }
 
-/// Forks. The parent never returns: it forwards, reaps and exits with the child's status.
-/// The child returns in its own process group, with the forwarded signals still blocked.
-pub fn split() {
+/// Blocks the signals the parent waits on, becomes a reaper and forks. The parent never
+/// returns: it forwards, reaps and exits with the child's status. The child returns in its own
+/// process group, with those signals still blocked (see `unblock_signals`).
+fn fork_and_serve(who: &str) {
     let set = parent_set();
     if let Err(e) = signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None) {
-        eprintln!("ci-runner: failed to block signals: {e}");
+        eprintln!("{who}: failed to block signals: {e}");
         std::process::exit(1);
     }
     become_reaper();
-    // SAFETY: no other thread exists yet (this is the first thing main does), so the child
-    // may run arbitrary code after the fork.
+    // SAFETY: no other thread exists yet (this runs first thing in main), so the child may run
+    // arbitrary code after the fork.
     match unsafe { unistd::fork() } {
-        // The child keeps the signals blocked until its handlers are installed (see
-        // `unblock_signals`), so a SIGTERM forwarded in between is held, not fatal.
         Ok(ForkResult::Child) => own_group_and_terminal(),
         Ok(ForkResult::Parent { child }) => parent_loop(child, &set),
         Err(e) => {
-            eprintln!("ci-runner: failed to fork the supervisor: {e}");
+            eprintln!("{who}: failed to fork: {e}");
             std::process::exit(1);
         }
     }
+}
+
+/// The supervisor's split: returns in the child; the parent is PID 1 until the child exits.
+/// The child keeps the forwarded signals blocked until its handlers are installed, so a
+/// SIGTERM forwarded in between is held, not fatal.
+pub fn split() {
+    fork_and_serve("ci-runner");
 }
 
 /// `ci-runner init -- CMD ARGS…`: PID-1 duties for an arbitrary command (like tini).
@@ -150,32 +156,14 @@ pub fn run_init(argv: &[OsString]) -> ! {
         eprintln!("ci-runner init: usage: ci-runner init -- COMMAND [ARGS...]");
         std::process::exit(2);
     }
-    let set = parent_set();
-    if let Err(e) = signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None) {
-        eprintln!("ci-runner init: failed to block signals: {e}");
-        std::process::exit(1);
+    fork_and_serve("ci-runner init");
+    // The child: a clean signal state, then the command.
+    if reset_signals().is_err() {
+        std::process::exit(126);
     }
-    become_reaper();
-    // SAFETY: single-threaded; the child only calls async-signal-safe functions before exec.
-    match unsafe { unistd::fork() } {
-        Ok(ForkResult::Child) => {
-            own_group_and_terminal();
-            if reset_signals().is_err() {
-                // SAFETY: _exit is async-signal-safe.
-                unsafe { libc::_exit(126) };
-            }
-            let err = unistd::execvp(&cargs[0], &cargs).unwrap_err();
-            let code = if err == nix::errno::Errno::ENOENT { 127 } else { 126 };
-            eprintln!("ci-runner init: failed to run {:?}: {err}", cargs[0]);
-            // SAFETY: _exit is async-signal-safe.
-            unsafe { libc::_exit(code) };
-        }
-        Ok(ForkResult::Parent { child }) => parent_loop(child, &set),
-        Err(e) => {
-            eprintln!("ci-runner init: failed to fork: {e}");
-            std::process::exit(1);
-        }
-    }
+    let err = unistd::execvp(&cargs[0], &cargs).unwrap_err();
+    eprintln!("ci-runner init: failed to run {:?}: {err}", cargs[0]);
+    std::process::exit(if err == nix::errno::Errno::ENOENT { 127 } else { 126 });
 }
 
 /// The parent's whole life: wait for a signal, forward or reap, exit when the child is gone.

@@ -33,6 +33,13 @@ fn start_idle(gh: &FakeGithub, runner: &RunnerDir, extra: &[(&str, &str)]) -> (S
     (sup, name)
 }
 
+/// Enqueues a job that waits for its release file, and waits until it runs.
+fn start_gated_job(gh: &FakeGithub, scratch: &std::path::Path, name: &str) -> u64 {
+    let id = gh.enqueue(name, &["ci-test"], &gated_steps(scratch, name));
+    wait_for(&format!("job {name} to start"), LONG, || scratch.join(format!("{name}.started")).exists().then_some(()));
+    id
+}
+
 fn job_status(gh: &FakeGithub, id: u64) -> String {
     gh.job(id)["status"].as_str().unwrap_or_default().to_string()
 }
@@ -85,8 +92,7 @@ fn drain_timeout_cancels_the_job_and_deregisters() {
     let runner = RunnerDir::new();
     let scratch = runner.scratch();
     let (mut sup, name) = start_idle(&gh, &runner, &[("DRAIN_TIMEOUT_SEC", "1")]);
-    let id = gh.enqueue("stuck", &["ci-test"], &gated_steps(&scratch, "stuck"));
-    wait_for("the job to start", LONG, || scratch.join("stuck.started").exists().then_some(()));
+    let id = start_gated_job(&gh, &scratch, "stuck");
     sup.signal(Signal::SIGTERM);
     let status = sup.wait_exit(LONG);
     assert_eq!(status.code(), Some(7), "{}", sup.log());
@@ -101,8 +107,7 @@ fn second_signal_cancels_the_job_at_once() {
     let runner = RunnerDir::new();
     let scratch = runner.scratch();
     let (mut sup, name) = start_idle(&gh, &runner, &[]);
-    let id = gh.enqueue("long", &["ci-test"], &gated_steps(&scratch, "long"));
-    wait_for("the job to start", LONG, || scratch.join("long.started").exists().then_some(()));
+    let id = start_gated_job(&gh, &scratch, "long");
     sup.signal(Signal::SIGTERM);
     sup.wait_log("Waiting for the running job to finish.", BOOT);
     sup.signal(Signal::SIGINT);
