@@ -170,6 +170,8 @@ pub struct Config {
     pub status_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub log_filter: String,
+    /// The hardware lock, when `RUNNER_RESOURCE_ID` names a resource.
+    pub lock: Option<crate::lock::LockConfig>,
     /// The environment the runner starts from, with every secret removed.
     pub runner_env: Vec<(String, String)>,
 }
@@ -178,6 +180,7 @@ pub const DEFAULT_RUNNER_DIR: &str = "/home/guest/actions-runner";
 pub const DEFAULT_STATUS_ADDR: &str = "127.0.0.1:8080";
 pub const DEFAULT_DRAIN_TIMEOUT_SEC: u64 = 600;
 pub const DEFAULT_NAME_PREFIX: &str = "ci-storage";
+pub const DEFAULT_LOCK_DIR: &str = "/tmp/github-runner-locks";
 
 /// One bad variable: its name, the value shown (None for secrets) and what was expected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -489,6 +492,27 @@ impl Config {
             c.bad("RUST_LOG", Some(&log_filter), "a tracing filter, e.g. info or ci_runner=debug");
         }
 
+        let lock_dir = PathBuf::from(c.get("RUNNER_LOCK_DIR").unwrap_or_else(|| DEFAULT_LOCK_DIR.to_string()));
+        let lock_timeout = c.get("RUNNER_LOCK_TIMEOUT_SEC").map(|_| c.seconds("RUNNER_LOCK_TIMEOUT_SEC", 0));
+        let lock = match c.get("RUNNER_RESOURCE_ID") {
+            None => None,
+            Some(id) if valid_runner_name(&id) => {
+                if !lock_dir.is_absolute() {
+                    let shown = lock_dir.display().to_string();
+                    c.bad("RUNNER_LOCK_DIR", Some(&shown), "an absolute directory path, bind-mounted from the host");
+                }
+                Some(crate::lock::LockConfig { resource: id, dir: lock_dir, timeout: lock_timeout })
+            }
+            Some(id) => {
+                c.bad(
+                    "RUNNER_RESOURCE_ID",
+                    Some(&id),
+                    "a resource name of A-Z a-z 0-9 . _ - (at most 64), e.g. board-1",
+                );
+                None
+            }
+        };
+
         let runner_env = runner_env(env);
 
         if !c.problems.is_empty() {
@@ -516,6 +540,7 @@ impl Config {
             status_addr,
             log_format,
             log_filter,
+            lock,
             runner_env,
         })
     }
@@ -727,6 +752,20 @@ mod tests {
         for s in SECRET_VARS.iter().chain(&["RUNNER_MANUALLY_TRAP_SIG"]) {
             assert!(!names.contains(s), "{s} leaked");
         }
+    }
+
+    #[test]
+    fn lock_settings() {
+        let mut e = GOOD.to_vec();
+        e.extend([("RUNNER_RESOURCE_ID", "board-1"), ("RUNNER_LOCK_TIMEOUT_SEC", "30")]);
+        let lock = load(&e, false).unwrap().lock.unwrap();
+        assert_eq!(lock.dir, PathBuf::from(DEFAULT_LOCK_DIR));
+        assert_eq!(lock.timeout, Some(Duration::from_secs(30)));
+        assert!(load(GOOD, false).unwrap().lock.is_none());
+        let mut e = GOOD.to_vec();
+        e.extend([("RUNNER_RESOURCE_ID", "../x"), ("RUNNER_LOCK_TIMEOUT_SEC", "soon")]);
+        let vars: Vec<_> = load(&e, false).unwrap_err().0.iter().map(|p| p.var).collect();
+        assert_eq!(vars, ["RUNNER_LOCK_TIMEOUT_SEC", "RUNNER_RESOURCE_ID"]);
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to set up the hardware lock")]
+    Lock(#[from] crate::lock::LockError),
     #[error("the runner failed for good: {0}")]
     RunnerGaveUp(String),
 }
@@ -65,7 +67,9 @@ impl Error {
             Error::Config(_) => ExitCode::Config,
             Error::Github(e) if e.is_permanent() => ExitCode::GithubRefused,
             Error::Github(_) => ExitCode::GithubUnavailable,
-            Error::Runner(_) | Error::RunnerGaveUp(_) | Error::Prepare { .. } => ExitCode::RunnerFailed,
+            Error::Runner(_) | Error::RunnerGaveUp(_) | Error::Prepare { .. } | Error::Lock(_) => {
+                ExitCode::RunnerFailed
+            }
             Error::Status { .. } | Error::Http(_) => ExitCode::Internal,
         }
     }

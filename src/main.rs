@@ -17,6 +17,8 @@ const USAGE: &str = "usage: ci-runner            run the supervisor (configured 
        ci-runner status     print /health from STATUS_ADDR; exit 0 when healthy, 1 otherwise
        ci-runner init -- COMMAND [ARGS...]
                             be PID 1 for COMMAND only: reap zombies, forward signals, pass its exit code
+       ci-runner hook job-started|job-completed
+                            the runner's job hooks for the hardware lock (set up by the supervisor)
        ci-runner --version";
 
 fn main() {
@@ -28,6 +30,10 @@ fn main() {
             pid1::run_init(rest)
         }
         Some("status") => status_command(),
+        Some("hook") => {
+            let kind = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
+            std::process::exit(ci_runner::lock::hook(kind))
+        }
         Some("--version" | "-V" | "version") => println!("ci-runner {}", env!("CARGO_PKG_VERSION")),
         Some("--help" | "-h" | "help") => println!("{USAGE}"),
         Some(other) => {

@@ -46,6 +46,8 @@ pub struct Status {
     /// Unix seconds of the last state change.
     pub since: u64,
     pub last_error: Option<String>,
+    /// The hardware lock, when `RUNNER_RESOURCE_ID` is set.
+    pub lock: Option<crate::lock::LockStatus>,
 }
 
 pub fn now() -> u64 {
@@ -65,6 +67,7 @@ impl Default for Status {
             restarts: 0,
             since: now(),
             last_error: None,
+            lock: None,
         }
     }
 }

@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 use crate::config::{Config, Credentials, RunnerName};
 use crate::error::{chain, Error, ExitCode};
 use crate::github::{backoff, Budget, Deleted, Github, GithubError};
+use crate::lock;
 use crate::runner::{self, describe, parse_line, LineEvent, Registration, RunnerProcess};
 use crate::status::{State, StatusHandle};
 
@@ -155,6 +156,30 @@ pub struct Supervisor {
     registration: RegistrationSlot,
     name: String,
     cancel: CancellationToken,
+    lock: Option<mpsc::UnboundedSender<lock::Request>>,
+}
+
+/// Writes a job hook script (0755) that runs `ci-runner hook <kind>`, chained with the
+/// user's own hook of that kind, if any.
+fn write_hook(
+    path: &std::path::Path,
+    exe: &std::path::Path,
+    kind: &str,
+    user_hook: Option<&str>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let exe = q(&exe.display().to_string());
+    let body = match (kind, user_hook) {
+        ("job-started", Some(h)) => format!("{exe} hook job-started || exit $?\nexec bash -e {}\n", q(h)),
+        ("job-completed", Some(h)) => format!("bash -e {}\nrc=$?\n{exe} hook job-completed\nexit $rc\n", q(h)),
+        (k, _) => format!("exec {exe} hook {k}\n"),
+    };
+    std::fs::write(
+        path,
+        format!("#!/bin/bash\n# Written by ci-runner for the hardware lock (RUNNER_RESOURCE_ID).\n{body}"),
+    )?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
 }
 
 impl Supervisor {
@@ -170,7 +195,7 @@ impl Supervisor {
         };
         let name = runner_name(&cfg.name);
         status.update(|s| s.runner_name = Some(name.clone()));
-        Ok(Self { cfg, github, status, signals, registration, name, cancel: CancellationToken::new() })
+        Ok(Self { cfg, github, status, signals, registration, name, cancel: CancellationToken::new(), lock: None })
     }
 
     /// Runs until the runner is drained, finished or failed; returns the process exit code.
@@ -194,7 +219,58 @@ impl Supervisor {
         code
     }
 
+    /// The hardware lock: its directory, the socket the job hooks talk to, the hook scripts
+    /// in the runner's environment, and the lock actor.
+    fn start_lock(&mut self) -> Result<(), Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(lock_cfg) = self.cfg.lock.clone() else { return Ok(()) };
+        lock_cfg.prepare()?;
+        if !lock::is_own_mount(&lock_cfg.dir) {
+            warn!(dir = %lock_cfg.dir.display(), "RUNNER_LOCK_DIR is not a mount of its own: unless it is bind-mounted from the host into every container that shares the device, it locks nothing across containers.");
+        }
+        let dir = self.cfg.runner_dir.join("_ci-runner");
+        let prep = |source| Error::Prepare { path: dir.clone(), source };
+        std::fs::create_dir_all(&dir).map_err(prep)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).map_err(prep)?;
+        let socket = dir.join("lock.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket).map_err(prep)?;
+        if let Some(u) = &self.cfg.runner_user {
+            nix::unistd::chown(
+                &socket,
+                Some(nix::unistd::Uid::from_raw(u.uid)),
+                Some(nix::unistd::Gid::from_raw(u.gid)),
+            )
+            .map_err(|e| prep(e.into()))?;
+        }
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(prep)?;
+        let exe = std::env::current_exe().map_err(prep)?;
+        let env = &mut self.cfg.runner_env;
+        let user_hook = |env: &Vec<(String, String)>, k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let started = user_hook(env, "ACTIONS_RUNNER_HOOK_JOB_STARTED");
+        let completed = user_hook(env, "ACTIONS_RUNNER_HOOK_JOB_COMPLETED");
+        write_hook(&dir.join("job-started.sh"), &exe, "job-started", started.as_deref()).map_err(prep)?;
+        write_hook(&dir.join("job-completed.sh"), &exe, "job-completed", completed.as_deref()).map_err(prep)?;
+        env.retain(|(k, _)| !k.starts_with("ACTIONS_RUNNER_HOOK_JOB_") && k != "CI_RUNNER_LOCK_SOCKET");
+        env.push(("ACTIONS_RUNNER_HOOK_JOB_STARTED".into(), dir.join("job-started.sh").display().to_string()));
+        env.push(("ACTIONS_RUNNER_HOOK_JOB_COMPLETED".into(), dir.join("job-completed.sh").display().to_string()));
+        env.push(("CI_RUNNER_LOCK_SOCKET".into(), socket.display().to_string()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(lock::run(lock_cfg.clone(), listener, self.status.clone(), rx, self.cancel.clone()));
+        self.lock = Some(tx);
+        info!(resource = %lock_cfg.resource, dir = %lock_cfg.dir.display(), "Hardware lock ready.");
+        Ok(())
+    }
+
+    /// The job is over (or never will be): the lock goes to the next waiter.
+    fn release_lock(&self) {
+        if let Some(tx) = &self.lock {
+            let _ = tx.send(lock::Request::Release);
+        }
+    }
+
     async fn run_inner(&mut self) -> Result<ExitCode, Error> {
+        self.start_lock()?;
         self.clean_stale_registration().await;
         runner::prepare_root(&self.cfg)
             .map_err(|source| Error::Prepare { path: self.cfg.runner_dir.clone(), source })?;
@@ -471,6 +547,7 @@ impl Supervisor {
                             info.jobs_completed += 1;
                             busy = None;
                             info!(job = %name, result = %result, "Job finished.");
+                            self.release_lock();
                             self.status.update(|s| { s.busy = false; s.job = None; s.jobs_completed += 1; });
                             if drain.is_some() {
                                 // Before the Listener can poll for another job.
@@ -593,6 +670,7 @@ impl Supervisor {
                 status = proc.wait() => break status,
             }
         };
+        self.release_lock();
         let status = status.map_err(|source| Error::Runner(runner::RunnerError::Wait { what: "run.sh", source }))?;
         // Lines still buffered in the pipes (orphans may hold them open, so do not wait for EOF).
         while let Ok((_, line)) = lines.try_recv() {

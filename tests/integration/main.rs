@@ -2,5 +2,6 @@
 //! runner (tests/fakes), and as a real PID 1 in a new PID namespace.
 
 mod harness;
+mod lock;
 mod pid1;
 mod scenarios;
