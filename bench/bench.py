@@ -251,6 +251,51 @@ def bench_reap(runs, n=10000):
     return out
 
 
+def post(gh, path, body):
+    req = urllib.request.Request(gh.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.load(r)
+
+
+def bench_lock(gh, runs):
+    """Hand-off of the hardware lock: one job's last step ends → the next waiter's first step starts."""
+    lock_dir, scratch = tempfile.mkdtemp(), tempfile.mkdtemp()
+    os.chmod(lock_dir, 0o777)
+    os.chmod(scratch, 0o777)
+    sups, dirs, ports = [], [], []
+    for i in range(2):
+        d = runner_copy()
+        port = free_port()
+        env = env_for(gh, d, port)
+        env.update({"GH_LABELS": "lock%d" % i, "RUNNER_RESOURCE_ID": "board", "RUNNER_LOCK_DIR": lock_dir})
+        sups.append(subprocess.Popen([BIN], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        dirs.append(d)
+        ports.append(port)
+    for port in ports:
+        wait_for("idle", 30, lambda: (health(port) or {}).get("state") == "idle", interval=0.01)
+    out = []
+    try:
+        for k in range(runs):
+            a, b = os.path.join(scratch, "a%d" % k), os.path.join(scratch, "b%d" % k)
+            post(gh, "/_fake/jobs", {"scope": "octo-org/octo-repo", "labels": ["lock0"], "name": "a%d" % k,
+                                     "steps": "touch %s.started; while [ ! -e %s.release ]; do sleep 0.01; done; echo $(date +%%s%%N) > %s.end" % (a, a, a)})
+            wait_for("a started", 30, lambda: os.path.exists(a + ".started"))
+            post(gh, "/_fake/jobs", {"scope": "octo-org/octo-repo", "labels": ["lock1"], "name": "b%d" % k,
+                                     "steps": "echo $(date +%%s%%N) > %s.tmp && mv %s.tmp %s.start" % (b, b, b)})
+            wait_for("b waiting", 30, lambda: ((health(ports[1]) or {}).get("lock") or {}).get("state") == "waiting", interval=0.01)
+            open(a + ".release", "w").close()
+            wait_for("b started", 30, lambda: os.path.exists(b + ".start"))
+            wait_for("a ended", 30, lambda: os.path.exists(a + ".end") and open(a + ".end").read().strip())
+            out.append((int(open(b + ".start").read()) - int(open(a + ".end").read())) / 1e6)
+            wait_for("b's lock released", 30, lambda: ((health(ports[1]) or {}).get("lock") or {}).get("state") == "free", interval=0.01)
+    finally:
+        for p in sups:
+            kill_tree(p)
+        for d in dirs + [lock_dir, scratch]:
+            shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
 def med(xs):
     return statistics.median(xs)
 
@@ -267,6 +312,7 @@ def main():
         mem, bash_rss = bench_memory(gh, 3)
         term = bench_sigterm(gh, max(5, args.runs // 2))
         reap = bench_reap(5)
+        lock = bench_lock(gh, max(5, args.runs // 2))
     finally:
         gh.close()
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
@@ -286,6 +332,8 @@ def main():
           % (len(term), med(term), min(term), max(term)))
     print("| Reaping 10,000 orphans as PID 1 in a new PID namespace, %d runs | < 1 s, none left | %.0f ms, %d zombies left | min %.0f, max %.0f | — |"
           % (len(reap), med([m for m, _ in reap]), max(z for _, z in reap), min(m for m, _ in reap), max(m for m, _ in reap)))
+    print("| Hardware-lock hand-off: a job's last step ends → the waiting runner's first step starts (two supervisors, one lock dir), %d runs | < 100 ms | %.0f ms | min %.0f, max %.0f | — |"
+          % (len(lock), med(lock), min(lock), max(lock)))
 
 
 if __name__ == "__main__":
