@@ -288,12 +288,24 @@ def bench_lock(gh, runs):
             wait_for("a ended", 30, lambda: os.path.exists(a + ".end") and open(a + ".end").read().strip())
             out.append((int(open(b + ".start").read()) - int(open(a + ".end").read())) / 1e6)
             wait_for("b's lock released", 30, lambda: ((health(ports[1]) or {}).get("lock") or {}).get("state") == "free", interval=0.01)
+        # Crash hand-off: the holder's whole container is SIGKILLed mid-job.
+        a, b = os.path.join(scratch, "ka"), os.path.join(scratch, "kb")
+        post(gh, "/_fake/jobs", {"scope": "octo-org/octo-repo", "labels": ["lock0"], "name": "ka",
+                                 "steps": "touch %s.started; while :; do sleep 0.01; done" % a})
+        wait_for("ka started", 30, lambda: os.path.exists(a + ".started"))
+        post(gh, "/_fake/jobs", {"scope": "octo-org/octo-repo", "labels": ["lock1"], "name": "kb",
+                                 "steps": "echo $(date +%%s%%N) > %s.tmp && mv %s.tmp %s.start" % (b, b, b)})
+        wait_for("kb waiting", 30, lambda: ((health(ports[1]) or {}).get("lock") or {}).get("state") == "waiting", interval=0.01)
+        t0 = time.time_ns()
+        kill_tree(sups[0])
+        wait_for("kb started", 30, lambda: os.path.exists(b + ".start"))
+        crash = (int(open(b + ".start").read()) - t0) / 1e6
     finally:
         for p in sups:
             kill_tree(p)
         for d in dirs + [lock_dir, scratch]:
             shutil.rmtree(d, ignore_errors=True)
-    return out
+    return out, crash
 
 
 def med(xs):
@@ -312,7 +324,7 @@ def main():
         mem, bash_rss = bench_memory(gh, 3)
         term = bench_sigterm(gh, max(5, args.runs // 2))
         reap = bench_reap(5)
-        lock = bench_lock(gh, max(5, args.runs // 2))
+        lock, crash = bench_lock(gh, max(5, args.runs // 2))
     finally:
         gh.close()
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
@@ -334,6 +346,7 @@ def main():
           % (len(reap), med([m for m, _ in reap]), max(z for _, z in reap), min(m for m, _ in reap), max(m for m, _ in reap)))
     print("| Hardware-lock hand-off: a job's last step ends → the waiting runner's first step starts (two supervisors, one lock dir), %d runs | < 100 ms | %.0f ms | min %.0f, max %.0f | — |"
           % (len(lock), med(lock), min(lock), max(lock)))
+    print("| Hardware-lock hand-off after the holder's container is SIGKILLed mid-job: kill → the waiter's first step starts, 1 run | within 1 s | %.0f ms | — | — |" % crash)
 
 
 if __name__ == "__main__":

@@ -333,8 +333,10 @@ async fn handle(
         let _ = write.write_all(b"fail unknown request\n").await;
         return;
     };
-    // A job that never released (its hook was skipped): its turn is over.
+    // A job that never released (its hook was skipped): its turn is over. Releases queued for
+    // earlier jobs must not be taken for this job's end.
     *held = None;
+    while requests.try_recv().is_ok() {}
     let holder = format!("{me}/{job}");
     set_status(status, cfg, "waiting", Some(cfg.holder()));
     info!(resource = %cfg.resource, job = %job, "Job waiting for the lock.");
