@@ -531,6 +531,12 @@ impl Supervisor {
                             if drain.is_none() && busy.is_none() {
                                 self.status.set_state(State::Idle);
                             }
+                            // Start-up garbage (certificate parsing, registration) goes back to
+                            // the system before the long idle.
+                            // SAFETY: malloc_trim has no preconditions.
+                            unsafe {
+                                libc::malloc_trim(0);
+                            }
                         }
                         LineEvent::JobStarted(name) => {
                             info!(job = %name, "Job started.");
