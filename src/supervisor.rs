@@ -678,8 +678,9 @@ impl Supervisor {
         };
         self.release_lock();
         let status = status.map_err(|source| Error::Runner(runner::RunnerError::Wait { what: "run.sh", source }))?;
-        // Lines still buffered in the pipes (orphans may hold them open, so do not wait for EOF).
-        while let Ok((_, line)) = lines.try_recv() {
+        // The last lines (run-helper's verdict) may still be in the pipes: read until EOF, or
+        // until 100 ms pass without a line (orphans of the job may hold the pipes open).
+        while let Ok(Some((_, line))) = tokio::time::timeout(Duration::from_millis(100), lines.recv()).await {
             info!(target: "runner", "{line}");
             match parse_line(&line) {
                 Some(LineEvent::RegistrationGone) => info.registration_gone = true,

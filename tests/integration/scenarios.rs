@@ -201,7 +201,7 @@ fn runner_crash_is_restarted_with_backoff() {
     assert!(health["restarts"].as_u64() >= Some(1), "{health}");
     // Killed, the Listener left a stale session: the supervisor re-registers at once rather
     // than sitting through the Listener's 240 s of session retries.
-    assert!(sup.log_has("decision=Reregister(1s)"), "{}", sup.log());
+    assert!(sup.log_has("listener_rc=Some(137) decision=Reregister"), "{}", sup.log());
     wait_for("the runner online again", BOOT, || {
         gh.runner_named(&name).filter(|r| r["status"] == "online").map(|_| ())
     });
