@@ -106,6 +106,43 @@ async fn health(AxumState(rx): AxumState<watch::Receiver<Status>>) -> impl IntoR
     (code, Json(status))
 }
 
+/// Prometheus text exposition of the status (issue #4 adds the job and API counters).
+pub fn render_metrics(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let states =
+        [State::Starting, State::Registering, State::Idle, State::Busy, State::Draining, State::Stopped, State::Failed];
+    out.push_str(
+        "# HELP ci_runner_state The supervisor's state (1 for the current one).\n# TYPE ci_runner_state gauge\n",
+    );
+    for st in states {
+        let name = serde_json::to_value(st).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let _ = writeln!(out, "ci_runner_state{{state=\"{name}\"}} {}", u8::from(s.state == st));
+    }
+    out.push_str("# HELP ci_runner_busy Whether a job runs now.\n# TYPE ci_runner_busy gauge\n");
+    let _ = writeln!(out, "ci_runner_busy {}", u8::from(s.busy));
+    out.push_str("# HELP ci_runner_jobs_completed_total Jobs this supervisor saw complete.\n# TYPE ci_runner_jobs_completed_total counter\n");
+    let _ = writeln!(out, "ci_runner_jobs_completed_total {}", s.jobs_completed);
+    out.push_str("# HELP ci_runner_restarts_total Restarts of run.sh.\n# TYPE ci_runner_restarts_total counter\n");
+    let _ = writeln!(out, "ci_runner_restarts_total {}", s.restarts);
+    if let Some(lock) = &s.lock {
+        let r = lock.resource.replace('\\', "\\\\").replace('"', "\\\"");
+        out.push_str("# HELP ci_runner_lock_state The hardware lock's state (1 for the current one).\n# TYPE ci_runner_lock_state gauge\n");
+        for st in ["free", "waiting", "holding"] {
+            let _ =
+                writeln!(out, "ci_runner_lock_state{{resource=\"{r}\",state=\"{st}\"}} {}", u8::from(lock.state == st));
+        }
+        out.push_str("# HELP ci_runner_lock_state_since_seconds Unix time the lock's state began.\n# TYPE ci_runner_lock_state_since_seconds gauge\n");
+        let _ = writeln!(out, "ci_runner_lock_state_since_seconds{{resource=\"{r}\"}} {}", lock.since.unwrap_or(0));
+    }
+    out
+}
+
+async fn metrics(AxumState(rx): AxumState<watch::Receiver<Status>>) -> impl IntoResponse {
+    let body = render_metrics(&rx.borrow());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
 /// Binds `addr` now (so a bad or busy address fails the start) and serves until `cancel`.
 pub async fn serve(
     addr: SocketAddr,
@@ -113,7 +150,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = Router::new().route("/health", get(health)).with_state(rx);
+    let app = Router::new().route("/health", get(health)).route("/metrics", get(metrics)).with_state(rx);
     Ok(tokio::spawn(async move {
         let _ = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
     }))
@@ -150,6 +187,20 @@ mod tests {
     fn draining_is_healthy_failed_is_not() {
         assert!(State::Draining.healthy() && State::Busy.healthy() && State::Starting.healthy());
         assert!(!State::Failed.healthy() && !State::Stopped.healthy());
+    }
+
+    #[test]
+    fn metrics_show_the_state_and_the_lock() {
+        let mut s = Status { state: State::Busy, busy: true, jobs_completed: 3, ..Status::default() };
+        s.lock =
+            Some(crate::lock::LockStatus { resource: "board".into(), state: "waiting", since: Some(7), holder: None });
+        let text = render_metrics(&s);
+        assert!(text.contains("ci_runner_state{state=\"busy\"} 1\n"), "{text}");
+        assert!(text.contains("ci_runner_state{state=\"idle\"} 0\n"), "{text}");
+        assert!(text.contains("ci_runner_jobs_completed_total 3\n"), "{text}");
+        assert!(text.contains("ci_runner_lock_state{resource=\"board\",state=\"waiting\"} 1\n"), "{text}");
+        assert!(text.contains("ci_runner_lock_state_since_seconds{resource=\"board\"} 7\n"), "{text}");
+        assert!(!render_metrics(&Status::default()).contains("lock"));
     }
 
     #[tokio::test]

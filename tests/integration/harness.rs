@@ -350,6 +350,11 @@ impl Supervisor {
         }
     }
 
+    /// `/metrics` as text.
+    pub fn metrics(&self) -> String {
+        ureq::get(&format!("http://{}/metrics", self.status_addr)).call().unwrap().into_string().unwrap()
+    }
+
     pub fn wait_state(&self, state: &str, timeout: Duration) -> Value {
         wait_for(&format!("state {state}"), timeout, || self.health().filter(|h| h["state"] == state))
     }

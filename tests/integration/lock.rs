@@ -98,6 +98,10 @@ fn jobs_never_overlap_and_waiters_go_in_arrival_order() {
     p.wait_lock_state(0, "holding");
     let b = p.job(1, "b");
     p.wait_lock_state(1, "waiting");
+    let metrics = p.sups[1].metrics();
+    assert!(metrics.contains("ci_runner_lock_state{resource=\"board\",state=\"waiting\"} 1"), "{metrics}");
+    let holding = p.sups[0].metrics();
+    assert!(holding.contains("ci_runner_lock_state{resource=\"board\",state=\"holding\"} 1"), "{holding}");
     let c = p.job(2, "c");
     p.wait_lock_state(2, "waiting");
     assert!(!p.started("b") && !p.started("c"), "a job ran while another held the lock");
