@@ -47,6 +47,8 @@ pub const STOP_GRACE: Duration = Duration::from_secs(30);
 pub const DEREGISTER_GRACE: Duration = Duration::from_secs(20);
 const CONFIG_TIMEOUT: Duration = Duration::from_secs(180);
 const MAX_FAILURES: u32 = 10;
+/// Extra registrations after config.sh fails, before giving up with `RunnerFailed`.
+const CONFIG_RETRIES: u32 = 2;
 /// A run this long (or one that completed a job) resets the failure count.
 const STABLE_RUN: Duration = Duration::from_secs(600);
 
@@ -275,10 +277,26 @@ impl Supervisor {
         runner::prepare_root(&self.cfg)
             .map_err(|source| Error::Prepare { path: self.cfg.runner_dir.clone(), source })?;
         let mut failures = 0u32;
+        let mut config_failures = 0u32;
         'register: loop {
             match self.register().await {
-                Ok(()) => {}
+                Ok(()) => config_failures = 0,
                 Err(Ok(Interrupted)) => return self.stop_before_listening().await,
+                // config.sh gives up after three tries of its own; a fresh token and a pause
+                // often cure what it hit (an expired token looks like a 404, GitHub hiccups).
+                Err(Err(Error::Runner(e @ runner::RunnerError::ConfigFailed { .. })))
+                    if config_failures < CONFIG_RETRIES =>
+                {
+                    config_failures += 1;
+                    warn!(error = %chain(&e), attempt = config_failures, "config.sh failed; registering again with a fresh token.");
+                    if let Err(de) = self.deregister(Budget::attempts(3)).await {
+                        warn!(error = %chain(&de), "Failed to remove a partial registration.");
+                    }
+                    if self.pause(restart_delay(config_failures)).await.is_err() {
+                        return self.stop_before_listening().await;
+                    }
+                    continue 'register;
+                }
                 Err(Err(e)) => return Err(e),
             }
             loop {

@@ -360,3 +360,23 @@ fn sigterm_during_registration_leaves_nothing_registered() {
     assert_eq!(sup.wait_exit(BOOT).code(), Some(0), "{}", sup.log());
     assert!(gh.runners().is_empty(), "{:?}", gh.runners());
 }
+
+#[test]
+fn a_failed_config_sh_is_retried_with_a_fresh_token_then_gives_up() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    // An expired or unknown registration token looks like a 404 to config.sh (actions/runner#4042).
+    gh.fault(json!({"kind": "status", "status": 404, "count": 1, "path_contains": "runner-registration"}));
+    let (mut sup, name) = start_idle(&gh, &runner, &[]);
+    assert!(sup.log_has("config.sh failed; registering again with a fresh token."), "{}", sup.log());
+    assert_eq!(gh.rest_requests("POST", "registration-token").len(), 2);
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(LONG).code(), Some(0));
+    assert!(gh.runner_named(&name).is_none());
+
+    gh.fault(json!({"kind": "status", "status": 404, "count": 10, "path_contains": "runner-registration"}));
+    let mut sup = Supervisor::start(&base_env(&gh, &runner));
+    assert_eq!(sup.wait_exit(LONG).code(), Some(6), "{}", sup.log());
+    assert_eq!(sup.count("config.sh failed; registering again"), 2, "{}", sup.log());
+    assert!(gh.runners().is_empty(), "{:?}", gh.runners());
+}
