@@ -172,6 +172,9 @@ pub struct Config {
     pub log_filter: String,
     /// The hardware lock, when `RUNNER_RESOURCE_ID` names a resource.
     pub lock: Option<crate::lock::LockConfig>,
+    /// Where `entrypoint.*.sh` boot hooks are found: run as root, then as the runner user.
+    pub root_hooks_dir: PathBuf,
+    pub guest_hooks_dir: PathBuf,
     /// The environment the runner starts from, with every secret removed.
     pub runner_env: Vec<(String, String)>,
 }
@@ -513,6 +516,9 @@ impl Config {
             }
         };
 
+        let root_hooks_dir = PathBuf::from(c.get("ROOT_HOOKS_DIR").unwrap_or_else(|| "/root".into()));
+        let guest_hooks_dir = PathBuf::from(c.get("GUEST_HOOKS_DIR").unwrap_or_else(|| "/home/guest".into()));
+
         let runner_env = runner_env(env);
 
         if !c.problems.is_empty() {
@@ -541,6 +547,8 @@ impl Config {
             log_format,
             log_filter,
             lock,
+            root_hooks_dir,
+            guest_hooks_dir,
             runner_env,
         })
     }

@@ -25,6 +25,8 @@ pub enum ExitCode {
     RunnerFailed = 6,
     /// The drain deadline passed with a job running: the job was cancelled, the runner removed.
     DrainTimeout = 7,
+    /// A boot hook (`entrypoint.*.sh`) failed; nothing was registered.
+    Hook = 8,
 }
 
 impl ExitCode {
@@ -55,6 +57,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to boot")]
+    Hook(#[from] crate::hooks::HookError),
     #[error("failed to set up the hardware lock")]
     Lock(#[from] crate::lock::LockError),
     #[error("the runner failed for good: {0}")]
@@ -71,6 +75,7 @@ impl Error {
                 ExitCode::RunnerFailed
             }
             Error::Status { .. } | Error::Http(_) => ExitCode::Internal,
+            Error::Hook(_) => ExitCode::Hook,
         }
     }
 }

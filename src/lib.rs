@@ -11,6 +11,7 @@
 //! - [`github`]: the REST API (registration tokens, find and delete runners) with retries.
 //! - [`runner`]: `config.sh` and `run.sh` as processes, their output lines, their files.
 //! - [`supervisor`]: the life cycle: register, supervise, drain, de-register; the exit table.
+//! - [`hooks`]: the boot hooks, `entrypoint.*.sh` sourced as root, then as the runner user.
 //! - [`lock`]: the hardware lock: one job at a time on a shared device, in arrival order.
 //! - [`status`]: the state machine's current state on `GET /health` and `ci-runner status`.
 //! - [`error`]: the top-level error and the exit codes.
@@ -18,6 +19,7 @@
 pub mod config;
 pub mod error;
 pub mod github;
+pub mod hooks;
 pub mod lock;
 pub mod pid1;
 pub mod runner;

@@ -161,13 +161,13 @@ pub enum RunnerError {
 /// The user's uid, gid and supplementary groups, resolved before fork (getgrouplist reads
 /// /etc/group, which is not safe between fork and exec).
 #[derive(Debug, Clone)]
-struct Identity {
+pub(crate) struct Identity {
     uid: u32,
     gid: u32,
     groups: Vec<u32>,
 }
 
-fn identity(user: &RunnerUser) -> Identity {
+pub(crate) fn identity(user: &RunnerUser) -> Identity {
     let groups = CString::new(user.name.as_bytes())
         .ok()
         .and_then(|n| nix::unistd::getgrouplist(&n, Gid::from_raw(user.gid)).ok())
@@ -200,8 +200,14 @@ fn command(cfg: &Config, program: &Path, extra_env: &[(&str, &str)]) -> Command 
     if cfg.runner_user.as_ref().is_some_and(|u| u.uid == 0) {
         cmd.env("RUNNER_ALLOW_RUNASROOT", "1");
     }
+    drop_privileges(&mut cmd, ident);
+    cmd
+}
+
+/// Makes `cmd` run as `ident` (when given) with a clean signal mask and default dispositions.
+pub(crate) fn drop_privileges(cmd: &mut Command, ident: Option<Identity>) {
     // SAFETY: the closure only makes async-signal-safe system calls (setgroups, setgid,
-    // setuid, sigprocmask, signal) on data prepared before the fork.
+    // setuid, sigprocmask, rt_sigaction) on data prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(id) = &ident {
@@ -215,7 +221,6 @@ fn command(cfg: &Config, program: &Path, extra_env: &[(&str, &str)]) -> Command 
             crate::pid1::reset_signals()
         });
     }
-    cmd
 }
 
 /// Forwards a child's output lines into one channel, ANSI stripped, blank lines dropped.

@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 use crate::config::{Config, Credentials, RunnerName};
 use crate::error::{chain, Error, ExitCode};
 use crate::github::{backoff, Budget, Deleted, Github, GithubError};
+use crate::hooks;
 use crate::lock;
 use crate::runner::{self, describe, parse_line, LineEvent, Registration, RunnerProcess};
 use crate::status::{State, StatusHandle};
@@ -159,6 +160,7 @@ pub struct Supervisor {
     name: String,
     cancel: CancellationToken,
     lock: Option<mpsc::UnboundedSender<lock::Request>>,
+    daemons: hooks::Daemons,
 }
 
 /// Writes a job hook script (0755) that runs `ci-runner hook <kind>`, chained with the
@@ -197,7 +199,17 @@ impl Supervisor {
         };
         let name = runner_name(&cfg.name);
         status.update(|s| s.runner_name = Some(name.clone()));
-        Ok(Self { cfg, github, status, signals, registration, name, cancel: CancellationToken::new(), lock: None })
+        Ok(Self {
+            cfg,
+            github,
+            status,
+            signals,
+            registration,
+            name,
+            cancel: CancellationToken::new(),
+            lock: None,
+            daemons: hooks::Daemons::default(),
+        })
     }
 
     /// Runs until the runner is drained, finished or failed; returns the process exit code.
@@ -215,6 +227,8 @@ impl Supervisor {
                 e.exit_code()
             }
         };
+        // After the runner: what the boot hooks started (dockerd, a VPN …).
+        self.daemons.stop(Duration::from_secs(10)).await;
         if code == ExitCode::Ok || code == ExitCode::DrainTimeout {
             self.status.set_state(State::Stopped);
         }
@@ -271,7 +285,56 @@ impl Supervisor {
         }
     }
 
+    /// The boot hooks: root phase, then the runner user's; their exports reach the runner.
+    /// Returns false when a signal stopped them.
+    async fn run_hooks(&mut self) -> Result<bool, Error> {
+        let root_hooks = hooks::discover(&self.cfg.root_hooks_dir);
+        let guest_hooks = hooks::discover(&self.cfg.guest_hooks_dir);
+        if root_hooks.is_empty() && guest_hooks.is_empty() {
+            return Ok(true);
+        }
+        self.status.set_state(State::Starting);
+        let mut env = self.cfg.runner_env.clone();
+        let phases = [
+            hooks::Phase { name: "root", hooks: root_hooks, user: None, cwd: "/".into() },
+            hooks::Phase {
+                name: "guest",
+                hooks: guest_hooks,
+                user: self.cfg.runner_user.as_ref(),
+                cwd: self
+                    .cfg
+                    .runner_user
+                    .as_ref()
+                    .map(|u| u.home.clone())
+                    .filter(|h| h.is_dir())
+                    .unwrap_or_else(|| "/".into()),
+            },
+        ];
+        for phase in phases.iter().filter(|p| !p.hooks.is_empty()) {
+            let signals = &mut self.signals;
+            let interrupt = async {
+                if let Some(sig) = signals.recv().await {
+                    info!(signal = ?sig, "Signal received during boot.");
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            match hooks::run_phase(phase, &env, &mut self.daemons, interrupt).await? {
+                hooks::Outcome::Done(exported) => env = exported,
+                hooks::Outcome::Interrupted => return Ok(false),
+            }
+        }
+        // What the hooks exported (and did not unset) is the runner's environment now; the
+        // runner's HOME/USER/LOGNAME are set again when it starts.
+        self.cfg.runner_env = env;
+        Ok(true)
+    }
+
     async fn run_inner(&mut self) -> Result<ExitCode, Error> {
+        if !self.run_hooks().await? {
+            info!("Stopped during boot: nothing was registered.");
+            return Ok(ExitCode::Ok);
+        }
         self.start_lock()?;
         self.clean_stale_registration().await;
         runner::prepare_root(&self.cfg)

@@ -2,6 +2,7 @@
 //! runner (tests/fakes), and as a real PID 1 in a new PID namespace.
 
 mod harness;
+mod hooks;
 mod lock;
 mod pid1;
 mod scenarios;
