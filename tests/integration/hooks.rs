@@ -51,7 +51,7 @@ fn hooks_run_in_order_as_root_then_the_runner_user_and_share_exports() {
     hook(
         d.root.path(),
         "entrypoint.05-first.sh",
-        &format!("echo \"05 $(id -un)\" >> {s}/order\nFROM_FIRST=shared\necho hello from first\n"),
+        &format!("echo \"05 $(id -un)\" >> {s}/order\nFROM_FIRST=shared\necho hello from first\nenv > {s}/root-env\n"),
     );
     hook(d.guest.path(), "entrypoint.01-guest.sh", &format!("echo \"g01 $(id -un) $FROM_ROOT\" >> {s}/order\n"));
     let order_file = d.scratch.path().join("order");
@@ -76,6 +76,8 @@ fn hooks_run_in_order_as_root_then_the_runner_user_and_share_exports() {
         "hooks ran out of order or as the wrong user"
     );
     assert!(sup.log_has("[entrypoint.05-first.sh] hello from first"), "{}", sup.log());
+    let hook_env = std::fs::read_to_string(d.scratch.path().join("root-env")).unwrap();
+    assert!(hook_env.contains("GH_REPOSITORY=") && !hook_env.contains(PAT), "a hook saw the token: {hook_env}");
     sup.signal(Signal::SIGTERM);
     assert_eq!(sup.wait_exit(BOOT).code(), Some(0));
 }
