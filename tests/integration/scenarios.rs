@@ -33,6 +33,13 @@ fn start_idle(gh: &FakeGithub, runner: &RunnerDir, extra: &[(&str, &str)]) -> (S
     (sup, name)
 }
 
+/// SIGTERM an idle supervisor: it exits 0 and its runner is gone from GitHub.
+fn stop_idle(sup: &mut Supervisor, gh: &FakeGithub, name: &str) {
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(LONG).code(), Some(0), "{}", sup.log());
+    assert!(gh.runner_named(name).is_none(), "runner {name} left registered");
+}
+
 /// Enqueues a job that waits for its release file, and waits until it runs.
 fn start_gated_job(gh: &FakeGithub, scratch: &std::path::Path, name: &str) -> u64 {
     let id = gh.enqueue(name, &["ci-test"], &gated_steps(scratch, name));
@@ -205,9 +212,7 @@ fn runner_crash_is_restarted_with_backoff() {
     wait_for("the runner online again", BOOT, || {
         gh.runner_named(&name).filter(|r| r["status"] == "online").map(|_| ())
     });
-    sup.signal(Signal::SIGTERM);
-    assert_eq!(sup.wait_exit(LONG).code(), Some(0));
-    assert!(gh.runner_named(&name).is_none());
+    stop_idle(&mut sup, &gh, &name);
 }
 
 #[test]
@@ -370,9 +375,7 @@ fn a_failed_config_sh_is_retried_with_a_fresh_token_then_gives_up() {
     let (mut sup, name) = start_idle(&gh, &runner, &[]);
     assert!(sup.log_has("config.sh failed; registering again with a fresh token."), "{}", sup.log());
     assert_eq!(gh.rest_requests("POST", "registration-token").len(), 2);
-    sup.signal(Signal::SIGTERM);
-    assert_eq!(sup.wait_exit(LONG).code(), Some(0));
-    assert!(gh.runner_named(&name).is_none());
+    stop_idle(&mut sup, &gh, &name);
 
     gh.fault(json!({"kind": "status", "status": 404, "count": 10, "path_contains": "runner-registration"}));
     let mut sup = Supervisor::start(&base_env(&gh, &runner));
