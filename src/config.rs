@@ -184,6 +184,7 @@ pub const DEFAULT_STATUS_ADDR: &str = "127.0.0.1:8080";
 pub const DEFAULT_DRAIN_TIMEOUT_SEC: u64 = 600;
 pub const DEFAULT_NAME_PREFIX: &str = "ci-storage";
 pub const DEFAULT_LOCK_DIR: &str = "/tmp/github-runner-locks";
+pub const DEFAULT_SECRETS_DIR: &str = "/run/secrets";
 
 /// One bad variable: its name, the value shown (None for secrets) and what was expected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,9 +235,19 @@ pub struct Host<'a> {
 struct Collector<'a> {
     env: &'a dyn EnvSource,
     problems: Vec<Problem>,
+    secrets_dir: PathBuf,
 }
 
 impl Collector<'_> {
+    /// A secret from its variable, or else from the file `<SECRETS_DIR>/<NAME>` (Docker and
+    /// compose secrets), read once here and trimmed.
+    fn secret(&self, var: &'static str) -> Option<String> {
+        self.get(var).or_else(|| {
+            let text = std::fs::read_to_string(self.secrets_dir.join(var)).ok()?;
+            Some(text.trim().to_string()).filter(|t| !t.is_empty())
+        })
+    }
+
     /// A non-empty value, trimmed; empty counts as unset (as in the original image's `${X:=}`).
     fn get(&self, var: &'static str) -> Option<String> {
         self.env.get(var).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
@@ -323,10 +334,12 @@ fn valid_http_url(s: &str) -> bool {
 impl Config {
     /// Reads and validates every variable, returning all problems at once.
     pub fn from_env(env: &dyn EnvSource, host: &Host<'_>) -> Result<Config, ConfigError> {
-        let mut c = Collector { env, problems: Vec::new() };
+        let secrets_dir =
+            env.get("SECRETS_DIR").filter(|d| !d.trim().is_empty()).unwrap_or_else(|| DEFAULT_SECRETS_DIR.into());
+        let mut c = Collector { env, problems: Vec::new(), secrets_dir: PathBuf::from(secrets_dir) };
 
-        let pat = c.get("GH_TOKEN");
-        let reg = c.get("GH_RUNNER_TOKEN");
+        let pat = c.secret("GH_TOKEN");
+        let reg = c.secret("GH_RUNNER_TOKEN");
         let credentials = match (pat, reg) {
             (Some(p), None) => Some(Credentials::Pat(Secret::new(p))),
             (None, Some(r)) => Some(Credentials::RegistrationToken(Secret::new(r))),
@@ -635,7 +648,9 @@ mod tests {
 
     fn load(pairs: &[(&str, &str)], is_root: bool) -> Result<Config, ConfigError> {
         let ok = |_: &std::path::Path| true;
-        Config::from_env(&env(pairs), &Host { is_root, users: &Users, runner_dir_ok: &ok })
+        let mut e = env(pairs);
+        e.entry("SECRETS_DIR".into()).or_insert_with(|| "/nonexistent".into());
+        Config::from_env(&e, &Host { is_root, users: &Users, runner_dir_ok: &ok })
     }
 
     const GOOD: &[(&str, &str)] =
@@ -774,6 +789,20 @@ mod tests {
         e.extend([("RUNNER_RESOURCE_ID", "../x"), ("RUNNER_LOCK_TIMEOUT_SEC", "soon")]);
         let vars: Vec<_> = load(&e, false).unwrap_err().0.iter().map(|p| p.var).collect();
         assert_eq!(vars, ["RUNNER_LOCK_TIMEOUT_SEC", "RUNNER_RESOURCE_ID"]);
+    }
+
+    #[test]
+    fn tokens_come_from_secret_files_when_the_variable_is_unset() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("GH_TOKEN"), "ghp_from_file\n").unwrap();
+        let d = dir.path().display().to_string();
+        let cfg = load(&[("SECRETS_DIR", &d), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "x")], false).unwrap();
+        assert!(matches!(&cfg.credentials, Credentials::Pat(t) if t.expose() == "ghp_from_file"));
+        // The variable wins over the file.
+        let cfg =
+            load(&[("SECRETS_DIR", &d), ("GH_TOKEN", "ghp_env"), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "x")], false)
+                .unwrap();
+        assert!(matches!(&cfg.credentials, Credentials::Pat(t) if t.expose() == "ghp_env"));
     }
 
     #[test]

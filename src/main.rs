@@ -130,10 +130,13 @@ async fn run(cfg: Config, slot: RegistrationSlot) -> ExitCode {
     let (status, status_rx) = StatusHandle::new();
     let cancel = CancellationToken::new();
     if let Some(addr) = cfg.status_addr {
-        if let Err(source) = status::serve(addr, status_rx, cancel.clone()).await {
-            let e = ci_runner::error::Error::Status { addr, source };
-            tracing::error!(error = %chain(&e), "Failed to start.");
-            return e.exit_code();
+        match status::serve(addr, status_rx, cancel.clone()).await {
+            Ok(bound) => tracing::info!(addr = %bound, "Serving /health and /metrics."),
+            Err(source) => {
+                let e = ci_runner::error::Error::Status { addr, source };
+                tracing::error!(error = %chain(&e), "Failed to start.");
+                return e.exit_code();
+            }
         }
     }
     let code = match Supervisor::new(cfg, status, rx, slot) {

@@ -144,16 +144,19 @@ async fn metrics(AxumState(rx): AxumState<watch::Receiver<Status>>) -> impl Into
 }
 
 /// Binds `addr` now (so a bad or busy address fails the start) and serves until `cancel`.
+/// Returns the bound address (port 0 picks a free port).
 pub async fn serve(
     addr: SocketAddr,
     rx: watch::Receiver<Status>,
     cancel: CancellationToken,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
     let app = Router::new().route("/health", get(health)).route("/metrics", get(metrics)).with_state(rx);
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         let _ = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
-    }))
+    });
+    Ok(bound)
 }
 
 /// The address to connect to for a listening address (`0.0.0.0` → loopback).
@@ -207,10 +210,7 @@ mod tests {
     async fn health_answers_with_the_state() {
         let (handle, rx) = StatusHandle::new();
         let cancel = CancellationToken::new();
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = probe.local_addr().unwrap();
-        drop(probe);
-        serve(addr, rx, cancel.clone()).await.unwrap();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), rx, cancel.clone()).await.unwrap();
         handle.set_state(State::Busy);
         let (ok, body) = tokio::task::spawn_blocking(move || query(addr).unwrap()).await.unwrap();
         assert!(ok);

@@ -259,11 +259,8 @@ impl RunnerDir {
 pub struct Supervisor {
     pub child: Child,
     log: Arc<Mutex<Vec<String>>>,
-    pub status_addr: String,
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    /// Given, or learnt from the log when the supervisor picked a free port itself.
+    status_addr: Mutex<Option<String>>,
 }
 
 /// The environment a test supervisor gets: every endpoint pointed at the fakes.
@@ -291,13 +288,29 @@ pub fn base_env(gh: &FakeGithub, runner: &RunnerDir) -> Vec<(String, String)> {
 
 impl Supervisor {
     pub fn start(env: &[(String, String)]) -> Self {
-        let status_addr = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(bin());
         cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
-        if !env.iter().any(|(k, _)| k == "STATUS_ADDR") {
-            cmd.env("STATUS_ADDR", &status_addr);
+        let given = env.iter().find(|(k, _)| k == "STATUS_ADDR").map(|(_, v)| v.clone()).unwrap_or_default();
+        if given.is_empty() {
+            // Port 0: the supervisor binds a free port and logs it, so no two tests race for one.
+            cmd.env("STATUS_ADDR", "127.0.0.1:0");
         }
-        Self::from_command(cmd, status_addr)
+        Self::from_command(cmd, given)
+    }
+
+    /// Where `/health` is served.
+    pub fn status_addr(&self) -> String {
+        if let Some(a) = self.status_addr.lock().unwrap().clone() {
+            return a;
+        }
+        let addr = wait_for("the status address in the log", Duration::from_secs(30), || {
+            let log = self.log.lock().unwrap();
+            log.iter()
+                .find(|l| l.contains("Serving /health and /metrics."))
+                .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")).map(str::to_string))
+        });
+        *self.status_addr.lock().unwrap() = Some(addr.clone());
+        addr
     }
 
     /// Starts `cmd` (ci-runner, or something wrapping it) with its output captured.
@@ -307,6 +320,7 @@ impl Supervisor {
         let log = Arc::new(Mutex::new(Vec::new()));
         capture(child.stdout.take().unwrap(), log.clone());
         capture(child.stderr.take().unwrap(), log.clone());
+        let status_addr = Mutex::new(Some(status_addr).filter(|a| !a.is_empty()));
         Self { child, log, status_addr }
     }
 
@@ -342,7 +356,7 @@ impl Supervisor {
 
     /// `/health` as JSON.
     pub fn health(&self) -> Option<Value> {
-        let url = format!("http://{}/health", self.status_addr);
+        let url = format!("http://{}/health", self.status_addr());
         match ureq::get(&url).call() {
             Ok(r) => r.into_json().ok(),
             Err(ureq::Error::Status(_, r)) => r.into_json().ok(),
@@ -352,7 +366,7 @@ impl Supervisor {
 
     /// `/metrics` as text.
     pub fn metrics(&self) -> String {
-        ureq::get(&format!("http://{}/metrics", self.status_addr)).call().unwrap().into_string().unwrap()
+        ureq::get(&format!("http://{}/metrics", self.status_addr())).call().unwrap().into_string().unwrap()
     }
 
     pub fn wait_state(&self, state: &str, timeout: Duration) -> Value {

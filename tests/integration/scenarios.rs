@@ -262,7 +262,7 @@ fn status_command_reports_busy_then_unreachable_after_exit() {
     let out = std::process::Command::new(bin())
         .arg("status")
         .env_clear()
-        .env("STATUS_ADDR", &sup.status_addr)
+        .env("STATUS_ADDR", sup.status_addr())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
@@ -275,7 +275,7 @@ fn status_command_reports_busy_then_unreachable_after_exit() {
     let out = std::process::Command::new(bin())
         .arg("status")
         .env_clear()
-        .env("STATUS_ADDR", &sup.status_addr)
+        .env("STATUS_ADDR", sup.status_addr())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "status must fail once the supervisor is gone");
@@ -290,11 +290,10 @@ fn supervisor_as_pid1_drains_and_reaps_job_orphans() {
     let runner = RunnerDir::new();
     let scratch = runner.scratch();
     let mut env = base_env(&gh, &runner);
-    let port = free_port();
-    env.push(("STATUS_ADDR".into(), format!("127.0.0.1:{port}")));
+    env.push(("STATUS_ADDR".into(), "127.0.0.1:0".into()));
     let mut cmd = std::process::Command::new("unshare");
     cmd.args(["--pid", "--fork", "--mount-proc", bin()]).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
-    let mut sup = Supervisor::from_command(cmd, format!("127.0.0.1:{port}"));
+    let mut sup = Supervisor::from_command(cmd, String::new());
     sup.wait_state("idle", BOOT);
     // 200 daemonised grandchildren: re-parented to PID 1, they must not stay zombies.
     let steps = format!(
@@ -382,4 +381,20 @@ fn a_failed_config_sh_is_retried_with_a_fresh_token_then_gives_up() {
     assert_eq!(sup.wait_exit(LONG).code(), Some(6), "{}", sup.log());
     assert_eq!(sup.count("config.sh failed; registering again"), 2, "{}", sup.log());
     assert!(gh.runners().is_empty(), "{:?}", gh.runners());
+}
+
+#[test]
+fn the_token_can_come_from_a_secret_file() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("GH_TOKEN"), format!("{PAT}\n")).unwrap();
+    let mut env = base_env(&gh, &runner);
+    env.retain(|(k, _)| k != "GH_TOKEN");
+    env.push(("SECRETS_DIR".into(), secrets.path().display().to_string()));
+    let mut sup = Supervisor::start(&env);
+    sup.wait_state("idle", BOOT);
+    let name = sup.runner_name();
+    assert!(!sup.log_has(PAT));
+    stop_idle(&mut sup, &gh, &name);
 }
