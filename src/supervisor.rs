@@ -606,7 +606,7 @@ impl Supervisor {
                     let Some(event) = parse_line(&line) else { continue };
                     // Learn the Listener's pid while nothing is urgent, so the SIGINT at a job's
                     // end goes out without a /proc scan.
-                    let event_kind = matches!(event, LineEvent::Listening | LineEvent::JobStarted(_)).then_some(true);
+                    let learn_pid = matches!(event, LineEvent::Listening | LineEvent::JobStarted(_));
                     match event {
                         LineEvent::Listening => {
                             if drain.is_none() && busy.is_none() {
@@ -657,7 +657,7 @@ impl Supervisor {
                         LineEvent::Deprecated => info.deprecated = true,
                         LineEvent::ListenerExit(rc) => info.listener_rc = Some(rc),
                     }
-                    if matches!(event_kind, Some(true)) {
+                    if learn_pid {
                         proc.remember_listener();
                     }
                 }
