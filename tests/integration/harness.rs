@@ -89,13 +89,20 @@ fn kill_tree(pid: u32) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
 }
 
-/// Captures a child's lines into a shared buffer.
-fn capture(stream: impl std::io::Read + Send + 'static, log: Arc<Mutex<Vec<String>>>) {
+/// Captures a child's lines into a shared buffer; returns a flag set at end of stream.
+fn capture(
+    stream: impl std::io::Read + Send + 'static,
+    log: Arc<Mutex<Vec<String>>>,
+) -> Arc<std::sync::atomic::AtomicBool> {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
             log.lock().unwrap().push(line);
         }
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
     });
+    done
 }
 
 /// The fake GitHub (tests/fakes/fake_github.py) on a loopback port.
@@ -261,6 +268,8 @@ pub struct Supervisor {
     log: Arc<Mutex<Vec<String>>>,
     /// Given, or learnt from the log when the supervisor picked a free port itself.
     status_addr: Mutex<Option<String>>,
+    /// Set when stdout / stderr reach their end.
+    eof: Vec<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The environment a test supervisor gets: every endpoint pointed at the fakes.
@@ -318,10 +327,12 @@ impl Supervisor {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
         let mut child = cmd.spawn().expect("start ci-runner");
         let log = Arc::new(Mutex::new(Vec::new()));
-        capture(child.stdout.take().unwrap(), log.clone());
-        capture(child.stderr.take().unwrap(), log.clone());
+        let eof = vec![
+            capture(child.stdout.take().unwrap(), log.clone()),
+            capture(child.stderr.take().unwrap(), log.clone()),
+        ];
         let status_addr = Mutex::new(Some(status_addr).filter(|a| !a.is_empty()));
-        Self { child, log, status_addr }
+        Self { child, log, status_addr, eof }
     }
 
     pub fn pid(&self) -> u32 {
@@ -349,9 +360,16 @@ impl Supervisor {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).unwrap();
     }
 
+    /// Waits for the exit, then for the captured log to be complete (both pipes at their end,
+    /// or 5 s, since orphans of a job may hold them open).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let child = &mut self.child;
-        wait_for("ci-runner to exit", timeout, || child.try_wait().unwrap())
+        let status = wait_for("ci-runner to exit", timeout, || child.try_wait().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !self.eof.iter().all(|f| f.load(std::sync::atomic::Ordering::SeqCst)) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        status
     }
 
     /// `/health` as JSON.
