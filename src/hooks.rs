@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -146,39 +145,27 @@ pub async fn run_phase(
     let mut child = cmd.spawn().map_err(spawn_err)?;
     let pgid = Pid::from_raw(child.id().unwrap_or(0) as i32);
     daemons.groups.push((phase.name, pgid));
-    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    for stream in [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        child.stderr.take().map(|s| Box::new(s) as _),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stream).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if let Some(out) = child.stdout.take() {
+        crate::runner::pump(out, crate::runner::Stream::Stdout, tx.clone());
     }
-    drop(tx);
+    if let Some(err) = child.stderr.take() {
+        crate::runner::pump(err, crate::runner::Stream::Stderr, tx);
+    }
     let mut current = String::from("(driver)");
     tokio::pin!(interrupt);
     let log = |line: String, current: &mut String| {
         if let Some(name) = line.strip_prefix(MARK) {
             *current = name.to_string();
             info!(phase = phase.name, hook = %current, "Running boot hook.");
-        } else if !line.trim().is_empty() {
+        } else {
             info!(target: "hook", "[{current}] {line}");
         }
     };
     let status = loop {
         tokio::select! {
             biased;
-            Some(line) = rx.recv() => log(line, &mut current),
+            Some((_, line)) = rx.recv() => log(line, &mut current),
             () = &mut interrupt => {
                 info!(phase = phase.name, hook = %current, "Signal received during a boot hook: stopping it.");
                 let _ = killpg(pgid, Signal::SIGTERM);
@@ -193,7 +180,7 @@ pub async fn run_phase(
         }
     };
     // The hook's last words (daemons may keep the pipes open: do not wait for EOF).
-    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+    while let Ok(Some((_, line))) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
         log(line, &mut current);
     }
     if !status.success() {

@@ -201,12 +201,14 @@ impl LockConfig {
         Ok(Some(Held { _file: file, holder_path }))
     }
 
+    /// The holder's note (`<container>/<job> since <time>`), if someone holds the lock.
+    fn holder_note(&self) -> Option<String> {
+        fs::read_to_string(self.holder_path()).ok().filter(|s| !s.trim().is_empty())
+    }
+
     /// Who holds the lock, as its holder wrote it.
     pub fn holder(&self) -> String {
-        fs::read_to_string(self.holder_path())
-            .ok()
-            .filter(|s| !s.trim().is_empty())
-            .unwrap_or_else(|| "another runner".into())
+        self.holder_note().unwrap_or_else(|| "another runner".into())
     }
 
     /// Waits in line for the lock. `say` gets the messages for the job's log; `gone` resolves
@@ -372,8 +374,7 @@ async fn handle(
         tokio::select! {
             r = &mut acquire => break r,
             Some(msg) = say_rx.recv() => {
-                let since = fs::read_to_string(cfg.holder_path()).ok();
-                set_status(status, cfg, "waiting", since.filter(|s| !s.is_empty()));
+                set_status(status, cfg, "waiting", cfg.holder_note());
                 let _ = write.write_all(format!("wait {msg}\n").as_bytes()).await;
             }
         }

@@ -224,7 +224,11 @@ pub(crate) fn drop_privileges(cmd: &mut Command, ident: Option<Identity>) {
 }
 
 /// Forwards a child's output lines into one channel, ANSI stripped, blank lines dropped.
-fn pump(stream: impl AsyncRead + Unpin + Send + 'static, which: Stream, tx: mpsc::UnboundedSender<(Stream, String)>) {
+pub(crate) fn pump(
+    stream: impl AsyncRead + Unpin + Send + 'static,
+    which: Stream,
+    tx: mpsc::UnboundedSender<(Stream, String)>,
+) {
     tokio::spawn(async move {
         let mut lines = BufReader::new(stream).lines();
         while let Ok(Some(line)) = lines.next_line().await {

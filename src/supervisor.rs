@@ -16,7 +16,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, Credentials, RunnerName};
+use crate::config::{Config, Credentials, RunnerName, Scope};
 use crate::error::{chain, Error, ExitCode};
 use crate::github::{backoff, Budget, Deleted, Github, GithubError};
 use crate::hooks;
@@ -515,36 +515,7 @@ impl Supervisor {
             *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Ok(());
         };
-        let id = match reg.id {
-            Some(id) => Some(id),
-            None => gh.find_runner(&self.cfg.scope, &reg.name, budget, &self.cancel).await?.map(|r| r.id),
-        };
-        if let Some(id) = id {
-            let mut attempt = 0;
-            loop {
-                match gh.delete_runner(&self.cfg.scope, id, budget, &self.cancel).await {
-                    Ok(Deleted::Removed) => {
-                        info!(runner = %reg.name, runner_id = id, "Runner de-registered.");
-                        break;
-                    }
-                    Ok(Deleted::AlreadyGone) => {
-                        info!(runner = %reg.name, runner_id = id, "Runner was already gone from GitHub.");
-                        break;
-                    }
-                    Err(GithubError::Busy { .. }) => {
-                        let wait = backoff(attempt, 0.0).min(Duration::from_secs(5));
-                        attempt += 1;
-                        if budget.deadline.is_some_and(|d| Instant::now() + wait > d) || attempt >= budget.max_attempts
-                        {
-                            return Err(Error::Github(GithubError::Busy { id }));
-                        }
-                        info!(runner_id = id, "GitHub still reports the runner busy; retrying.");
-                        tokio::time::sleep(wait).await;
-                    }
-                    Err(e) => return Err(Error::Github(e)),
-                }
-            }
-        }
+        remove_registration(gh, &self.cfg.scope, &reg, budget, &self.cancel).await?;
         runner::remove_local_files(&self.cfg.runner_dir);
         *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.status.update(|s| s.runner_id = None);
@@ -785,22 +756,55 @@ impl Supervisor {
     }
 }
 
+/// Deletes `reg` from GitHub (found by name when its id is unknown); a busy answer is retried
+/// within the budget, since the API's busy flag lags the runner by up to a minute.
+async fn remove_registration(
+    gh: &Github,
+    scope: &Scope,
+    reg: &Registered,
+    budget: Budget,
+    cancel: &CancellationToken,
+) -> Result<(), GithubError> {
+    let id = match reg.id {
+        Some(id) => id,
+        None => match gh.find_runner(scope, &reg.name, budget, cancel).await? {
+            Some(r) => r.id,
+            None => return Ok(()),
+        },
+    };
+    let mut attempt = 0;
+    loop {
+        match gh.delete_runner(scope, id, budget, cancel).await {
+            Ok(Deleted::Removed) => {
+                info!(runner = %reg.name, runner_id = id, "Runner de-registered.");
+                return Ok(());
+            }
+            Ok(Deleted::AlreadyGone) => {
+                info!(runner = %reg.name, runner_id = id, "Runner was already gone from GitHub.");
+                return Ok(());
+            }
+            Err(GithubError::Busy { .. }) => {
+                let wait = backoff(attempt, 0.0).min(Duration::from_secs(5));
+                attempt += 1;
+                if budget.deadline.is_some_and(|d| Instant::now() + wait > d) || attempt >= budget.max_attempts {
+                    return Err(GithubError::Busy { id });
+                }
+                info!(runner_id = id, "GitHub still reports the runner busy; retrying.");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// After a panic: remove whatever registration the slot holds, best effort, briefly.
 pub async fn emergency_deregister(cfg: &Config, slot: &RegistrationSlot) {
     let Some(reg) = slot.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
     let Credentials::Pat(token) = &cfg.credentials else { return };
     let Ok(gh) = Github::new(&cfg.api_url, token.clone()) else { return };
-    let cancel = CancellationToken::new();
     let budget = Budget::until(Instant::now() + DEREGISTER_GRACE);
-    let id = match reg.id {
-        Some(id) => Some(id),
-        None => gh.find_runner(&cfg.scope, &reg.name, budget, &cancel).await.ok().flatten().map(|r| r.id),
-    };
-    if let Some(id) = id {
-        match gh.delete_runner(&cfg.scope, id, budget, &cancel).await {
-            Ok(_) => info!(runner = %reg.name, runner_id = id, "Runner de-registered."),
-            Err(e) => error!(error = %chain(&e), "Failed to de-register the runner."),
-        }
+    if let Err(e) = remove_registration(&gh, &cfg.scope, &reg, budget, &CancellationToken::new()).await {
+        error!(error = %chain(&e), "Failed to de-register the runner.");
     }
     runner::remove_local_files(&cfg.runner_dir);
 }
