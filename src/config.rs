@@ -177,6 +177,10 @@ pub struct Config {
     pub guest_hooks_dir: PathBuf,
     /// The environment the runner starts from, with every secret removed.
     pub runner_env: Vec<(String, String)>,
+    /// The boot-time pre-warm of the work dir from ci-storage, when `CI_STORAGE_HOST` is set.
+    pub prewarm: Option<crate::prewarm::Settings>,
+    /// `TZ`, checked against the zone database; `None` when unset.
+    pub tz: Option<String>,
 }
 
 pub const DEFAULT_RUNNER_DIR: &str = "/home/guest/actions-runner";
@@ -185,6 +189,12 @@ pub const DEFAULT_DRAIN_TIMEOUT_SEC: u64 = 600;
 pub const DEFAULT_NAME_PREFIX: &str = "ci-storage";
 pub const DEFAULT_LOCK_DIR: &str = "/tmp/github-runner-locks";
 pub const DEFAULT_SECRETS_DIR: &str = "/run/secrets";
+pub const DEFAULT_STORAGE_DIR: &str = "/mnt";
+pub const DEFAULT_STORAGE_MAX_AGE_SEC: u64 = 1800;
+pub const DEFAULT_STORAGE_TIMEOUT_SEC: u64 = 300;
+pub const DEFAULT_STORAGE_CONNECT_TIMEOUT_SEC: u64 = 10;
+pub const DEFAULT_STORAGE_STALL_TIMEOUT_SEC: u64 = 30;
+pub const DEFAULT_ZONEINFO: &str = "/usr/share/zoneinfo";
 
 /// One bad variable: its name, the value shown (None for secrets) and what was expected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -533,6 +543,15 @@ impl Config {
         let guest_hooks_dir = PathBuf::from(c.get("GUEST_HOOKS_DIR").unwrap_or_else(|| "/home/guest".into()));
 
         let runner_env = runner_env(env);
+        let prewarm = prewarm_settings(&mut c, scope.as_ref(), &runner_dir, &work_dir, runner_user.as_ref());
+        let tz = c.get("TZ");
+        if let Some(tz) = &tz {
+            let zoneinfo = PathBuf::from(c.get("TZDIR").unwrap_or_else(|| DEFAULT_ZONEINFO.into()));
+            if !known_zone(&zoneinfo, tz) {
+                let tz = tz.clone();
+                c.bad("TZ", Some(&tz), format!("a time zone in {}, e.g. UTC or Europe/Berlin", zoneinfo.display()));
+            }
+        }
 
         if !c.problems.is_empty() {
             return Err(ConfigError(c.problems));
@@ -563,6 +582,8 @@ impl Config {
             root_hooks_dir,
             guest_hooks_dir,
             runner_env,
+            prewarm,
+            tz,
         })
     }
 
@@ -603,6 +624,120 @@ fn runner_env(env: &dyn EnvSource) -> Vec<(String, String)> {
                 && k != "RUNNER_MANUALLY_TRAP_SIG"
         })
         .collect()
+}
+
+/// The pre-warm settings: `CI_STORAGE_HOST` turns it on; the key comes from
+/// `CI_STORAGE_PRIVATE_KEY` (variable or secret file); the work dir is the runner's default
+/// workspace `{work}/{repo}/{repo}`, and the storage dir the one ci-storage's action derives.
+fn prewarm_settings(
+    c: &mut Collector<'_>,
+    scope: Option<&Scope>,
+    runner_dir: &std::path::Path,
+    work_dir: &str,
+    runner_user: Option<&RunnerUser>,
+) -> Option<crate::prewarm::Settings> {
+    use crate::prewarm::{Settings, StorageHost};
+    let raw = c.get("CI_STORAGE_HOST")?;
+    let host = StorageHost::parse(&raw);
+    if host.is_none() {
+        c.bad("CI_STORAGE_HOST", Some(&raw), "[user@]host[:port], e.g. 127.0.0.1:10022 or guest@storage");
+    }
+    let key = c.secret("CI_STORAGE_PRIVATE_KEY");
+    if key.is_none() {
+        let file = c.secrets_dir.join("CI_STORAGE_PRIVATE_KEY");
+        c.bad(
+            "CI_STORAGE_PRIVATE_KEY",
+            None,
+            format!(
+                "an SSH private key (OpenSSH or PEM) in {} or in the variable, for CI_STORAGE_HOST",
+                file.display()
+            ),
+        );
+    }
+    let repository = match scope {
+        Some(s @ Scope::Repository { .. }) => Some(s.url_path()),
+        _ => None,
+    };
+    if repository.is_none() && scope.is_some() {
+        c.bad("CI_STORAGE_HOST", Some(&raw), "to be used with GH_REPOSITORY: ci-storage slots are per repository");
+    }
+    let root = c.get("CI_STORAGE_DIR").unwrap_or_else(|| DEFAULT_STORAGE_DIR.into());
+    if !root.starts_with('/') && !root.starts_with("~/") {
+        c.bad("CI_STORAGE_DIR", Some(&root), "an absolute directory on the storage host, e.g. /mnt");
+    }
+    let max_age = c.seconds("CI_STORAGE_MAX_AGE_SEC", DEFAULT_STORAGE_MAX_AGE_SEC);
+    let timeout = c.seconds("CI_STORAGE_TIMEOUT_SEC", DEFAULT_STORAGE_TIMEOUT_SEC);
+    let connect_timeout = c.seconds("CI_STORAGE_CONNECT_TIMEOUT_SEC", DEFAULT_STORAGE_CONNECT_TIMEOUT_SEC);
+    let stall_timeout = c.seconds("CI_STORAGE_STALL_TIMEOUT_SEC", DEFAULT_STORAGE_STALL_TIMEOUT_SEC);
+    for (var, d) in [
+        ("CI_STORAGE_TIMEOUT_SEC", timeout),
+        ("CI_STORAGE_CONNECT_TIMEOUT_SEC", connect_timeout),
+        ("CI_STORAGE_STALL_TIMEOUT_SEC", stall_timeout),
+    ] {
+        if d.is_zero() {
+            c.bad(var, Some("0"), "a whole number of seconds above 0");
+        }
+    }
+    let known_hosts = match c.get("CI_STORAGE_KNOWN_HOSTS") {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            if !p.is_file() {
+                let shown = p.display().to_string();
+                c.bad("CI_STORAGE_KNOWN_HOSTS", Some(&shown), "a readable known_hosts file (OpenSSH format)");
+            }
+            Some(p)
+        }
+        None => Some(c.secrets_dir.join("CI_STORAGE_KNOWN_HOSTS")).filter(|p| p.is_file()),
+    };
+    let meta_dir = PathBuf::from(c.env.get("TMPDIR").filter(|t| t.starts_with('/')).unwrap_or_else(|| "/tmp".into()));
+    let (host, key, repository) = (host?, key?, repository?);
+    let work = std::path::Path::new(work_dir);
+    let work = if work.is_absolute() { work.to_path_buf() } else { runner_dir.join(work) };
+    let name = repository.rsplit('/').next().unwrap_or(&repository).to_string();
+    let local_dir = work.join(&name).join(&name);
+    let user = match (&host.user, runner_user) {
+        (Some(u), _) => u.clone(),
+        (None, Some(u)) => u.name.clone(),
+        (None, None) => nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| "guest".into()),
+    };
+    Some(Settings {
+        storage_dir: Settings::storage_dir_for(&root, &repository, &local_dir),
+        host,
+        user,
+        key: Secret::new(key),
+        local_dir,
+        max_age,
+        connect_timeout,
+        stall_timeout,
+        timeout,
+        known_hosts,
+        owner: runner_user.map(|u| (u.uid, u.gid)),
+        meta_dir,
+    })
+}
+
+/// Whether `TZ` names a zone: a TZif file in the zone database (or an absolute path to one),
+/// or UTC, which needs no file.
+pub fn known_zone(zoneinfo: &std::path::Path, tz: &str) -> bool {
+    let tz = tz.strip_prefix(':').unwrap_or(tz);
+    if matches!(tz, "UTC" | "UTC0" | "GMT" | "GMT0" | "Etc/UTC" | "Etc/GMT") {
+        return true;
+    }
+    let path = if tz.starts_with('/') {
+        PathBuf::from(tz)
+    } else {
+        if tz.is_empty() || tz.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            return false;
+        }
+        zoneinfo.join(tz)
+    };
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+        && &magic == b"TZif"
 }
 
 /// `STATUS_ADDR`: where `/health` is served (`off` disables it). Also read by `ci-runner status`.
@@ -819,5 +954,70 @@ mod tests {
         let mut e = GOOD.to_vec();
         e.push(("RUNNER_NAME", "bad name"));
         assert_eq!(load(&e, false).unwrap_err().0[0].var, "RUNNER_NAME");
+    }
+
+    fn vars_of(e: &ConfigError) -> Vec<&'static str> {
+        e.0.iter().map(|p| p.var).collect()
+    }
+
+    #[test]
+    fn tz_must_name_a_zone() {
+        let zones = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(zones.path().join("Europe")).unwrap();
+        std::fs::write(zones.path().join("Europe/Berlin"), b"TZif2...").unwrap();
+        std::fs::write(zones.path().join("zone.tab"), b"# not a zone").unwrap();
+        let dir = zones.path().display().to_string();
+        let base = [("GH_TOKEN", "t"), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "x"), ("TZDIR", dir.as_str())];
+        for ok in ["Europe/Berlin", ":Europe/Berlin", "UTC"] {
+            let cfg = load(&[&base[..], &[("TZ", ok)]].concat(), false).unwrap();
+            assert_eq!(cfg.tz.as_deref(), Some(ok));
+        }
+        for bad in ["Mars/Olympus", "zone.tab", "../Europe/Berlin", "Europe"] {
+            let e = load(&[&base[..], &[("TZ", bad)]].concat(), false).unwrap_err();
+            assert_eq!(vars_of(&e), vec!["TZ"], "{bad}");
+            assert!(e.0[0].to_string().contains("a time zone in"), "{}", e.0[0]);
+        }
+    }
+
+    #[test]
+    fn storage_settings_derive_the_action_s_paths_and_check_every_value() {
+        let base = [("GH_TOKEN", "t"), ("GH_REPOSITORY", "octo/repo"), ("GH_LABELS", "x")];
+        let cfg = load(
+            &[
+                &base[..],
+                &[("CI_STORAGE_HOST", "127.0.0.1:10022"), ("CI_STORAGE_PRIVATE_KEY", "k"), ("RUNNER_WORKDIR", "/mnt")],
+            ]
+            .concat(),
+            true,
+        )
+        .unwrap();
+        let p = cfg.prewarm.expect("pre-warm settings");
+        assert_eq!(p.local_dir, PathBuf::from("/mnt/repo/repo"));
+        assert_eq!(p.storage_dir, "/mnt/octo/repo/_mnt_repo_repo");
+        assert_eq!((p.user.as_str(), p.host.port, p.owner), ("guest", 10022, Some((1000, 1000))));
+        assert!(!cfg.runner_env.iter().any(|(k, _)| k == "CI_STORAGE_PRIVATE_KEY"), "the key reached the runner");
+
+        let e = load(
+            &[&base[..], &[("CI_STORAGE_HOST", "a b"), ("CI_STORAGE_TIMEOUT_SEC", "0"), ("CI_STORAGE_DIR", "rel")]]
+                .concat(),
+            true,
+        )
+        .unwrap_err();
+        let vars = vars_of(&e);
+        for v in ["CI_STORAGE_HOST", "CI_STORAGE_PRIVATE_KEY", "CI_STORAGE_TIMEOUT_SEC", "CI_STORAGE_DIR"] {
+            assert!(vars.contains(&v), "{v} not reported: {vars:?}");
+        }
+        let e = load(
+            &[
+                ("GH_TOKEN", "t"),
+                ("GH_ORGANIZATION", "o"),
+                ("GH_LABELS", "x"),
+                ("CI_STORAGE_HOST", "h"),
+                ("CI_STORAGE_PRIVATE_KEY", "k"),
+            ],
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(vars_of(&e), vec!["CI_STORAGE_HOST"]);
     }
 }

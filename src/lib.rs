@@ -12,6 +12,7 @@
 //! - [`runner`]: `config.sh` and `run.sh` as processes, their output lines, their files.
 //! - [`supervisor`]: the life cycle: register, supervise, drain, de-register; the exit table.
 //! - [`hooks`]: the boot hooks, `entrypoint.*.sh` sourced as root, then as the runner user.
+//! - [`prewarm`]: the work dir loaded from the newest ci-storage slot over SSH before the first job.
 //! - [`lock`]: the hardware lock: one job at a time on a shared device, in arrival order.
 //! - [`status`]: the state machine's current state on `GET /health` and `ci-runner status`.
 //! - [`error`]: the top-level error and the exit codes.
@@ -22,6 +23,7 @@ pub mod github;
 pub mod hooks;
 pub mod lock;
 pub mod pid1;
+pub mod prewarm;
 pub mod runner;
 pub mod status;
 pub mod supervisor;

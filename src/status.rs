@@ -48,6 +48,20 @@ pub struct Status {
     pub last_error: Option<String>,
     /// The hardware lock, when `RUNNER_RESOURCE_ID` is set.
     pub lock: Option<crate::lock::LockStatus>,
+    /// The boot-time pre-warm, when `CI_STORAGE_HOST` is set.
+    pub prewarm: Option<PrewarmStatus>,
+}
+
+/// How the work dir was pre-warmed: `running`, `warm` (a slot was loaded), `cold` (no slot
+/// young enough) or `failed` (the reason is in `error`; the runner started cold).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PrewarmStatus {
+    pub outcome: &'static str,
+    pub slot: Option<String>,
+    pub files: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub error: Option<String>,
 }
 
 pub fn now() -> u64 {
@@ -68,6 +82,7 @@ impl Default for Status {
             since: now(),
             last_error: None,
             lock: None,
+            prewarm: None,
         }
     }
 }
@@ -134,6 +149,18 @@ pub fn render_metrics(s: &Status) -> String {
         }
         out.push_str("# HELP ci_runner_lock_state_since_seconds Unix time the lock's state began.\n# TYPE ci_runner_lock_state_since_seconds gauge\n");
         let _ = writeln!(out, "ci_runner_lock_state_since_seconds{{resource=\"{r}\"}} {}", lock.since.unwrap_or(0));
+    }
+    if let Some(p) = &s.prewarm {
+        out.push_str("# HELP ci_runner_prewarm_outcome How the work dir was pre-warmed (1 for the outcome).\n# TYPE ci_runner_prewarm_outcome gauge\n");
+        for o in ["running", "warm", "cold", "failed"] {
+            let _ = writeln!(out, "ci_runner_prewarm_outcome{{outcome=\"{o}\"}} {}", u8::from(p.outcome == o));
+        }
+        out.push_str(
+            "# HELP ci_runner_prewarm_seconds How long the pre-warm took.\n# TYPE ci_runner_prewarm_seconds gauge\n",
+        );
+        let _ = writeln!(out, "ci_runner_prewarm_seconds {:.3}", p.seconds);
+        out.push_str("# HELP ci_runner_prewarm_bytes Bytes of the slot's archive received.\n# TYPE ci_runner_prewarm_bytes gauge\n");
+        let _ = writeln!(out, "ci_runner_prewarm_bytes {}", p.bytes);
     }
     out
 }

@@ -8,6 +8,7 @@
 //! wait; past it (or on a second signal) the Listener gets SIGINT and cancels the job, so
 //! GitHub records it as cancelled rather than lost. A third signal kills the runner.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use crate::error::{chain, Error, ExitCode};
 use crate::github::{backoff, Budget, Deleted, Github, GithubError};
 use crate::hooks;
 use crate::lock;
+use crate::prewarm;
 use crate::runner::{self, describe, parse_line, LineEvent, Registration, RunnerProcess};
 use crate::status::{State, StatusHandle};
 
@@ -161,6 +163,38 @@ pub struct Supervisor {
     cancel: CancellationToken,
     lock: Option<mpsc::UnboundedSender<lock::Request>>,
     daemons: hooks::Daemons,
+    prewarm: Option<PrewarmTask>,
+}
+
+/// A pre-warm running on its own thread (not `spawn_blocking`: a hung one must not hold up
+/// the process's exit).
+struct PrewarmTask {
+    result: tokio::sync::oneshot::Receiver<Result<prewarm::Loaded, prewarm::PrewarmError>>,
+    gate: Arc<prewarm::Gate>,
+    started: Instant,
+    deadline: Instant,
+}
+
+/// `TZ` for the whole container: hooks and the runner get it in their environment; as the
+/// container's PID 1 (our parent is PID 1) and root, `/etc/localtime` and `/etc/timezone`
+/// follow it too, for programs that ignore `TZ`.
+fn apply_tz(cfg: &Config) {
+    let Some(tz) = cfg.tz.as_deref().map(|t| t.trim_start_matches(':')) else { return };
+    if std::os::unix::process::parent_id() != 1 || !nix::unistd::geteuid().is_root() || tz.starts_with('/') {
+        return;
+    }
+    let target = PathBuf::from(crate::config::DEFAULT_ZONEINFO).join(tz);
+    let tmp = PathBuf::from("/etc/.localtime.ci-runner");
+    let _ = std::fs::remove_file(&tmp);
+    let res = std::os::unix::fs::symlink(&target, &tmp)
+        .and_then(|()| std::fs::rename(&tmp, "/etc/localtime"))
+        .and_then(|()| std::fs::write("/etc/timezone", format!("{tz}\n")));
+    match res {
+        Ok(()) => info!(tz = %tz, "Time zone set."),
+        Err(e) => {
+            warn!(tz = %tz, error = %e, "Failed to set /etc/localtime; TZ is still in every process's environment.")
+        }
+    }
 }
 
 /// Writes a job hook script (0755) that runs `ci-runner hook <kind>`, chained with the
@@ -209,6 +243,7 @@ impl Supervisor {
             cancel: CancellationToken::new(),
             lock: None,
             daemons: hooks::Daemons::default(),
+            prewarm: None,
         })
     }
 
@@ -285,21 +320,19 @@ impl Supervisor {
         }
     }
 
-    /// The boot hooks: root phase, then the runner user's; their exports reach the runner.
-    /// Returns false when a signal stopped them.
-    async fn run_hooks(&mut self) -> Result<bool, Error> {
-        let root_hooks = hooks::discover(&self.cfg.root_hooks_dir);
-        let guest_hooks = hooks::discover(&self.cfg.guest_hooks_dir);
-        if root_hooks.is_empty() && guest_hooks.is_empty() {
+    /// One phase of the boot hooks (`root`, then `guest`); what they export (and do not
+    /// unset) becomes the runner's environment. Returns false when a signal stopped them.
+    async fn run_hooks(&mut self, guest: bool) -> Result<bool, Error> {
+        let dir = if guest { &self.cfg.guest_hooks_dir } else { &self.cfg.root_hooks_dir };
+        let found = hooks::discover(dir);
+        if found.is_empty() {
             return Ok(true);
         }
         self.status.set_state(State::Starting);
-        let mut env = self.cfg.runner_env.clone();
-        let phases = [
-            hooks::Phase { name: "root", hooks: root_hooks, user: None, cwd: "/".into() },
+        let phase = if guest {
             hooks::Phase {
                 name: "guest",
-                hooks: guest_hooks,
+                hooks: found,
                 user: self.cfg.runner_user.as_ref(),
                 cwd: self
                     .cfg
@@ -308,30 +341,122 @@ impl Supervisor {
                     .map(|u| u.home.clone())
                     .filter(|h| h.is_dir())
                     .unwrap_or_else(|| "/".into()),
-            },
-        ];
-        for phase in phases.iter().filter(|p| !p.hooks.is_empty()) {
-            let signals = &mut self.signals;
-            let interrupt = async {
-                if let Some(sig) = signals.recv().await {
-                    info!(signal = ?sig, "Signal received during boot.");
-                } else {
-                    std::future::pending::<()>().await;
-                }
-            };
-            match hooks::run_phase(phase, &env, &mut self.daemons, interrupt).await? {
-                hooks::Outcome::Done(exported) => env = exported,
-                hooks::Outcome::Interrupted => return Ok(false),
             }
+        } else {
+            hooks::Phase { name: "root", hooks: found, user: None, cwd: "/".into() }
+        };
+        let signals = &mut self.signals;
+        let interrupt = async {
+            if let Some(sig) = signals.recv().await {
+                info!(signal = ?sig, "Signal received during boot.");
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        match hooks::run_phase(&phase, &self.cfg.runner_env, &mut self.daemons, interrupt).await? {
+            hooks::Outcome::Done(exported) => {
+                // The runner's HOME/USER/LOGNAME are set again when it starts.
+                self.cfg.runner_env = exported;
+                Ok(true)
+            }
+            hooks::Outcome::Interrupted => Ok(false),
         }
-        // What the hooks exported (and did not unset) is the runner's environment now; the
-        // runner's HOME/USER/LOGNAME are set again when it starts.
-        self.cfg.runner_env = env;
-        Ok(true)
+    }
+
+    /// Starts loading the work dir from ci-storage in the background; registration goes on
+    /// meanwhile, and run.sh waits for it (`await_prewarm`).
+    fn start_prewarm(&mut self) {
+        let Some(settings) = self.cfg.prewarm.clone() else { return };
+        let gate = Arc::new(prewarm::Gate::default());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let started = Instant::now();
+        let deadline = started + settings.timeout;
+        let thread_gate = gate.clone();
+        let span = tracing::info_span!("prewarm");
+        let spawned = std::thread::Builder::new().name("prewarm".into()).spawn(move || {
+            let _span = span.enter();
+            let _ = tx.send(prewarm::load(&settings, &thread_gate));
+        });
+        if let Err(e) = spawned {
+            warn!(error = %e, "Failed to start the pre-warm; starting cold.");
+            return;
+        }
+        info!(host = %self.cfg.prewarm.as_ref().map(|p| format!("{}:{}", p.host.host, p.host.port)).unwrap_or_default(), "Pre-warming the work dir from ci-storage.");
+        self.status
+            .update(|s| s.prewarm = Some(crate::status::PrewarmStatus { outcome: "running", ..Default::default() }));
+        self.prewarm = Some(PrewarmTask { result: rx, gate, started, deadline });
+    }
+
+    /// Waits for the pre-warm before the runner may take a job: it ends warm, cold (no slot,
+    /// a failure, the timeout: each logged with its reason), or interrupted by a signal.
+    async fn await_prewarm(&mut self) -> Result<(), Interrupted> {
+        let Some(mut task) = self.prewarm.take() else { return Ok(()) };
+        // The load enforces its own deadline; this one only guards against a thread stuck
+        // where it cannot look (name resolution, a dead peer mid-handshake).
+        let give_up = task.deadline + Duration::from_secs(5);
+        let outcome = tokio::select! {
+            r = tokio::time::timeout_at(give_up, &mut task.result) => match r {
+                Ok(Ok(r)) => Some(r),
+                Ok(Err(_)) => Some(Err(prewarm::PrewarmError::Cancelled)),
+                Err(_) => None,
+            },
+            sig = self.signals.recv() => {
+                info!(signal = ?sig, "Signal received while pre-warming; stopping the pre-warm.");
+                task.gate.cancel();
+                return Err(Interrupted);
+            }
+        };
+        let outcome = match outcome {
+            Some(r) => r,
+            None if task.gate.cancel() => Err(prewarm::PrewarmError::Timeout(give_up - task.started)),
+            // It had just moved the tree into place: let it finish writing the meta.
+            None => task.result.await.unwrap_or(Err(prewarm::PrewarmError::Cancelled)),
+        };
+        let seconds = task.started.elapsed().as_secs_f64();
+        let st = match outcome {
+            Ok(l) => {
+                match &l.slot {
+                    Some(slot) => {
+                        info!(slot = %slot, files = l.files, bytes = l.bytes, seconds = format!("{seconds:.2}"), "Work dir pre-warmed.")
+                    }
+                    None => info!("Nothing to pre-warm from; the runner starts cold."),
+                }
+                crate::status::PrewarmStatus {
+                    outcome: if l.slot.is_some() { "warm" } else { "cold" },
+                    slot: l.slot,
+                    files: l.files,
+                    bytes: l.bytes,
+                    seconds,
+                    error: None,
+                }
+            }
+            Err(e) => {
+                warn!(error = %chain(&e), "Pre-warm failed; the runner starts cold.");
+                crate::status::PrewarmStatus {
+                    outcome: "failed",
+                    seconds,
+                    error: Some(chain(&e)),
+                    ..Default::default()
+                }
+            }
+        };
+        self.status.update(|s| s.prewarm = Some(st));
+        Ok(())
     }
 
     async fn run_inner(&mut self) -> Result<ExitCode, Error> {
-        if !self.run_hooks().await? {
+        apply_tz(&self.cfg);
+        if !self.run_hooks(false).await? {
+            info!("Stopped during boot: nothing was registered.");
+            return Ok(ExitCode::Ok);
+        }
+        // After the root hooks (they may bring up what reaches the storage host), before the
+        // guest hooks and registration, which go on while it loads.
+        self.start_prewarm();
+        if !self.run_hooks(true).await? {
+            if let Some(task) = self.prewarm.take() {
+                task.gate.cancel();
+            }
             info!("Stopped during boot: nothing was registered.");
             return Ok(ExitCode::Ok);
         }
@@ -343,7 +468,12 @@ impl Supervisor {
         let mut config_failures = 0u32;
         'register: loop {
             match self.register().await {
-                Ok(()) => config_failures = 0,
+                Ok(()) => {
+                    config_failures = 0;
+                    if self.await_prewarm().await.is_err() {
+                        return self.stop_before_listening().await;
+                    }
+                }
                 Err(Ok(Interrupted)) => return self.stop_before_listening().await,
                 // config.sh gives up after three tries of its own; a fresh token and a pause
                 // often cure what it hit (an expired token looks like a 404, GitHub hiccups).
@@ -422,6 +552,9 @@ impl Supervisor {
     /// A signal came before the Listener ran: remove whatever was registered, exit 0.
     async fn stop_before_listening(&mut self) -> Result<ExitCode, Error> {
         self.status.set_state(State::Draining);
+        if let Some(task) = self.prewarm.take() {
+            task.gate.cancel();
+        }
         self.deregister(Budget::until(Instant::now() + DEREGISTER_GRACE)).await?;
         info!("Stopped before taking any job.");
         Ok(ExitCode::Ok)

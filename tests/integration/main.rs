@@ -5,4 +5,5 @@ mod harness;
 mod hooks;
 mod lock;
 mod pid1;
+mod prewarm;
 mod scenarios;

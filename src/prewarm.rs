@@ -1,0 +1,986 @@
+//! The boot-time pre-warm: the work dir loaded from the newest ci-storage slot over SSH.
+//!
+//! Compatible with the ci-storage tool (reference §13): the storage dir is the one its GitHub
+//! action derives, slots are the directories in it whose names hold no `.`, a slot is as old
+//! as its directory's ctime, slots within 60 s of `CI_STORAGE_MAX_AGE_SEC` are ignored, the
+//! newest wins (ties: the larger id), and the local meta file is written as `ci-storage load`
+//! writes it, so a later `ci-storage store` in a job dedups against the slot we loaded.
+//!
+//! How it is fast: one SSH session (libssh2, in-process), the storage host's GNU tar streams
+//! the slot as a POSIX (pax) archive, which carries nanosecond mtimes, and two threads overlap
+//! the network with the disk: this one reads the channel, a writer thread creates the files.
+//! The writer runs with the runner user's filesystem uid and gid (`setfsuid`), so every file is
+//! born owned by that user and the archive can reach nothing that user could not.
+//!
+//! How it is safe: the tree is built in a hidden sibling of the work dir and renamed into place
+//! only when the archive and the remote tar both ended cleanly; any failure, a timeout or a
+//! signal removes it, and the runner starts cold with an empty work dir.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Secret;
+
+/// Slots this close to the max age are about to be collected by ci-storage's GC: not loaded.
+const GC_MARGIN: Duration = Duration::from_secs(60);
+/// Size of one chunk passed from the network thread to the writer.
+const CHUNK: usize = 256 * 1024;
+/// Chunks in flight between the two threads.
+const CHUNKS_IN_FLIGHT: usize = 32;
+/// The meta file inside a slot (never copied into the work dir).
+const META_NAME: &str = ".ci-storage.meta";
+
+/// `CI_STORAGE_HOST`: `[user@]host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageHost {
+    pub user: Option<String>,
+    pub host: String,
+    pub port: u16,
+}
+
+impl StorageHost {
+    /// Parses `[user@]host[:port]` the way ci-storage does (`^(.*?)(?::(\d+))?$`).
+    pub fn parse(s: &str) -> Option<StorageHost> {
+        let s = s.trim();
+        let (user, rest) = match s.split_once('@') {
+            Some((u, r)) => (Some(u.to_string()), r),
+            None => (None, s),
+        };
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => (h, p.parse().ok()?),
+            _ => (rest, 22),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let ok_user = user.as_deref().is_none_or(|u| !u.is_empty() && !u.contains(char::is_whitespace));
+        if host.is_empty() || host.contains(char::is_whitespace) || port == 0 || !ok_user {
+            return None;
+        }
+        Some(StorageHost { user, host: host.to_string(), port })
+    }
+}
+
+/// Everything the pre-warm needs, resolved by `config`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub host: StorageHost,
+    /// The SSH user: the one in `CI_STORAGE_HOST`, else the runner user (as ssh would).
+    pub user: String,
+    pub key: Secret,
+    /// The storage dir on the storage host (`{CI_STORAGE_DIR}/{owner}/{repo}/{slug of local_dir}`).
+    pub storage_dir: String,
+    /// The work dir to fill: `{work}/{repo}/{repo}`, the runner's default workspace.
+    pub local_dir: PathBuf,
+    pub max_age: Duration,
+    pub connect_timeout: Duration,
+    /// The longest wait for any one thing from the storage host (handshake, a read).
+    pub stall_timeout: Duration,
+    /// The whole load, from connect to the last file.
+    pub timeout: Duration,
+    /// Checked when set (OpenSSH format); otherwise any host key is accepted, as ci-storage does.
+    pub known_hosts: Option<PathBuf>,
+    /// The runner user's uid and gid when the files must be theirs (the supervisor is root).
+    pub owner: Option<(u32, u32)>,
+    /// Where the local meta file goes (`$TMPDIR`, else `/tmp`, like Python's gettempdir).
+    pub meta_dir: PathBuf,
+}
+
+impl Settings {
+    /// `{storage root}/{owner}/{repo}/{realpath of local_dir with / turned into _}`.
+    pub fn storage_dir_for(root: &str, repository: &str, local_dir: &Path) -> String {
+        let root = root.trim_end_matches('/');
+        format!("{}/{}/{}", if root.is_empty() { "" } else { root }, repository, slug(local_dir))
+    }
+
+    /// `/tmp/.ci-storage.meta._mnt_repo_repo`: where `ci-storage load` keeps the local meta.
+    pub fn meta_path(&self) -> PathBuf {
+        self.meta_dir.join(format!(".ci-storage.meta.{}", normalize_id(&self.local_dir.to_string_lossy())))
+    }
+}
+
+/// `realpath -m dir | tr / _`.
+fn slug(dir: &Path) -> String {
+    dir.to_string_lossy().replace('/', "_")
+}
+
+/// ci-storage's normalization of ids and paths: `[^a-zA-Z0-9_-]` becomes `_`.
+pub fn normalize_id(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect()
+}
+
+/// A slot as the storage host listed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub id: String,
+    pub age: Duration,
+    pub meta: String,
+}
+
+/// The slot `ci-storage load --slot-id='*'` would load: among those not about to be
+/// collected, the newest, ties broken by the larger id.
+pub fn choose(slots: &[Slot], max_age: Duration) -> Option<&Slot> {
+    let limit = max_age.saturating_sub(GC_MARGIN);
+    slots.iter().filter(|s| s.age < limit).min_by(|a, b| a.age.cmp(&b.age).then_with(|| b.id.cmp(&a.id)))
+}
+
+/// Parses the listing: one `id<TAB>age_sec<TAB>meta` line per slot, meta with `\\`, `\n`
+/// and `\r` escaped.
+pub fn parse_listing(text: &str) -> Vec<Slot> {
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, '\t');
+            let id = parts.next()?.to_string();
+            let age: u64 = parts.next()?.trim().parse().ok()?;
+            let meta = unescape(parts.next().unwrap_or(""));
+            if id.is_empty() || id.contains('.') || id.contains('/') {
+                return None;
+            }
+            Some(Slot { id, age: Duration::from_secs(age), meta })
+        })
+        .collect()
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+/// The local meta after loading `slot`: its remote meta with the slot's id put first in
+/// `full_snapshot_history` (unique, at most 10), hints kept, in ci-storage's two-line form.
+pub fn local_meta(remote_meta: &str, slot_id: &str) -> String {
+    let field = |name: &str| -> Vec<String> {
+        remote_meta
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
+            .map(|v| v.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default()
+    };
+    let mut history = vec![slot_id.to_string()];
+    for id in field("full_snapshot_history") {
+        if !history.contains(&id) {
+            history.push(id);
+        }
+    }
+    history.truncate(10);
+    let mut hints: Vec<String> = Vec::new();
+    for h in field("hints") {
+        if !hints.contains(&h) {
+            hints.push(h);
+        }
+    }
+    format!("full_snapshot_history={}\nhints={}\n", history.join(" "), hints.join(" "))
+}
+
+/// What a load did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    /// The slot loaded; `None` when the storage had no slot young enough (a cold start).
+    pub slot: Option<String>,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrewarmError {
+    #[error("failed to resolve {host}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to connect to {host}:{port}")]
+    Connect {
+        host: String,
+        port: u16,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to {what} with {host}")]
+    Ssh {
+        what: &'static str,
+        host: String,
+        #[source]
+        source: ssh2::Error,
+    },
+    #[error("failed to verify the host key of {host}: {reason} (known hosts file {file})")]
+    HostKey { host: String, reason: String, file: PathBuf },
+    #[error("failed to {what} on {host}: exit status {status}: {stderr}")]
+    Remote { what: &'static str, host: String, status: i32, stderr: String },
+    #[error("failed to read from {host}")]
+    Read {
+        host: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to unpack the slot into {}", path.display())]
+    Unpack {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to load within {}s", .0.as_secs())]
+    Timeout(Duration),
+    #[error("failed to finish: cancelled")]
+    Cancelled,
+}
+
+/// Shared between the load and whoever waits for it: the load may move its tree into place
+/// only if nobody gave up on it first, and once it has, nobody can give up any more.
+#[derive(Debug, Default)]
+pub struct Gate(AtomicU8);
+
+const RUNNING: u8 = 0;
+const COMMITTED: u8 = 1;
+const CANCELLED: u8 = 2;
+
+impl Gate {
+    /// Stops the load; false when it already moved its tree into place (it is then done or
+    /// about to be, and should be waited for).
+    pub fn cancel(&self) -> bool {
+        self.0.compare_exchange(RUNNING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+            || self.0.load(Ordering::SeqCst) == CANCELLED
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == CANCELLED
+    }
+
+    fn commit(&self) -> bool {
+        self.0.compare_exchange(RUNNING, COMMITTED, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+    }
+}
+
+/// Loads the newest slot into `settings.local_dir`. Blocking; bounded by the settings'
+/// timeouts and by `gate`.
+pub fn load(s: &Settings, gate: &Arc<Gate>) -> Result<Loaded, PrewarmError> {
+    let deadline = Instant::now() + s.timeout;
+    let session = connect(s)?;
+    let host = &s.host.host;
+
+    let listing = exec_to_string(&session, s, "list the slots", &list_command(&s.storage_dir))?;
+    let slots = parse_listing(&listing);
+    let Some(slot) = choose(&slots, s.max_age).cloned() else {
+        tracing::info!(storage_dir = %s.storage_dir, slots = slots.len(), "No slot young enough to load; starting cold.");
+        if let Err(e) = std::fs::remove_file(s.meta_path()) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(path = %s.meta_path().display(), error = %e, "Failed to reset the local ci-storage meta.");
+            }
+        }
+        return Ok(Loaded { slot: None, files: 0, bytes: 0 });
+    };
+    tracing::info!(slot = %slot.id, age_sec = slot.age.as_secs(), storage_dir = %s.storage_dir, "Loading the newest slot.");
+
+    let mut channel = session.channel_session().map_err(|e| ssh_err("open a channel", host, e))?;
+    channel
+        .exec(&stream_command(&s.storage_dir, &slot.id))
+        .map_err(|e| ssh_err("start tar on the storage host", host, e))?;
+
+    let (tx, rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+    let writer = {
+        let local_dir = s.local_dir.clone();
+        let s = s.clone();
+        let gate = gate.clone();
+        let meta = local_meta(&slot.meta, &slot.id);
+        std::thread::Builder::new()
+            .name("prewarm-writer".into())
+            .spawn(move || write_tree(&s, ChunkReader::new(rx), &gate, &meta))
+            .map_err(|source| PrewarmError::Unpack { path: local_dir, source })?
+    };
+
+    let mut bytes = 0u64;
+    let read_result = loop {
+        if gate.is_cancelled() {
+            break Err(PrewarmError::Cancelled);
+        }
+        if Instant::now() > deadline {
+            break Err(PrewarmError::Timeout(s.timeout));
+        }
+        let mut buf = vec![0u8; CHUNK];
+        match channel.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                bytes += n as u64;
+                buf.truncate(n);
+                if tx.send(buf).is_err() {
+                    // The writer stopped: its error is the one to report.
+                    break Ok(());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => break Err(PrewarmError::Read { host: host.clone(), source }),
+        }
+    };
+    let failed_early = read_result.is_err();
+    if failed_early {
+        // The writer must not take a truncated stream for the end of the archive.
+        gate.cancel();
+    }
+    drop(tx);
+    let written = writer.join().unwrap_or_else(|_| {
+        Err(PrewarmError::Unpack { path: s.local_dir.clone(), source: io::Error::other("the writer panicked") })
+    });
+    read_result?;
+    let status = remote_exit(&mut channel, "stream the slot", host);
+    let files = match (written, status) {
+        (Ok(files), Ok(())) => files,
+        (Err(e), _) => return Err(e),
+        (Ok(_), Err(e)) => {
+            // The archive looked complete but tar failed (a file vanished, an unreadable one):
+            // what was moved into place is not the slot. Take it back out.
+            remove_loaded(s);
+            return Err(e);
+        }
+    };
+    Ok(Loaded { slot: Some(slot.id), files, bytes })
+}
+
+fn ssh_err(what: &'static str, host: &str, source: ssh2::Error) -> PrewarmError {
+    PrewarmError::Ssh { what, host: host.to_string(), source }
+}
+
+/// Connects, checks the host key, authenticates.
+fn connect(s: &Settings) -> Result<ssh2::Session, PrewarmError> {
+    let host = &s.host.host;
+    let addrs: Vec<_> = (host.as_str(), s.host.port)
+        .to_socket_addrs()
+        .map_err(|source| PrewarmError::Resolve { host: host.clone(), source })?
+        .collect();
+    // IPv4 first: host.docker.internal may resolve to an IPv6 address nothing listens on.
+    let mut ordered: Vec<_> =
+        addrs.iter().filter(|a| a.is_ipv4()).chain(addrs.iter().filter(|a| a.is_ipv6())).collect();
+    ordered.dedup();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    let mut tcp = None;
+    for addr in ordered {
+        match TcpStream::connect_timeout(addr, s.connect_timeout) {
+            Ok(t) => {
+                tcp = Some(t);
+                break;
+            }
+            Err(e) => last = e,
+        }
+    }
+    let tcp = tcp.ok_or(PrewarmError::Connect { host: host.clone(), port: s.host.port, source: last })?;
+    let _ = tcp.set_nodelay(true);
+    let mut session = ssh2::Session::new().map_err(|e| ssh_err("start an SSH session", host, e))?;
+    session.set_tcp_stream(tcp);
+    session.set_timeout(u32::try_from(s.stall_timeout.as_millis()).unwrap_or(u32::MAX).max(1));
+    session.handshake().map_err(|e| ssh_err("complete the SSH handshake", host, e))?;
+    check_host_key(&session, s)?;
+    session
+        .userauth_pubkey_memory(&s.user, None, s.key.expose(), None)
+        .map_err(|e| ssh_err("authenticate with CI_STORAGE_PRIVATE_KEY", &format!("{}@{host}", s.user), e))?;
+    Ok(session)
+}
+
+fn check_host_key(session: &ssh2::Session, s: &Settings) -> Result<(), PrewarmError> {
+    let host = &s.host.host;
+    let (key, _) = session.host_key().ok_or_else(|| PrewarmError::HostKey {
+        host: host.clone(),
+        reason: "the server sent no host key".into(),
+        file: s.known_hosts.clone().unwrap_or_default(),
+    })?;
+    let fingerprint = session.host_key_hash(ssh2::HashType::Sha256).map(hex).unwrap_or_default();
+    let Some(file) = &s.known_hosts else {
+        tracing::debug!(host = %host, sha256 = %fingerprint, "Storage host key accepted (no known hosts file).");
+        return Ok(());
+    };
+    let err = |reason: String| PrewarmError::HostKey { host: host.clone(), reason, file: file.clone() };
+    let mut known = session.known_hosts().map_err(|e| err(e.to_string()))?;
+    known.read_file(file, ssh2::KnownHostFileKind::OpenSSH).map_err(|e| err(format!("unreadable: {e}")))?;
+    match known.check_port(host, s.host.port, key) {
+        ssh2::CheckResult::Match => Ok(()),
+        ssh2::CheckResult::Mismatch => Err(err(format!("the key (sha256 {fingerprint}) does not match"))),
+        ssh2::CheckResult::NotFound => Err(err(format!("no entry for the host (its key: sha256 {fingerprint})"))),
+        ssh2::CheckResult::Failure => Err(err("the check failed".into())),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Quotes one argument for the remote POSIX shell.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// LIST_SLOTS, read-only: every directory of the storage dir whose name holds no `.` (tmp and
+/// bak dirs do), as `id<TAB>age<TAB>escaped meta`. perl is what ci-storage needs there anyway.
+fn list_command(storage_dir: &str) -> String {
+    const SCRIPT: &str = r#"use strict; my $d = shift; my $now = time; opendir(my $dh, $d) or exit 0;
+for my $n (sort readdir $dh) { next if $n =~ /\./; my $p = "$d/$n"; my @st = lstat $p; next unless @st && -d _;
+my $meta = ""; if (open(my $fh, "<", "$p/.ci-storage.meta")) { local $/; $meta = <$fh> // ""; close $fh; }
+$meta =~ s/\\/\\\\/g; $meta =~ s/\n/\\n/g; $meta =~ s/\r/\\r/g; my $age = $now - $st[10]; $age = 0 if $age < 0;
+print "$n\t$age\t$meta\n"; }"#;
+    format!("perl -we {} {}", sh_quote(SCRIPT), sh_quote(storage_dir))
+}
+
+/// The slot as a pax archive on stdout, after touching it (as LIST_SLOTS touches the newest
+/// slot) so that ci-storage's GC keeps it while it is read. Nanosecond mtimes ride in the
+/// pax headers; atime and ctime are dropped; the meta file is left out, as rsync's
+/// `--exclude=.ci-storage.meta` leaves it out at any depth.
+fn stream_command(storage_dir: &str, slot: &str) -> String {
+    let dir = format!("{}/{}", storage_dir.trim_end_matches('/'), slot);
+    format!(
+        "touch -c -- {d} && exec tar -C {d} --format=posix --pax-option=delete=atime,delete=ctime \
+         --exclude={META_NAME} --numeric-owner -cf - .",
+        d = sh_quote(&dir)
+    )
+}
+
+fn exec_to_string(
+    session: &ssh2::Session,
+    s: &Settings,
+    what: &'static str,
+    cmd: &str,
+) -> Result<String, PrewarmError> {
+    let host = &s.host.host;
+    let mut ch = session.channel_session().map_err(|e| ssh_err("open a channel", host, e))?;
+    ch.exec(cmd).map_err(|e| ssh_err(what, host, e))?;
+    let mut out = Vec::new();
+    Read::by_ref(&mut ch)
+        .take(64 << 20)
+        .read_to_end(&mut out)
+        .map_err(|source| PrewarmError::Read { host: host.clone(), source })?;
+    remote_exit(&mut ch, what, host)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Waits for the remote command's end; a non-zero status is an error carrying its stderr.
+fn remote_exit(ch: &mut ssh2::Channel, what: &'static str, host: &str) -> Result<(), PrewarmError> {
+    let mut stderr = String::new();
+    let _ = ch.stderr().take(4096).read_to_string(&mut stderr);
+    let _ = ch.wait_close();
+    let status = ch.exit_status().unwrap_or(-1);
+    if status == 0 {
+        return Ok(());
+    }
+    Err(PrewarmError::Remote {
+        what,
+        host: host.to_string(),
+        status,
+        stderr: stderr.trim().lines().take(5).collect::<Vec<_>>().join("; "),
+    })
+}
+
+/// Reads the chunks the network thread sends.
+struct ChunkReader {
+    rx: Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl ChunkReader {
+    fn new(rx: Receiver<Vec<u8>>) -> Self {
+        ChunkReader { rx, cur: Vec::new(), pos: 0 }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.cur = chunk;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// The hidden sibling the tree is built in, and where an old work dir is moved aside.
+fn sibling(local_dir: &Path, what: &str) -> PathBuf {
+    let name = local_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    local_dir.with_file_name(format!(".{name}.ci-runner-{what}.{}", std::process::id()))
+}
+
+/// The writer thread: as the runner user, unpack into a hidden sibling, then move it into
+/// place and write the local meta. Returns the number of entries written.
+fn write_tree(s: &Settings, archive: impl Read, gate: &Gate, meta: &str) -> Result<u64, PrewarmError> {
+    let _fs_identity = s.owner.map(FsIdentity::assume);
+    let staging = sibling(&s.local_dir, "prewarm");
+    let unpack_err = |source| PrewarmError::Unpack { path: s.local_dir.clone(), source };
+    if let Some(parent) = staging.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(unpack_err)?;
+    }
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new().mode(0o700).create(&staging).map_err(unpack_err)?;
+    let result = unpack(archive, &staging, gate).and_then(|files| {
+        if !gate.commit() {
+            return Err(PrewarmError::Cancelled);
+        }
+        replace_dir(&staging, &s.local_dir).map_err(unpack_err)?;
+        Ok(files)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+        return result;
+    }
+    if let Err(e) = write_meta(&s.meta_path(), meta) {
+        tracing::warn!(path = %s.meta_path().display(), error = %e, "Failed to write the local ci-storage meta; a store in a job will not dedup against the loaded slot.");
+    }
+    result
+}
+
+/// Moves `staging` to `dir`; an empty `dir` is removed first, a non-empty one moved aside
+/// and removed after (as `ci-storage load`'s `--delete` would have removed its content).
+fn replace_dir(staging: &Path, dir: &Path) -> io::Result<()> {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(_) => {
+            let old = sibling(dir, "old");
+            std::fs::rename(dir, &old)?;
+            std::fs::rename(staging, dir)?;
+            let _ = std::fs::remove_dir_all(&old);
+            return Ok(());
+        }
+    }
+    std::fs::rename(staging, dir)
+}
+
+/// Takes the loaded tree back out of the work dir (the remote tar failed after the archive
+/// looked complete).
+fn remove_loaded(s: &Settings) {
+    let _fs_identity = s.owner.map(FsIdentity::assume);
+    if let Err(e) = std::fs::remove_dir_all(&s.local_dir).and_then(|()| std::fs::create_dir(&s.local_dir)) {
+        tracing::warn!(path = %s.local_dir.display(), error = %e, "Failed to empty the work dir after a failed load.");
+    }
+    let _ = std::fs::remove_file(s.meta_path());
+}
+
+fn write_meta(path: &Path, meta: &str) -> io::Result<()> {
+    let tmp = path.with_file_name(format!(
+        "{}.tmp.{}",
+        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
+    f.write_all(meta.as_bytes())?;
+    drop(f);
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// This thread's filesystem uid and gid set to the runner user's, restored on drop.
+/// `setfsuid` is per thread: the rest of the supervisor keeps root.
+struct FsIdentity;
+
+impl FsIdentity {
+    fn assume((uid, gid): (u32, u32)) -> FsIdentity {
+        // SAFETY: plain syscalls on this thread's credentials.
+        unsafe {
+            libc::setfsgid(gid);
+            libc::setfsuid(uid);
+        }
+        FsIdentity
+    }
+}
+
+impl Drop for FsIdentity {
+    fn drop(&mut self) {
+        // SAFETY: as above; back to the thread's real ids.
+        unsafe {
+            libc::setfsuid(libc::geteuid());
+            libc::setfsgid(libc::getegid());
+        }
+    }
+}
+
+/// Attributes applied to a directory once everything inside it exists.
+struct DirAttrs {
+    path: PathBuf,
+    mode: u32,
+    mtime: libc::timespec,
+}
+
+/// Unpacks a tar stream into `root` (an empty directory we just made): regular files,
+/// directories, symlinks, fifos; hard links become copies (as `rsync -a` without `-H` makes);
+/// mode and nanosecond mtime on everything. An entry may only land in a directory that this
+/// archive created, so nothing is written through a symlink or outside `root`.
+pub fn unpack(archive: impl Read, root: &Path, gate: &Gate) -> Result<u64, PrewarmError> {
+    let err = |path: &Path, source: io::Error| PrewarmError::Unpack { path: path.to_path_buf(), source };
+    let mut ar = tar::Archive::new(archive);
+    let mut dirs: Vec<DirAttrs> = Vec::new();
+    let mut known_dirs: HashSet<PathBuf> = HashSet::from([PathBuf::new()]);
+    let mut files: HashSet<PathBuf> = HashSet::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut count = 0u64;
+    for entry in ar.entries().map_err(|e| err(root, e))? {
+        if gate.is_cancelled() {
+            return Err(PrewarmError::Cancelled);
+        }
+        let mut entry = entry.map_err(|e| err(root, e))?;
+        let kind = entry.header().entry_type();
+        if kind.is_pax_global_extensions() || kind.is_pax_local_extensions() || kind.is_gnu_longname() {
+            continue;
+        }
+        let raw_path = entry.path().map_err(|e| err(root, e))?.into_owned();
+        let rel = relative(&raw_path).ok_or_else(|| err(&raw_path, invalid("an unsafe path in the archive")))?;
+        let dest = root.join(&rel);
+        let mode = entry.header().mode().map_err(|e| err(&dest, e))? & 0o7777;
+        let mtime = mtime_of(&mut entry).map_err(|e| err(&dest, e))?;
+        if rel.as_os_str().is_empty() {
+            if kind.is_dir() {
+                dirs.push(DirAttrs { path: dest, mode, mtime });
+            }
+            continue;
+        }
+        let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+        if !known_dirs.contains(&parent) {
+            return Err(err(&dest, invalid("an entry outside the directories of the archive")));
+        }
+        if kind.is_dir() {
+            std::fs::DirBuilder::new().mode(0o700).create(&dest).map_err(|e| err(&dest, e))?;
+            known_dirs.insert(rel);
+            dirs.push(DirAttrs { path: dest, mode, mtime });
+        } else if kind.is_file() || kind == tar::EntryType::Continuous {
+            let mut f = create_file(&dest).map_err(|e| err(&dest, e))?;
+            loop {
+                let n = entry.read(&mut buf).map_err(|e| err(&dest, e))?;
+                if n == 0 {
+                    break;
+                }
+                f.write_all(&buf[..n]).map_err(|e| err(&dest, e))?;
+            }
+            finish_file(&f, mode, mtime).map_err(|e| err(&dest, e))?;
+            files.insert(rel);
+        } else if kind.is_hard_link() {
+            let target = entry
+                .link_name()
+                .map_err(|e| err(&dest, e))?
+                .and_then(|t| relative(&t))
+                .filter(|t| files.contains(t))
+                .ok_or_else(|| err(&dest, invalid("a hard link to a file not in the archive")))?;
+            let mut src = File::open(root.join(&target)).map_err(|e| err(&dest, e))?;
+            let mut f = create_file(&dest).map_err(|e| err(&dest, e))?;
+            io::copy(&mut src, &mut f).map_err(|e| err(&dest, e))?;
+            finish_file(&f, mode, mtime).map_err(|e| err(&dest, e))?;
+            files.insert(rel);
+        } else if kind.is_symlink() {
+            let target = entry
+                .link_name()
+                .map_err(|e| err(&dest, e))?
+                .ok_or_else(|| err(&dest, invalid("a symlink without a target")))?;
+            std::os::unix::fs::symlink(&target, &dest).map_err(|e| err(&dest, e))?;
+            set_times_nofollow(&dest, mtime).map_err(|e| err(&dest, e))?;
+        } else if kind.is_fifo() {
+            nix::unistd::mkfifo(&dest, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                .map_err(|e| err(&dest, io::Error::from(e)))?;
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode)).map_err(|e| err(&dest, e))?;
+            set_times_nofollow(&dest, mtime).map_err(|e| err(&dest, e))?;
+        } else {
+            // Devices (and anything else) cannot be made by the runner user; rsync -a run as
+            // that user skips them too.
+            tracing::debug!(path = %rel.display(), kind = ?kind, "Skipped an entry that is not a file, directory or link.");
+            continue;
+        }
+        count += 1;
+    }
+    // Innermost first: setting a directory's mtime must come after its last change, and a
+    // read-only mode after its last entry.
+    for d in dirs.iter().rev() {
+        std::fs::set_permissions(&d.path, std::fs::Permissions::from_mode(d.mode)).map_err(|e| err(&d.path, e))?;
+        set_times_nofollow(&d.path, d.mtime).map_err(|e| err(&d.path, e))?;
+    }
+    Ok(count)
+}
+
+fn invalid(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+/// `./a/b` → `a/b`; `.` or `./` → empty; absolute paths and `..` → None.
+fn relative(p: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+fn create_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
+fn finish_file(f: &File, mode: u32, mtime: libc::timespec) -> io::Result<()> {
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    let times = [libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }, mtime];
+    // SAFETY: a valid fd and a two-element array, as futimens requires.
+    if unsafe { libc::futimens(f.as_raw_fd(), times.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_times_nofollow(path: &Path, mtime: libc::timespec) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| invalid("a path with a NUL byte"))?;
+    let times = [libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }, mtime];
+    // SAFETY: a NUL-terminated path and a two-element array, as utimensat requires.
+    if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The entry's mtime: the pax `mtime` record (`sec[.frac]`, nanoseconds) when there is one,
+/// else the header's whole seconds.
+fn mtime_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<libc::timespec> {
+    if let Some(exts) = entry.pax_extensions()? {
+        for ext in exts {
+            let ext = ext?;
+            if ext.key() == Ok("mtime") {
+                if let Some(ts) = ext.value().ok().and_then(parse_pax_time) {
+                    return Ok(ts);
+                }
+            }
+        }
+    }
+    let secs = entry.header().mtime()?;
+    Ok(libc::timespec { tv_sec: secs as libc::time_t, tv_nsec: 0 })
+}
+
+/// `1700000000.123456789` (or `-1.5`) as a timespec.
+fn parse_pax_time(s: &str) -> Option<libc::timespec> {
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let (sec, frac) = s.split_once('.').unwrap_or((s, ""));
+    let sec: i64 = sec.parse().ok()?;
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut digits: String = frac.chars().take(9).collect();
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    let nsec: i64 = digits.parse().ok()?;
+    let (sec, nsec) = if neg && nsec > 0 {
+        (-sec - 1, 1_000_000_000 - nsec)
+    } else if neg {
+        (-sec, 0)
+    } else {
+        (sec, nsec)
+    };
+    Some(libc::timespec { tv_sec: sec as libc::time_t, tv_nsec: nsec as libc::c_long })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(id: &str, age: u64) -> Slot {
+        Slot { id: id.into(), age: Duration::from_secs(age), meta: String::new() }
+    }
+
+    #[test]
+    fn storage_host_forms() {
+        assert_eq!(
+            StorageHost::parse("guest@10.0.0.1:10022"),
+            Some(StorageHost { user: Some("guest".into()), host: "10.0.0.1".into(), port: 10022 })
+        );
+        assert_eq!(StorageHost::parse("127.0.0.1:10022").map(|h| h.port), Some(10022));
+        assert_eq!(StorageHost::parse("storage").map(|h| (h.host, h.port)), Some(("storage".into(), 22)));
+        assert_eq!(StorageHost::parse("[::1]:2222").map(|h| (h.host, h.port)), Some(("::1".into(), 2222)));
+        for bad in ["", "@host", "host:0", "a b", "user@", "host:99999"] {
+            assert_eq!(StorageHost::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn storage_dir_is_what_the_action_derives() {
+        let d = Settings::storage_dir_for("/mnt", "octo-org/octo-repo", Path::new("/mnt/octo-repo/octo-repo"));
+        assert_eq!(d, "/mnt/octo-org/octo-repo/_mnt_octo-repo_octo-repo");
+        let d = Settings::storage_dir_for("/mnt/", "o/r", Path::new("/work/r/r"));
+        assert_eq!(d, "/mnt/o/r/_work_r_r");
+    }
+
+    #[test]
+    fn newest_young_slot_wins_ties_to_larger_id() {
+        let max = Duration::from_secs(1800);
+        let slots = vec![slot("100", 50), slot("200", 10), slot("150", 10), slot("300", 1745)];
+        assert_eq!(choose(&slots, max).map(|s| s.id.as_str()), Some("200"));
+        // Within 60 s of the max age: about to be collected, so never chosen.
+        assert_eq!(choose(&[slot("300", 1740), slot("301", 1799)], max), None);
+        assert_eq!(choose(&[slot("300", 1739)], max).map(|s| s.id.as_str()), Some("300"));
+        assert_eq!(choose(&[], max), None);
+    }
+
+    #[test]
+    fn listing_parses_escaped_meta_and_drops_tmp_and_bak() {
+        let text = "1001\t5\tfull_snapshot_history=1000 999\\nhints=a b\\n\n\
+                    1001.tmp.17\t1\t\n1000.bak.16\t2\t\nbroken line\n999\t40\t\n";
+        let slots = parse_listing(text);
+        assert_eq!(slots.len(), 2);
+        assert_eq!(slots[0].id, "1001");
+        assert_eq!(slots[0].meta, "full_snapshot_history=1000 999\nhints=a b\n");
+        assert_eq!(slots[1], slot("999", 40));
+    }
+
+    #[test]
+    fn local_meta_puts_the_loaded_slot_first() {
+        let meta = local_meta("full_snapshot_history=7 5 7 4\nhints=x y x\n", "5");
+        assert_eq!(meta, "full_snapshot_history=5 7 4\nhints=x y\n");
+        assert_eq!(local_meta("", "9"), "full_snapshot_history=9\nhints=\n");
+        let long: Vec<String> = (0..15).map(|i| i.to_string()).collect();
+        let meta = local_meta(&format!("full_snapshot_history={}\n", long.join(" ")), "x");
+        assert_eq!(meta.lines().next().unwrap().split_whitespace().count(), 10);
+    }
+
+    #[test]
+    fn meta_path_matches_ci_storage() {
+        let s = Settings {
+            host: StorageHost::parse("h").unwrap(),
+            user: "guest".into(),
+            key: Secret::new("k"),
+            storage_dir: String::new(),
+            local_dir: "/mnt/repo/repo".into(),
+            max_age: Duration::from_secs(1800),
+            connect_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            known_hosts: None,
+            owner: None,
+            meta_dir: "/tmp".into(),
+        };
+        assert_eq!(s.meta_path(), PathBuf::from("/tmp/.ci-storage.meta._mnt_repo_repo"));
+    }
+
+    #[test]
+    fn pax_times_keep_nanoseconds() {
+        let t = parse_pax_time("1700000000.123456789").unwrap();
+        assert_eq!((t.tv_sec, t.tv_nsec), (1700000000, 123456789));
+        let t = parse_pax_time("1700000000.5").unwrap();
+        assert_eq!((t.tv_sec, t.tv_nsec), (1700000000, 500000000));
+        let t = parse_pax_time("-1.25").unwrap();
+        assert_eq!((t.tv_sec, t.tv_nsec), (-2, 750000000));
+        assert!(parse_pax_time("12x").is_none());
+    }
+
+    #[test]
+    fn unsafe_paths_are_refused() {
+        assert_eq!(relative(Path::new("./a/b")), Some(PathBuf::from("a/b")));
+        assert_eq!(relative(Path::new("./")), Some(PathBuf::new()));
+        assert_eq!(relative(Path::new("/etc/passwd")), None);
+        assert_eq!(relative(Path::new("a/../../x")), None);
+    }
+
+    #[test]
+    fn the_remote_commands_quote_their_arguments() {
+        let c = stream_command("/mnt/o/r/it's", "12");
+        assert!(c.contains(r"'/mnt/o/r/it'\''s/12'"), "{c}");
+        assert!(list_command("/x y").ends_with("'/x y'"));
+    }
+
+    fn file_header(size: u64) -> tar::Header {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        h
+    }
+
+    #[test]
+    fn entries_through_a_symlink_or_outside_the_root_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+
+        // A symlink to a directory outside, then a file "inside" it.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        b.append_link(&mut h, "esc", &outside).unwrap();
+        b.append_data(&mut file_header(3), "esc/pwned", &b"bad"[..]).unwrap();
+        let data = b.into_inner().unwrap();
+        let root = dir.path().join("root1");
+        std::fs::create_dir(&root).unwrap();
+        let e = unpack(&data[..], &root, &Gate::default()).unwrap_err();
+        assert!(e.to_string().contains("esc/pwned"), "{e}");
+        assert!(!outside.join("pwned").exists(), "written through the symlink");
+
+        // A `..` path, written into the raw header (the builder refuses to make one).
+        let mut h = file_header(3);
+        h.as_old_mut().name[..9].copy_from_slice(b"../pwned2");
+        h.set_cksum();
+        let mut raw = h.as_bytes().to_vec();
+        raw.extend_from_slice(b"bad");
+        raw.resize(raw.len() + (512 - 3) + 1024, 0);
+        let root = outside.join("root2");
+        std::fs::create_dir(&root).unwrap();
+        assert!(unpack(&raw[..], &root, &Gate::default()).is_err());
+        assert!(!outside.join("pwned2").exists(), "written outside the root");
+    }
+
+    #[test]
+    fn a_hard_link_becomes_a_copy_and_a_cancelled_load_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_data(&mut file_header(5), "a", &b"hello"[..]).unwrap();
+        let mut h = file_header(0);
+        h.set_entry_type(tar::EntryType::Link);
+        b.append_link(&mut h, "b", "a").unwrap();
+        let data = b.into_inner().unwrap();
+        let root = dir.path().join("r");
+        std::fs::create_dir(&root).unwrap();
+        assert_eq!(unpack(&data[..], &root, &Gate::default()).unwrap(), 2);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::read(root.join("b")).unwrap(), b"hello");
+        assert_eq!(std::fs::metadata(root.join("a")).unwrap().nlink(), 1, "rsync -a does not keep hard links");
+
+        let gate = Gate::default();
+        gate.cancel();
+        let root = dir.path().join("r2");
+        std::fs::create_dir(&root).unwrap();
+        assert!(matches!(unpack(&data[..], &root, &gate), Err(PrewarmError::Cancelled)));
+    }
+
+    #[test]
+    fn a_cancelled_gate_refuses_to_commit_and_a_committed_one_to_cancel() {
+        let g = Gate::default();
+        assert!(g.cancel());
+        assert!(!g.commit());
+        let g = Gate::default();
+        assert!(g.commit());
+        assert!(!g.cancel());
+    }
+}
