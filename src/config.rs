@@ -720,6 +720,42 @@ fn prewarm_settings(
     })
 }
 
+/// The pre-warm alone, for `ci-runner prewarm`: `GH_REPOSITORY`, `RUNNER_DIR`,
+/// `RUNNER_WORKDIR`, `RUNNER_USER` and the `CI_STORAGE_*` variables, read as the supervisor
+/// reads them; no GitHub credentials needed. `Ok(None)` when `CI_STORAGE_HOST` is unset.
+pub fn prewarm_only(env: &dyn EnvSource, host: &Host<'_>) -> Result<Option<crate::prewarm::Settings>, ConfigError> {
+    let secrets_dir =
+        env.get("SECRETS_DIR").filter(|d| !d.trim().is_empty()).unwrap_or_else(|| DEFAULT_SECRETS_DIR.into());
+    let mut c = Collector { env, problems: Vec::new(), secrets_dir: PathBuf::from(secrets_dir) };
+    let scope = match c.get("GH_REPOSITORY").as_deref().and_then(|r| r.split_once('/')) {
+        Some((o, n)) if valid_github_name(o) && valid_github_name(n) => {
+            Some(Scope::Repository { owner: o.to_string(), repo: n.to_string() })
+        }
+        _ => {
+            let shown = c.get("GH_REPOSITORY");
+            c.bad("GH_REPOSITORY", shown.as_deref(), "owner/repo, e.g. octo-org/octo-repo");
+            None
+        }
+    };
+    let runner_dir = PathBuf::from(c.get("RUNNER_DIR").unwrap_or_else(|| DEFAULT_RUNNER_DIR.to_string()));
+    let work_dir = c.get("RUNNER_WORKDIR").unwrap_or_else(|| "_work".to_string());
+    let runner_user = if host.is_root {
+        let name = c.get("RUNNER_USER").unwrap_or_else(|| "guest".to_string());
+        let u = host.users.lookup(&name);
+        if u.is_none() {
+            c.bad("RUNNER_USER", Some(&name), "an existing user to own the work dir");
+        }
+        u
+    } else {
+        None
+    };
+    let settings = prewarm_settings(&mut c, scope.as_ref(), &runner_dir, &work_dir, runner_user.as_ref());
+    if !c.problems.is_empty() {
+        return Err(ConfigError(c.problems));
+    }
+    Ok(settings)
+}
+
 /// Whether `TZ` names a zone: a TZif file in the zone database (or an absolute path to one),
 /// or UTC, which needs no file.
 pub fn known_zone(zoneinfo: &std::path::Path, tz: &str) -> bool {

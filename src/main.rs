@@ -17,6 +17,7 @@ const USAGE: &str = "usage: ci-runner            run the supervisor (configured 
        ci-runner status     print /health from STATUS_ADDR; exit 0 when healthy, 1 otherwise
        ci-runner init -- COMMAND [ARGS...]
                             be PID 1 for COMMAND only: reap zombies, forward signals, pass its exit code
+       ci-runner prewarm    load the work dir from ci-storage now, as the boot does (CI_STORAGE_* variables)
        ci-runner hook job-started|job-completed
                             the runner's job hooks for the hardware lock (set up by the supervisor)
        ci-runner --version";
@@ -30,6 +31,7 @@ fn main() {
             pid1::run_init(rest)
         }
         Some("status") => status_command(),
+        Some("prewarm") => prewarm_command(),
         Some("hook") => {
             let kind = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
             std::process::exit(ci_runner::lock::hook(kind))
@@ -62,6 +64,50 @@ fn status_command() {
         }
         Err(e) => {
             eprintln!("ci-runner status: failed to reach {addr}: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// `ci-runner prewarm`: one pre-warm in the foreground; exit 0 warm or cold (no slot),
+/// 1 when it failed, 3 for bad configuration.
+fn prewarm_command() {
+    let is_root = nix::unistd::geteuid().is_root();
+    let host = Host { is_root, users: &SystemUsers, runner_dir_ok: &|_: &std::path::Path| true };
+    let settings = match config::prewarm_only(&ProcessEnv, &host) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            eprintln!("ci-runner prewarm: CI_STORAGE_HOST is not set");
+            std::process::exit(ExitCode::Config.code());
+        }
+        Err(e) => {
+            eprintln!("ci-runner prewarm: {e}:");
+            for p in &e.0 {
+                eprintln!("ci-runner prewarm:   {p}");
+            }
+            std::process::exit(ExitCode::Config.code());
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let started = std::time::Instant::now();
+    let gate = Arc::new(ci_runner::prewarm::Gate::default());
+    match ci_runner::prewarm::load(&settings, &gate) {
+        Ok(l) => {
+            println!(
+                "{} slot={} files={} bytes={} seconds={:.3} dir={}",
+                if l.slot.is_some() { "warm" } else { "cold" },
+                l.slot.as_deref().unwrap_or("-"),
+                l.files,
+                l.bytes,
+                started.elapsed().as_secs_f64(),
+                settings.local_dir.display()
+            );
+        }
+        Err(e) => {
+            eprintln!("ci-runner prewarm: {}", chain(&e));
             std::process::exit(1);
         }
     }

@@ -26,7 +26,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -299,6 +299,8 @@ pub fn load(s: &Settings, gate: &Arc<Gate>) -> Result<Loaded, PrewarmError> {
         .map_err(|e| ssh_err("start tar on the storage host", host, e))?;
 
     let (tx, rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+    // Spent chunks come back for reuse: no allocation (and no fresh pages) per chunk.
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
     let writer = {
         let local_dir = s.local_dir.clone();
         let s = s.clone();
@@ -306,7 +308,7 @@ pub fn load(s: &Settings, gate: &Arc<Gate>) -> Result<Loaded, PrewarmError> {
         let meta = local_meta(&slot.meta, &slot.id);
         std::thread::Builder::new()
             .name("prewarm-writer".into())
-            .spawn(move || write_tree(&s, ChunkReader::new(rx), &gate, &meta))
+            .spawn(move || write_tree(&s, ChunkReader::new(rx, free_tx), &gate, &meta))
             .map_err(|source| PrewarmError::Unpack { path: local_dir, source })?
     };
 
@@ -318,19 +320,34 @@ pub fn load(s: &Settings, gate: &Arc<Gate>) -> Result<Loaded, PrewarmError> {
         if Instant::now() > deadline {
             break Err(PrewarmError::Timeout(s.timeout));
         }
-        let mut buf = vec![0u8; CHUNK];
-        match channel.read(&mut buf) {
-            Ok(0) => break Ok(()),
-            Ok(n) => {
-                bytes += n as u64;
-                buf.truncate(n);
-                if tx.send(buf).is_err() {
-                    // The writer stopped: its error is the one to report.
-                    break Ok(());
+        let mut buf = free_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+        buf.resize(CHUNK, 0);
+        // Fill the whole chunk: one read returns at most one SSH packet.
+        let mut filled = 0;
+        let mut eof = false;
+        let mut failure = None;
+        while filled < CHUNK {
+            match channel.read(&mut buf[filled..]) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    failure = Some(PrewarmError::Read { host: host.clone(), source });
+                    break;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(source) => break Err(PrewarmError::Read { host: host.clone(), source }),
+        }
+        if let Some(e) = failure {
+            break Err(e);
+        }
+        bytes += filled as u64;
+        buf.truncate(filled);
+        // A send fails when the writer stopped: its error is the one to report.
+        if (filled > 0 && tx.send(buf).is_err()) || eof {
+            break Ok(());
         }
     };
     let failed_early = read_result.is_err();
@@ -490,13 +507,14 @@ fn remote_exit(ch: &mut ssh2::Channel, what: &'static str, host: &str) -> Result
 /// Reads the chunks the network thread sends.
 struct ChunkReader {
     rx: Receiver<Vec<u8>>,
+    spent: SyncSender<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
 }
 
 impl ChunkReader {
-    fn new(rx: Receiver<Vec<u8>>) -> Self {
-        ChunkReader { rx, cur: Vec::new(), pos: 0 }
+    fn new(rx: Receiver<Vec<u8>>, spent: SyncSender<Vec<u8>>) -> Self {
+        ChunkReader { rx, spent, cur: Vec::new(), pos: 0 }
     }
 }
 
@@ -505,7 +523,7 @@ impl Read for ChunkReader {
         while self.pos == self.cur.len() {
             match self.rx.recv() {
                 Ok(chunk) => {
-                    self.cur = chunk;
+                    let _ = self.spent.try_send(std::mem::replace(&mut self.cur, chunk));
                     self.pos = 0;
                 }
                 Err(_) => return Ok(0),
