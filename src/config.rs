@@ -689,6 +689,16 @@ fn prewarm_settings(
         }
         None => Some(c.secrets_dir.join("CI_STORAGE_KNOWN_HOSTS")).filter(|p| p.is_file()),
     };
+    let streams = match c.get("CI_STORAGE_STREAMS") {
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 4),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n @ 1..=16) => n,
+            _ => {
+                c.bad("CI_STORAGE_STREAMS", Some(&v), "a number of parallel SSH sessions from 1 to 16");
+                2
+            }
+        },
+    };
     let meta_dir = PathBuf::from(c.env.get("TMPDIR").filter(|t| t.starts_with('/')).unwrap_or_else(|| "/tmp".into()));
     let (host, key, repository) = (host?, key?, repository?);
     let work = std::path::Path::new(work_dir);
@@ -717,6 +727,7 @@ fn prewarm_settings(
         known_hosts,
         owner: runner_user.map(|u| (u.uid, u.gid)),
         meta_dir,
+        streams,
     })
 }
 

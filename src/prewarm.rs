@@ -38,8 +38,6 @@ const GC_MARGIN: Duration = Duration::from_secs(60);
 const CHUNK: usize = 256 * 1024;
 /// Chunks in flight between the two threads.
 const CHUNKS_IN_FLIGHT: usize = 32;
-/// The meta file inside a slot (never copied into the work dir).
-const META_NAME: &str = ".ci-storage.meta";
 
 /// `CI_STORAGE_HOST`: `[user@]host[:port]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +91,8 @@ pub struct Settings {
     pub owner: Option<(u32, u32)>,
     /// Where the local meta file goes (`$TMPDIR`, else `/tmp`, like Python's gettempdir).
     pub meta_dir: PathBuf,
+    /// Parallel SSH sessions the slot's files are split over.
+    pub streams: usize,
 }
 
 impl Settings {
@@ -255,6 +255,7 @@ pub struct Gate(AtomicU8);
 const RUNNING: u8 = 0;
 const COMMITTED: u8 = 1;
 const CANCELLED: u8 = 2;
+const ABORTED: u8 = 3;
 
 impl Gate {
     /// Stops the load; false when it already moved its tree into place (it is then done or
@@ -264,8 +265,13 @@ impl Gate {
             || self.0.load(Ordering::SeqCst) == CANCELLED
     }
 
-    fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst) == CANCELLED
+    /// Stops the load from inside (a stream failed): the other streams end at once.
+    fn abort(&self) {
+        let _ = self.0.compare_exchange(RUNNING, ABORTED, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    fn is_stopped(&self) -> bool {
+        matches!(self.0.load(Ordering::SeqCst), CANCELLED | ABORTED)
     }
 
     fn commit(&self) -> bool {
@@ -278,7 +284,6 @@ impl Gate {
 pub fn load(s: &Settings, gate: &Arc<Gate>) -> Result<Loaded, PrewarmError> {
     let deadline = Instant::now() + s.timeout;
     let session = connect(s)?;
-    let host = &s.host.host;
 
     let listing = exec_to_string(&session, s, "list the slots", &list_command(&s.storage_dir))?;
     let slots = parse_listing(&listing);
@@ -293,39 +298,174 @@ pub fn load(s: &Settings, gate: &Arc<Gate>) -> Result<Loaded, PrewarmError> {
     };
     tracing::info!(slot = %slot.id, age_sec = slot.age.as_secs(), storage_dir = %s.storage_dir, "Loading the newest slot.");
 
-    let mut channel = session.channel_session().map_err(|e| ssh_err("open a channel", host, e))?;
-    channel
-        .exec(&stream_command(&s.storage_dir, &slot.id))
-        .map_err(|e| ssh_err("start tar on the storage host", host, e))?;
+    // More sessions, one per stream: libssh2 decrypts on the thread that reads, so parallel
+    // sessions spread the decryption over the cores.
+    let mut sessions = vec![session];
+    while sessions.len() < s.streams.max(1) {
+        match connect(s) {
+            Ok(extra) => sessions.push(extra),
+            Err(e) => {
+                tracing::debug!(error = %e, streams = sessions.len(), "Fewer streams than asked for.");
+                break;
+            }
+        }
+    }
+    let slot_dir = format!("{}/{}", s.storage_dir.trim_end_matches('/'), slot.id);
+    let staging = sibling(&s.local_dir, "prewarm");
+    {
+        let _fs = s.owner.map(FsIdentity::assume);
+        let unpack_err = |source| PrewarmError::Unpack { path: s.local_dir.clone(), source };
+        if let Some(parent) = staging.parent() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(unpack_err)?;
+        }
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::DirBuilder::new().mode(0o700).create(&staging).map_err(unpack_err)?;
+    }
+    let result = fill(s, &sessions, &slot_dir, &staging, gate, deadline).and_then(|(files, bytes)| {
+        let _fs = s.owner.map(FsIdentity::assume);
+        if !gate.commit() {
+            return Err(PrewarmError::Cancelled);
+        }
+        replace_dir(&staging, &s.local_dir).map_err(|source| PrewarmError::Unpack { path: s.local_dir.clone(), source })?;
+        if let Err(e) = write_meta(&s.meta_path(), &local_meta(&slot.meta, &slot.id)) {
+            tracing::warn!(path = %s.meta_path().display(), error = %e, "Failed to write the local ci-storage meta; a store in a job will not dedup against the loaded slot.");
+        }
+        Ok((files, bytes))
+    });
+    match result {
+        Ok((files, bytes)) => Ok(Loaded { slot: Some(slot.id), files, bytes }),
+        Err(e) => {
+            let _fs = s.owner.map(FsIdentity::assume);
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(e)
+        }
+    }
+}
 
-    let (tx, rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
-    // Spent chunks come back for reuse: no allocation (and no fresh pages) per chunk.
-    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
-    let writer = {
-        let local_dir = s.local_dir.clone();
-        let s = s.clone();
-        let gate = gate.clone();
-        let meta = local_meta(&slot.meta, &slot.id);
-        std::thread::Builder::new()
-            .name("prewarm-writer".into())
-            .spawn(move || write_tree(&s, ChunkReader::new(rx, free_tx), &gate, &meta))
-            .map_err(|source| PrewarmError::Unpack { path: local_dir, source })?
+/// Fills `staging` with the slot: first its directories (one small stream), then its other
+/// entries split by size over every session, each stream read on its own thread and unpacked
+/// on another. Returns (entries, bytes received).
+fn fill(
+    s: &Settings,
+    sessions: &[ssh2::Session],
+    slot_dir: &str,
+    staging: &Path,
+    gate: &Gate,
+    deadline: Instant,
+) -> Result<(u64, u64), PrewarmError> {
+    let mut dirs = DirState::default();
+    let (dir_count, dir_bytes) = std::thread::scope(|sc| {
+        let (tx, rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+        let (free_tx, free_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
+        let dirs = &mut dirs;
+        let writer = sc.spawn(move || {
+            let _fs = s.owner.map(FsIdentity::assume);
+            unpack_stream(ChunkReader::new(rx, free_tx), staging, Dirs::Create(dirs), gate)
+        });
+        let read = pump(s, &sessions[0], &dirs_command(slot_dir), gate, deadline, tx, free_rx);
+        finish_pair(read, writer.join(), gate, staging)
+    })?;
+    let k = sessions.len();
+    let dirs = &dirs;
+    let results: Vec<Result<(u64, u64), PrewarmError>> = std::thread::scope(|sc| {
+        let pairs: Vec<_> = sessions
+            .iter()
+            .enumerate()
+            .map(|(i, session)| {
+                let (tx, rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+                let (free_tx, free_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
+                let writer = sc.spawn(move || {
+                    let _fs = s.owner.map(FsIdentity::assume);
+                    unpack_stream(ChunkReader::new(rx, free_tx), staging, Dirs::Frozen(dirs), gate)
+                });
+                let cmd = files_command(slot_dir, k, i);
+                let reader = sc.spawn(move || pump(s, session, &cmd, gate, deadline, tx, free_rx));
+                (reader, writer)
+            })
+            .collect();
+        pairs
+            .into_iter()
+            .map(|(reader, writer)| {
+                let read = reader.join().unwrap_or_else(|_| Err(panicked(staging)));
+                finish_pair(read, writer.join(), gate, staging)
+            })
+            .collect()
+    });
+    let (mut files, mut bytes) = (dir_count, dir_bytes);
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok((f, b)) => {
+                files += f;
+                bytes += b;
+            }
+            // A stream that stopped because another failed is not the story.
+            Err(PrewarmError::Cancelled) if first_error.is_none() => first_error = Some(PrewarmError::Cancelled),
+            Err(PrewarmError::Cancelled) => {}
+            Err(e) => {
+                if matches!(first_error, None | Some(PrewarmError::Cancelled)) {
+                    first_error = Some(e);
+                }
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let _fs = s.owner.map(FsIdentity::assume);
+    dirs.finish()?;
+    Ok((files, bytes))
+}
+
+fn panicked(path: &Path) -> PrewarmError {
+    PrewarmError::Unpack { path: path.to_path_buf(), source: io::Error::other("a pre-warm thread panicked") }
+}
+
+/// One stream's outcome from its reader's and its writer's: the reader's error first (the
+/// writer may have taken a cut-off stream for a short archive), then the writer's. Any
+/// failure stops the other streams.
+fn finish_pair(
+    read: Result<u64, PrewarmError>,
+    written: std::thread::Result<Result<u64, PrewarmError>>,
+    gate: &Gate,
+    staging: &Path,
+) -> Result<(u64, u64), PrewarmError> {
+    let written = written.unwrap_or_else(|_| Err(panicked(staging)));
+    let out = match (read, written) {
+        (Ok(bytes), Ok(entries)) => return Ok((entries, bytes)),
+        (Err(e), _) | (Ok(_), Err(e)) => e,
     };
+    gate.abort();
+    Err(out)
+}
 
+/// Runs `cmd` on the storage host and feeds its stdout to the writer in whole chunks; then
+/// checks that it exited 0 and said nothing on stderr. Returns the bytes read.
+fn pump(
+    s: &Settings,
+    session: &ssh2::Session,
+    cmd: &str,
+    gate: &Gate,
+    deadline: Instant,
+    tx: SyncSender<Vec<u8>>,
+    free_rx: Receiver<Vec<u8>>,
+) -> Result<u64, PrewarmError> {
+    let host = &s.host.host;
+    let mut channel = session.channel_session().map_err(|e| ssh_err("open a channel", host, e))?;
+    channel.exec(cmd).map_err(|e| ssh_err("start tar on the storage host", host, e))?;
     let mut bytes = 0u64;
-    let read_result = loop {
-        if gate.is_cancelled() {
-            break Err(PrewarmError::Cancelled);
+    loop {
+        if gate.is_stopped() {
+            return Err(PrewarmError::Cancelled);
         }
         if Instant::now() > deadline {
-            break Err(PrewarmError::Timeout(s.timeout));
+            return Err(PrewarmError::Timeout(s.timeout));
         }
         let mut buf = free_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK));
         buf.resize(CHUNK, 0);
         // Fill the whole chunk: one read returns at most one SSH packet.
         let mut filled = 0;
         let mut eof = false;
-        let mut failure = None;
         while filled < CHUNK {
             match channel.read(&mut buf[filled..]) {
                 Ok(0) => {
@@ -334,44 +474,22 @@ pub fn load(s: &Settings, gate: &Arc<Gate>) -> Result<Loaded, PrewarmError> {
                 }
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => {
-                    failure = Some(PrewarmError::Read { host: host.clone(), source });
-                    break;
-                }
+                Err(source) => return Err(PrewarmError::Read { host: host.clone(), source }),
             }
-        }
-        if let Some(e) = failure {
-            break Err(e);
         }
         bytes += filled as u64;
         buf.truncate(filled);
-        // A send fails when the writer stopped: its error is the one to report.
-        if (filled > 0 && tx.send(buf).is_err()) || eof {
-            break Ok(());
+        if filled > 0 && tx.send(buf).is_err() {
+            // The writer stopped; its error is the one to report.
+            return Ok(bytes);
         }
-    };
-    let failed_early = read_result.is_err();
-    if failed_early {
-        // The writer must not take a truncated stream for the end of the archive.
-        gate.cancel();
+        if eof {
+            break;
+        }
     }
     drop(tx);
-    let written = writer.join().unwrap_or_else(|_| {
-        Err(PrewarmError::Unpack { path: s.local_dir.clone(), source: io::Error::other("the writer panicked") })
-    });
-    read_result?;
-    let status = remote_exit(&mut channel, "stream the slot", host);
-    let files = match (written, status) {
-        (Ok(files), Ok(())) => files,
-        (Err(e), _) => return Err(e),
-        (Ok(_), Err(e)) => {
-            // The archive looked complete but tar failed (a file vanished, an unreadable one):
-            // what was moved into place is not the slot. Take it back out.
-            remove_loaded(s);
-            return Err(e);
-        }
-    };
-    Ok(Loaded { slot: Some(slot.id), files, bytes })
+    remote_exit(&mut channel, "stream the slot", host, true)?;
+    Ok(bytes)
 }
 
 fn ssh_err(what: &'static str, host: &str, source: ssh2::Error) -> PrewarmError {
@@ -456,16 +574,31 @@ print "$n\t$age\t$meta\n"; }"#;
     format!("perl -we {} {}", sh_quote(SCRIPT), sh_quote(storage_dir))
 }
 
-/// The slot as a pax archive on stdout, after touching it (as LIST_SLOTS touches the newest
-/// slot) so that ci-storage's GC keeps it while it is read. Nanosecond mtimes ride in the
-/// pax headers; atime and ctime are dropped; the meta file is left out, as rsync's
-/// `--exclude=.ci-storage.meta` leaves it out at any depth.
-fn stream_command(storage_dir: &str, slot: &str) -> String {
-    let dir = format!("{}/{}", storage_dir.trim_end_matches('/'), slot);
+/// tar's options for every stream: POSIX (pax) format, which carries nanosecond mtimes;
+/// atime and ctime dropped; the meta file left out at any depth, as rsync's
+/// `--exclude=.ci-storage.meta` leaves it out; names read NUL-separated from stdin.
+/// (The options before `-T`: GNU tar's `--exclude` only affects the names that follow it.)
+const TAR: &str = "tar --format=posix --pax-option=delete=atime,delete=ctime --exclude=.ci-storage.meta \
+                   --numeric-owner --null --no-recursion";
+
+/// The slot's directories as an archive, after touching the slot (as LIST_SLOTS touches the
+/// newest slot) so that ci-storage's GC keeps it while it is read.
+fn dirs_command(slot_dir: &str) -> String {
+    format!("cd -- {} && touch -c . && find . -type d -print0 | {TAR} -cf - -T -", sh_quote(slot_dir))
+}
+
+/// Stream `i` of `k`: the slot's other entries, each given to the stream with the fewest
+/// bytes so far, in `find` order (every stream computes the same split). Hard links are
+/// sent as files: `rsync -a` makes copies of them too, and a link's target may be in another
+/// stream.
+fn files_command(slot_dir: &str, k: usize, i: usize) -> String {
+    const SPLIT: &str = r#"my ($k, $i) = (shift, shift); my @l = (0) x $k; $/ = "\0";
+while (my $r = <STDIN>) { chomp $r; my ($sz, $p) = split /\t/, $r, 2; my $j = 0;
+for my $n (1 .. $k - 1) { $j = $n if $l[$n] < $l[$j]; } $l[$j] += $sz + 1024; print "$p\0" if $j == $i; }"#;
     format!(
-        "touch -c -- {d} && exec tar -C {d} --format=posix --pax-option=delete=atime,delete=ctime \
-         --exclude={META_NAME} --numeric-owner -cf - .",
-        d = sh_quote(&dir)
+        "cd -- {} && find . ! -type d -printf '%s\\t%p\\0' | perl -we {} {k} {i} | {TAR} --hard-dereference -cf - -T -",
+        sh_quote(slot_dir),
+        sh_quote(SPLIT)
     )
 }
 
@@ -483,17 +616,19 @@ fn exec_to_string(
         .take(64 << 20)
         .read_to_end(&mut out)
         .map_err(|source| PrewarmError::Read { host: host.clone(), source })?;
-    remote_exit(&mut ch, what, host)?;
+    remote_exit(&mut ch, what, host, false)?;
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
-/// Waits for the remote command's end; a non-zero status is an error carrying its stderr.
-fn remote_exit(ch: &mut ssh2::Channel, what: &'static str, host: &str) -> Result<(), PrewarmError> {
+/// Waits for the remote command's end; a non-zero status is an error carrying its stderr,
+/// and so is any stderr at all when `quiet` (find or perl failing inside a pipeline that tar
+/// ends: tar's status alone would hide a tree read in part).
+fn remote_exit(ch: &mut ssh2::Channel, what: &'static str, host: &str, quiet: bool) -> Result<(), PrewarmError> {
     let mut stderr = String::new();
     let _ = ch.stderr().take(4096).read_to_string(&mut stderr);
     let _ = ch.wait_close();
     let status = ch.exit_status().unwrap_or(-1);
-    if status == 0 {
+    if status == 0 && !(quiet && !stderr.trim().is_empty()) {
         return Ok(());
     }
     Err(PrewarmError::Remote {
@@ -542,34 +677,6 @@ fn sibling(local_dir: &Path, what: &str) -> PathBuf {
     local_dir.with_file_name(format!(".{name}.ci-runner-{what}.{}", std::process::id()))
 }
 
-/// The writer thread: as the runner user, unpack into a hidden sibling, then move it into
-/// place and write the local meta. Returns the number of entries written.
-fn write_tree(s: &Settings, archive: impl Read, gate: &Gate, meta: &str) -> Result<u64, PrewarmError> {
-    let _fs_identity = s.owner.map(FsIdentity::assume);
-    let staging = sibling(&s.local_dir, "prewarm");
-    let unpack_err = |source| PrewarmError::Unpack { path: s.local_dir.clone(), source };
-    if let Some(parent) = staging.parent() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(unpack_err)?;
-    }
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::DirBuilder::new().mode(0o700).create(&staging).map_err(unpack_err)?;
-    let result = unpack(archive, &staging, gate).and_then(|files| {
-        if !gate.commit() {
-            return Err(PrewarmError::Cancelled);
-        }
-        replace_dir(&staging, &s.local_dir).map_err(unpack_err)?;
-        Ok(files)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-        return result;
-    }
-    if let Err(e) = write_meta(&s.meta_path(), meta) {
-        tracing::warn!(path = %s.meta_path().display(), error = %e, "Failed to write the local ci-storage meta; a store in a job will not dedup against the loaded slot.");
-    }
-    result
-}
-
 /// Moves `staging` to `dir`; an empty `dir` is removed first, a non-empty one moved aside
 /// and removed after (as `ci-storage load`'s `--delete` would have removed its content).
 fn replace_dir(staging: &Path, dir: &Path) -> io::Result<()> {
@@ -585,16 +692,6 @@ fn replace_dir(staging: &Path, dir: &Path) -> io::Result<()> {
         }
     }
     std::fs::rename(staging, dir)
-}
-
-/// Takes the loaded tree back out of the work dir (the remote tar failed after the archive
-/// looked complete).
-fn remove_loaded(s: &Settings) {
-    let _fs_identity = s.owner.map(FsIdentity::assume);
-    if let Err(e) = std::fs::remove_dir_all(&s.local_dir).and_then(|()| std::fs::create_dir(&s.local_dir)) {
-        tracing::warn!(path = %s.local_dir.display(), error = %e, "Failed to empty the work dir after a failed load.");
-    }
-    let _ = std::fs::remove_file(s.meta_path());
 }
 
 fn write_meta(path: &Path, meta: &str) -> io::Result<()> {
@@ -643,20 +740,56 @@ struct DirAttrs {
     mtime: libc::timespec,
 }
 
-/// Unpacks a tar stream into `root` (an empty directory we just made): regular files,
-/// directories, symlinks, fifos; hard links become copies (as `rsync -a` without `-H` makes);
-/// mode and nanosecond mtime on everything. An entry may only land in a directory that this
-/// archive created, so nothing is written through a symlink or outside `root`.
+/// The directories an archive created: the only places its entries may land.
+#[derive(Default)]
+pub struct DirState {
+    known: HashSet<PathBuf>,
+    attrs: Vec<DirAttrs>,
+}
+
+impl DirState {
+    /// Innermost first: a directory's mtime goes after its last change, a read-only mode
+    /// after its last entry.
+    fn finish(&self) -> Result<(), PrewarmError> {
+        let err = |path: &Path, source: io::Error| PrewarmError::Unpack { path: path.to_path_buf(), source };
+        for d in self.attrs.iter().rev() {
+            std::fs::set_permissions(&d.path, std::fs::Permissions::from_mode(d.mode)).map_err(|e| err(&d.path, e))?;
+            set_times_nofollow(&d.path, d.mtime).map_err(|e| err(&d.path, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a stream may make directories (the first) or only fill those made (the rest,
+/// which run in parallel and share the set read-only).
+enum Dirs<'a> {
+    Create(&'a mut DirState),
+    Frozen(&'a DirState),
+}
+
+/// Unpacks one tar stream into `root` (an empty directory we just made): see [`unpack_stream`].
 pub fn unpack(archive: impl Read, root: &Path, gate: &Gate) -> Result<u64, PrewarmError> {
+    let mut dirs = DirState::default();
+    let n = unpack_stream(archive, root, Dirs::Create(&mut dirs), gate)?;
+    dirs.finish()?;
+    Ok(n)
+}
+
+/// Regular files, directories, symlinks, fifos; hard links become copies (as `rsync -a`
+/// without `-H` makes); mode and nanosecond mtime on everything (directories' are left to
+/// [`DirState::finish`]). An entry may only land in a directory that this load created, so
+/// nothing is written through a symlink or outside `root`.
+fn unpack_stream(archive: impl Read, root: &Path, mut dirs: Dirs<'_>, gate: &Gate) -> Result<u64, PrewarmError> {
     let err = |path: &Path, source: io::Error| PrewarmError::Unpack { path: path.to_path_buf(), source };
     let mut ar = tar::Archive::new(archive);
-    let mut dirs: Vec<DirAttrs> = Vec::new();
-    let mut known_dirs: HashSet<PathBuf> = HashSet::from([PathBuf::new()]);
     let mut files: HashSet<PathBuf> = HashSet::new();
     let mut buf = vec![0u8; CHUNK];
     let mut count = 0u64;
+    if let Dirs::Create(d) = &mut dirs {
+        d.known.insert(PathBuf::new());
+    }
     for entry in ar.entries().map_err(|e| err(root, e))? {
-        if gate.is_cancelled() {
+        if gate.is_stopped() {
             return Err(PrewarmError::Cancelled);
         }
         let mut entry = entry.map_err(|e| err(root, e))?;
@@ -669,20 +802,27 @@ pub fn unpack(archive: impl Read, root: &Path, gate: &Gate) -> Result<u64, Prewa
         let dest = root.join(&rel);
         let mode = entry.header().mode().map_err(|e| err(&dest, e))? & 0o7777;
         let mtime = mtime_of(&mut entry).map_err(|e| err(&dest, e))?;
+        let known = match &dirs {
+            Dirs::Create(d) => &d.known,
+            Dirs::Frozen(d) => &d.known,
+        };
         if rel.as_os_str().is_empty() {
-            if kind.is_dir() {
-                dirs.push(DirAttrs { path: dest, mode, mtime });
+            if let (true, Dirs::Create(d)) = (kind.is_dir(), &mut dirs) {
+                d.attrs.push(DirAttrs { path: dest, mode, mtime });
             }
             continue;
         }
         let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-        if !known_dirs.contains(&parent) {
+        if !known.contains(&parent) {
             return Err(err(&dest, invalid("an entry outside the directories of the archive")));
         }
         if kind.is_dir() {
+            let Dirs::Create(d) = &mut dirs else {
+                return Err(err(&dest, invalid("a directory in a stream of files")));
+            };
             std::fs::DirBuilder::new().mode(0o700).create(&dest).map_err(|e| err(&dest, e))?;
-            known_dirs.insert(rel);
-            dirs.push(DirAttrs { path: dest, mode, mtime });
+            d.known.insert(rel);
+            d.attrs.push(DirAttrs { path: dest, mode, mtime });
         } else if kind.is_file() || kind == tar::EntryType::Continuous {
             let mut f = create_file(&dest).map_err(|e| err(&dest, e))?;
             loop {
@@ -725,12 +865,6 @@ pub fn unpack(archive: impl Read, root: &Path, gate: &Gate) -> Result<u64, Prewa
             continue;
         }
         count += 1;
-    }
-    // Innermost first: setting a directory's mtime must come after its last change, and a
-    // read-only mode after its last entry.
-    for d in dirs.iter().rev() {
-        std::fs::set_permissions(&d.path, std::fs::Permissions::from_mode(d.mode)).map_err(|e| err(&d.path, e))?;
-        set_times_nofollow(&d.path, d.mtime).map_err(|e| err(&d.path, e))?;
     }
     Ok(count)
 }
@@ -896,6 +1030,7 @@ mod tests {
             known_hosts: None,
             owner: None,
             meta_dir: "/tmp".into(),
+            streams: 2,
         };
         assert_eq!(s.meta_path(), PathBuf::from("/tmp/.ci-storage.meta._mnt_repo_repo"));
     }
@@ -921,8 +1056,11 @@ mod tests {
 
     #[test]
     fn the_remote_commands_quote_their_arguments() {
-        let c = stream_command("/mnt/o/r/it's", "12");
-        assert!(c.contains(r"'/mnt/o/r/it'\''s/12'"), "{c}");
+        let c = dirs_command("/mnt/o/r/it's/12");
+        assert!(c.starts_with(r"cd -- '/mnt/o/r/it'\''s/12' && "), "{c}");
+        let c = files_command("/x", 3, 1);
+        assert!(c.contains("| perl -we ") && c.contains("' 3 1 | tar "), "{c}");
+        assert!(!c.contains('\0'), "a NUL in the command");
         assert!(list_command("/x y").ends_with("'/x y'"));
     }
 
