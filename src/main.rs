@@ -4,11 +4,13 @@ use std::ffi::OsString;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
-use ci_runner::config::{self, Config, Host, LogFormat, ProcessEnv, SystemUsers};
+use ci_runner::config::{self, Config, ConfigError, Host, LogFormat, ProcessEnv, SystemUsers};
 use ci_runner::error::{chain, ExitCode};
+use ci_runner::forward;
 use ci_runner::pid1;
 use ci_runner::status::{self, StatusHandle};
 use ci_runner::supervisor::{self, RegistrationSlot, SignalKind, Supervisor};
+use nix::sys::signal::{SigSet, Signal};
 use tokio::signal::unix::{signal, SignalKind as Sig};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +19,7 @@ const USAGE: &str = "usage: ci-runner            run the supervisor (configured 
        ci-runner status     print /health from STATUS_ADDR; exit 0 when healthy, 1 otherwise
        ci-runner init -- COMMAND [ARGS...]
                             be PID 1 for COMMAND only: reap zombies, forward signals, pass its exit code
+       ci-runner forward    only the port forwards (FORWARD_HOST, FORWARD_PORTS), until SIGTERM or SIGINT
        ci-runner hook job-started|job-completed
                             the runner's job hooks for the hardware lock (set up by the supervisor)
        ci-runner --version";
@@ -30,6 +33,7 @@ fn main() {
             pid1::run_init(rest)
         }
         Some("status") => status_command(),
+        Some("forward") => forward_command(),
         Some("hook") => {
             let kind = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
             std::process::exit(ci_runner::lock::hook(kind))
@@ -67,6 +71,54 @@ fn status_command() {
     }
 }
 
+/// `ci-runner forward`: the port forwards alone, in the foreground, until SIGTERM or SIGINT.
+fn forward_command() -> ! {
+    let settings = config::log_settings(&ProcessEnv).and_then(|log| Ok((log, config::forward_settings(&ProcessEnv)?)));
+    let ((format, filter), (forwards, opts)) = match settings {
+        Ok((log, Some(fwd))) => (log, fwd),
+        Ok((_, None)) => {
+            eprintln!("ci-runner forward: nothing to forward: set FORWARD_HOST and FORWARD_PORTS");
+            std::process::exit(ExitCode::Config.code());
+        }
+        Err(problems) => {
+            eprintln!("ci-runner forward: {}:", ConfigError(problems.clone()));
+            for p in &problems {
+                eprintln!("ci-runner forward:   {p}");
+            }
+            std::process::exit(ExitCode::Config.code());
+        }
+    };
+    init_tracing(format, &filter);
+    // Blocked before the forwarding thread starts, so that it inherits the mask and the signals
+    // wait for `sigwait` here.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    if let Err(e) = signals.thread_block() {
+        tracing::error!(error = %e, "Failed to block SIGTERM and SIGINT.");
+        std::process::exit(ExitCode::Internal.code());
+    }
+    let forwarder = match forward::start(forwards, opts) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "Failed to start the forwards.");
+            std::process::exit(ExitCode::Internal.code());
+        }
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        pid = std::process::id(),
+        "Forwarding until SIGTERM or SIGINT."
+    );
+    match signals.wait() {
+        Ok(sig) => tracing::info!(signal = %sig, "Signal received; stopping the forwards."),
+        Err(e) => tracing::error!(error = %e, "Failed to wait for a signal; stopping the forwards."),
+    }
+    forwarder.stop();
+    tracing::info!("Forwards stopped.");
+    std::process::exit(ExitCode::Ok.code())
+}
+
 fn supervise() -> ! {
     pid1::split();
     // From here on we are the supervisor child. Keep /proc/<pid>/environ (which still holds
@@ -93,7 +145,7 @@ fn supervise() -> ! {
             std::process::exit(ExitCode::Config.code());
         }
     };
-    init_tracing(&cfg);
+    init_tracing(cfg.log_format, &cfg.log_filter);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -180,10 +232,10 @@ fn forward_signals(tx: mpsc::UnboundedSender<SignalKind>) -> std::io::Result<()>
     Ok(())
 }
 
-fn init_tracing(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_filter).unwrap_or_else(|_| "info".into());
+fn init_tracing(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match cfg.log_format {
+    match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Plain => builder.with_ansi(nix::unistd::isatty(2).unwrap_or(false)).init(),
     }
