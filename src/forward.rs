@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -529,21 +530,31 @@ async fn udp_session(socket: Arc<UdpSocket>, client: SocketAddr, mut rx: mpsc::R
                 last_active = Instant::now();
                 latest = d;
                 resends = 0;
-                matches!(upstream.try_send(&latest), Err(e) if e.kind() == io::ErrorKind::ConnectionRefused)
+                // `send`, not `try_send`: a new socket is not known to be writable until the
+                // runtime has polled it once, and `try_send` would drop the first datagram.
+                matches!(upstream.send(&latest).await, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused)
             }
-            r = upstream.readable() => {
-                if r.is_err() {
-                    break;
+            // An ICMP port unreachable makes the socket report an error (EPOLLERR), not
+            // readable: the host refused a datagram.
+            r = upstream.ready(Interest::READABLE | Interest::ERROR) => {
+                let Ok(ready) = r else { break };
+                let mut refused = false;
+                if ready.is_error() {
+                    refused = matches!(upstream.take_error(), Ok(Some(e)) if e.kind() == io::ErrorKind::ConnectionRefused);
+                    // Forget the readiness until the next error.
+                    let _ = upstream.try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
                 }
-                match to_client(&upstream, &socket, client) {
-                    Ok(0) => false,
-                    Ok(_) => {
-                        last_active = Instant::now();
-                        target.answered(host);
-                        false
+                if ready.is_readable() {
+                    match to_client(&upstream, &socket, client) {
+                        Ok(0) => {}
+                        Ok(_) => {
+                            last_active = Instant::now();
+                            target.answered(host);
+                        }
+                        Err(e) => refused |= e.kind() == io::ErrorKind::ConnectionRefused,
                     }
-                    Err(e) => e.kind() == io::ErrorKind::ConnectionRefused,
                 }
+                refused
             }
             () = &mut expiry => {
                 if last_active.elapsed() >= idle {
@@ -561,7 +572,7 @@ async fn udp_session(socket: Arc<UdpSocket>, client: SocketAddr, mut rx: mpsc::R
                 (upstream, host) = (s, i);
                 if resends + 1 < n && !latest.is_empty() {
                     resends += 1;
-                    let _ = upstream.try_send(&latest);
+                    let _ = upstream.send(&latest).await;
                 }
             }
         }
