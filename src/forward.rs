@@ -8,7 +8,8 @@
 //!   first like haproxy's `resolve-prefer ipv4`); the first that connects wins, so a backup
 //!   takes over at once when the primary refuses, and the primary is used again as soon as it
 //!   accepts (haproxy needed six health checks 10 s apart either way). Bytes are relayed in both
-//!   directions with half-close, through 64 KiB buffers, with `TCP_NODELAY` on both sides.
+//!   directions with half-close and `TCP_NODELAY` on both sides: small reads are copied, bulk
+//!   transfers move by splice(2) without entering user space.
 //! - UDP: one socket on `127.0.0.1:N`; each client address gets a session with its own upstream
 //!   socket connected to the host, so replies find their way back; a session ends after an idle
 //!   time, and moves to the next host when the current one answers with ICMP port unreachable
@@ -420,6 +421,9 @@ impl Pipe {
     }
 }
 
+/// splice(2) without blocking. Into a socket whose peer is gone it raises SIGPIPE (there is no
+/// MSG_NOSIGNAL for splice): Rust's runtime ignores SIGPIPE before `main`, and the supervisor
+/// inherits that through its fork, so the call fails with EPIPE instead.
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: splice between descriptors we hold open, with no offsets.
     let n = unsafe {
@@ -444,8 +448,8 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 ///
 /// Small reads are copied through a buffer, which costs the fewest syscalls per request and
 /// response. Once a read fills the buffer a bulk transfer is under way, and the bytes move by
-/// splice(2) through a pipe, never entering user space (half the CPU per byte of a copy), until
-/// a splice finds less than a buffer's worth waiting.
+/// splice(2) through a pipe, never entering user space (under half socat's CPU per byte in
+/// BENCHMARKS.md), until a splice finds less than a buffer's worth waiting.
 async fn relay_one(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>) -> io::Result<u64> {
     let mut buf = vec![0; TCP_BUF];
     let mut pipe: Option<Pipe> = None;

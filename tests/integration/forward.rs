@@ -210,6 +210,33 @@ fn two_hundred_concurrent_tcp_connections_each_echo_64_kib_intact() {
     assert_eq!(accepted.load(Ordering::SeqCst), 200);
 }
 
+#[test]
+fn a_host_that_resets_mid_transfer_ends_only_that_connection() {
+    let net = Net(49);
+    let (reset_port, echo_port) = (net.tcp_port(), net.tcp_port());
+    // Reads a little, then closes with unread data: the kernel answers with RST while the
+    // forward splices into the socket (ECONNRESET or EPIPE; SIGPIPE would kill it).
+    tcp_server(net.at(&net.primary(), reset_port), |mut s| {
+        let mut first = [0u8; 1];
+        let _ = s.read_exact(&mut first);
+    });
+    tcp_server(net.at(&net.primary(), echo_port), echo);
+    let fwd = forward(&net.bind(), &net.primary(), &format!("{reset_port} {echo_port}"), &[]);
+    for _ in 0..3 {
+        let mut s = connect(net.at(&net.bind(), reset_port));
+        let chunk = vec![5u8; 1 << 20];
+        // Bulk, so the forward splices; the upload fails somewhere once the host resets.
+        for _ in 0..64 {
+            if s.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    }
+    let payload = pattern(3, 1 << 20);
+    assert!(round_trip(net.at(&net.bind(), echo_port), payload.clone()) == payload);
+    assert!(fwd.log_has("Connection ended with an error."), "{}", fwd.log());
+}
+
 /// A UDP echo server on `addr`; records the peers (the forward's upstream sockets) it saw.
 fn udp_echo(addr: SocketAddr) -> Arc<Mutex<HashSet<SocketAddr>>> {
     let socket = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
