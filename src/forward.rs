@@ -219,8 +219,9 @@ fn parse_ports(raw: &str, problems: &mut Vec<Problem>) -> Vec<(u16, Proto, bool)
     specs
 }
 
-/// The running forwards. [`Forwarder::stop`] (or dropping it) closes every listener and
-/// connection and joins the thread.
+/// The running forwards. [`Forwarder::stop`] (or dropping it) closes every listener, connection
+/// and session and joins the thread: it blocks for a moment (at most about a second, when a DNS
+/// lookup is in flight), so an async caller should stop it last or from `spawn_blocking`.
 #[derive(Debug)]
 pub struct Forwarder {
     cancel: CancellationToken,
@@ -540,7 +541,8 @@ async fn connect(target: &Target) -> Option<(TcpStream, usize)> {
 
 async fn serve_udp(socket: Arc<UdpSocket>, target: Arc<Target>, cancel: CancellationToken) {
     let mut sessions: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
-    let mut sweep = tokio::time::interval(target.opts.udp_idle);
+    // (An interval of zero would panic; the configuration never gives one.)
+    let mut sweep = tokio::time::interval(target.opts.udp_idle.max(Duration::from_secs(1)));
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
