@@ -73,7 +73,11 @@ fn status_command() {
 
 /// `ci-runner forward`: the port forwards alone, in the foreground, until SIGTERM or SIGINT.
 fn forward_command() -> ! {
-    let settings = config::log_settings(&ProcessEnv).and_then(|log| Ok((log, config::forward_settings(&ProcessEnv)?)));
+    // Every bad variable is reported, the logging ones with the forwarding ones.
+    let settings = match (config::log_settings(&ProcessEnv), config::forward_settings(&ProcessEnv)) {
+        (Ok(log), Ok(fwd)) => Ok((log, fwd)),
+        (log, fwd) => Err([log.err(), fwd.err()].into_iter().flatten().flatten().collect::<Vec<_>>()),
+    };
     let ((format, filter), (forwards, opts)) = match settings {
         Ok((log, Some(fwd))) => (log, fwd),
         Ok((_, None)) => {

@@ -313,7 +313,8 @@ fn bad_forward_ports_exit_3_naming_the_variable() {
         .env_clear()
         .env("FORWARD_HOST", "127.0.0.2")
         .env("FORWARD_PORTS", "15432 abc/tcp 70000 22/sctp")
-        .env("FORWARD_BIND", "127.0.47.1");
+        .env("FORWARD_BIND", "127.0.47.1")
+        .env("LOG_FORMAT", "xml");
     let mut fwd = Supervisor::from_command(cmd, String::new());
     let status = fwd.wait_exit(IO);
     assert_eq!(status.code(), Some(3), "{}", fwd.log());
