@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::forward::{Forward, Options as ForwardOptions};
+
 /// Environment variables that hold secrets. They are never logged and never reach the runner.
 pub const SECRET_VARS: &[&str] = &[
     "GH_TOKEN",
@@ -181,6 +183,8 @@ pub struct Config {
     pub prewarm: Option<crate::prewarm::Settings>,
     /// `TZ`, checked against the zone database; `None` when unset.
     pub tz: Option<String>,
+    /// The port forwards (`FORWARD_HOST`, `FORWARD_PORTS`), when both are set.
+    pub forwards: Option<(Vec<Forward>, ForwardOptions)>,
 }
 
 pub const DEFAULT_RUNNER_DIR: &str = "/home/guest/actions-runner";
@@ -278,6 +282,34 @@ impl Collector<'_> {
                 }
             },
         }
+    }
+
+    /// `LOG_FORMAT` and `RUST_LOG`.
+    fn log_settings(&mut self) -> (LogFormat, String) {
+        let log_format = match self.get("LOG_FORMAT").as_deref() {
+            None | Some("plain") => LogFormat::Plain,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                let other = other.to_string();
+                self.bad("LOG_FORMAT", Some(&other), "plain or json");
+                LogFormat::Plain
+            }
+        };
+        let log_filter = self.get("RUST_LOG").unwrap_or_else(|| "info".to_string());
+        if tracing_subscriber::EnvFilter::try_new(&log_filter).is_err() {
+            self.bad("RUST_LOG", Some(&log_filter), "a tracing filter, e.g. info or ci_runner=debug");
+        }
+        (log_format, log_filter)
+    }
+
+    /// Whole seconds, at least 1.
+    fn positive_seconds(&mut self, var: &'static str, default: u64) -> Duration {
+        let d = self.seconds(var, default);
+        if d.is_zero() {
+            self.bad(var, Some("0"), "a whole number of seconds, at least 1");
+            return Duration::from_secs(default);
+        }
+        d
     }
 
     fn seconds(&mut self, var: &'static str, default: u64) -> Duration {
@@ -504,19 +536,7 @@ impl Config {
             }
         };
 
-        let log_format = match c.get("LOG_FORMAT").as_deref() {
-            None | Some("plain") => LogFormat::Plain,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                let other = other.to_string();
-                c.bad("LOG_FORMAT", Some(&other), "plain or json");
-                LogFormat::Plain
-            }
-        };
-        let log_filter = c.get("RUST_LOG").unwrap_or_else(|| "info".to_string());
-        if tracing_subscriber::EnvFilter::try_new(&log_filter).is_err() {
-            c.bad("RUST_LOG", Some(&log_filter), "a tracing filter, e.g. info or ci_runner=debug");
-        }
+        let (log_format, log_filter) = c.log_settings();
 
         let lock_dir = PathBuf::from(c.get("RUNNER_LOCK_DIR").unwrap_or_else(|| DEFAULT_LOCK_DIR.to_string()));
         let lock_timeout = c.get("RUNNER_LOCK_TIMEOUT_SEC").map(|_| c.seconds("RUNNER_LOCK_TIMEOUT_SEC", 0));
@@ -544,6 +564,10 @@ impl Config {
 
         let runner_env = runner_env(env);
         let prewarm = prewarm_settings(&mut c, scope.as_ref(), &runner_dir, &work_dir, runner_user.as_ref());
+        let forwards = forward_settings(env).unwrap_or_else(|p| {
+            c.problems.extend(p);
+            None
+        });
         let tz = c.get("TZ");
         if let Some(tz) = &tz {
             let zoneinfo = PathBuf::from(c.get("TZDIR").unwrap_or_else(|| DEFAULT_ZONEINFO.into()));
@@ -584,6 +608,7 @@ impl Config {
             runner_env,
             prewarm,
             tz,
+            forwards,
         })
     }
 
@@ -803,6 +828,45 @@ pub fn status_addr(env: &dyn EnvSource) -> Result<Option<SocketAddr>, Problem> {
     }
 }
 
+/// `LOG_FORMAT` and `RUST_LOG`, for commands that need no other configuration.
+pub fn log_settings(env: &dyn EnvSource) -> Result<(LogFormat, String), Vec<Problem>> {
+    let mut c = Collector { env, problems: Vec::new(), secrets_dir: PathBuf::new() };
+    let settings = c.log_settings();
+    if c.problems.is_empty() {
+        Ok(settings)
+    } else {
+        Err(c.problems)
+    }
+}
+
+/// The port forwards: `FORWARD_HOST` and `FORWARD_PORTS` (both empty: `None`, no forwards),
+/// `FORWARD_BIND`, `FORWARD_CONNECT_TIMEOUT_SEC` and `FORWARD_UDP_IDLE_SEC`. Every variable is
+/// checked even when forwarding is off.
+pub fn forward_settings(env: &dyn EnvSource) -> Result<Option<(Vec<Forward>, ForwardOptions)>, Vec<Problem>> {
+    let mut c = Collector { env, problems: Vec::new(), secrets_dir: PathBuf::new() };
+    let hosts = c.get("FORWARD_HOST").unwrap_or_default();
+    let ports = c.get("FORWARD_PORTS").unwrap_or_default();
+    let forwards = crate::forward::parse(&hosts, &ports).unwrap_or_else(|p| {
+        c.problems.extend(p);
+        Vec::new()
+    });
+    let defaults = ForwardOptions::default();
+    let bind = match c.get("FORWARD_BIND") {
+        None => defaults.bind,
+        Some(v) => v.parse().unwrap_or_else(|_| {
+            c.bad("FORWARD_BIND", Some(&v), "an IP address to listen on, e.g. 127.0.0.1 (the default: loopback only)");
+            defaults.bind
+        }),
+    };
+    let connect_timeout =
+        c.positive_seconds("FORWARD_CONNECT_TIMEOUT_SEC", crate::forward::DEFAULT_CONNECT_TIMEOUT.as_secs());
+    let udp_idle = c.positive_seconds("FORWARD_UDP_IDLE_SEC", crate::forward::DEFAULT_UDP_IDLE.as_secs());
+    if !c.problems.is_empty() {
+        return Err(c.problems);
+    }
+    Ok((!forwards.is_empty()).then_some((forwards, ForwardOptions { bind, connect_timeout, udp_idle })))
+}
+
 /// Whether `dir` holds the runner's `config.sh` and `run.sh`.
 pub fn runner_dir_has_scripts(dir: &std::path::Path) -> bool {
     dir.join("config.sh").is_file() && dir.join("run.sh").is_file()
@@ -991,6 +1055,38 @@ mod tests {
     fn secret_debug_is_masked() {
         let c = Credentials::Pat(Secret::new("ghp_x"));
         assert!(!format!("{c:?}").contains("ghp_x"));
+    }
+
+    #[test]
+    fn forward_settings_off_on_and_bad() {
+        assert_eq!(forward_settings(&env(&[])).unwrap(), None);
+        let (forwards, opts) =
+            forward_settings(&env(&[("FORWARD_HOST", "h:1 b"), ("FORWARD_PORTS", "22 53/udp")])).unwrap().unwrap();
+        assert_eq!(forwards.len(), 2);
+        assert_eq!(opts, ForwardOptions::default());
+        let (_, opts) = forward_settings(&env(&[
+            ("FORWARD_HOST", "h"),
+            ("FORWARD_PORTS", "22"),
+            ("FORWARD_BIND", "127.0.0.5"),
+            ("FORWARD_CONNECT_TIMEOUT_SEC", "2"),
+            ("FORWARD_UDP_IDLE_SEC", "9"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(opts.bind.to_string(), "127.0.0.5");
+        assert_eq!((opts.connect_timeout.as_secs(), opts.udp_idle.as_secs()), (2, 9));
+        let err = forward_settings(&env(&[
+            ("FORWARD_PORTS", "22/sctp"),
+            ("FORWARD_BIND", "localhost"),
+            ("FORWARD_CONNECT_TIMEOUT_SEC", "0"),
+            ("FORWARD_UDP_IDLE_SEC", "1m"),
+        ]))
+        .unwrap_err();
+        let vars: Vec<_> = err.iter().map(|p| p.var).collect();
+        assert_eq!(
+            vars,
+            ["FORWARD_PORTS", "FORWARD_HOST", "FORWARD_BIND", "FORWARD_CONNECT_TIMEOUT_SEC", "FORWARD_UDP_IDLE_SEC"]
+        );
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub enum Error {
     Hook(#[from] crate::hooks::HookError),
     #[error("failed to set up the hardware lock")]
     Lock(#[from] crate::lock::LockError),
+    #[error("failed to start the port forwards")]
+    Forward(#[from] crate::forward::ForwardError),
     #[error("the runner failed for good: {0}")]
     RunnerGaveUp(String),
 }
@@ -68,7 +70,8 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Error::Config(_) => ExitCode::Config,
+            // A port already taken is the operator's to fix, like a bad variable.
+            Error::Config(_) | Error::Forward(_) => ExitCode::Config,
             Error::Github(e) if e.is_permanent() => ExitCode::GithubRefused,
             Error::Github(_) => ExitCode::GithubUnavailable,
             Error::Runner(_) | Error::RunnerGaveUp(_) | Error::Prepare { .. } | Error::Lock(_) => {

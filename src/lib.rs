@@ -14,11 +14,13 @@
 //! - [`hooks`]: the boot hooks, `entrypoint.*.sh` sourced as root, then as the runner user.
 //! - [`prewarm`]: the work dir loaded from the newest ci-storage slot over SSH before the first job.
 //! - [`lock`]: the hardware lock: one job at a time on a shared device, in arrival order.
+//! - [`forward`]: `127.0.0.1:N` to port N on the central host: TCP with failover, UDP sessions.
 //! - [`status`]: the state machine's current state on `GET /health` and `ci-runner status`.
 //! - [`error`]: the top-level error and the exit codes.
 
 pub mod config;
 pub mod error;
+pub mod forward;
 pub mod github;
 pub mod hooks;
 pub mod lock;

@@ -4,11 +4,13 @@ use std::ffi::OsString;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
-use ci_runner::config::{self, Config, Host, LogFormat, ProcessEnv, SystemUsers};
+use ci_runner::config::{self, Config, ConfigError, Host, LogFormat, ProcessEnv, SystemUsers};
 use ci_runner::error::{chain, ExitCode};
+use ci_runner::forward;
 use ci_runner::pid1;
 use ci_runner::status::{self, StatusHandle};
 use ci_runner::supervisor::{self, RegistrationSlot, SignalKind, Supervisor};
+use nix::sys::signal::{SigSet, Signal};
 use tokio::signal::unix::{signal, SignalKind as Sig};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +20,7 @@ const USAGE: &str = "usage: ci-runner            run the supervisor (configured 
        ci-runner init -- COMMAND [ARGS...]
                             be PID 1 for COMMAND only: reap zombies, forward signals, pass its exit code
        ci-runner prewarm    load the work dir from ci-storage now, as the boot does (CI_STORAGE_* variables)
+       ci-runner forward    only the port forwards (FORWARD_HOST, FORWARD_PORTS), until SIGTERM or SIGINT
        ci-runner hook job-started|job-completed
                             the runner's job hooks for the hardware lock (set up by the supervisor)
        ci-runner --version";
@@ -32,6 +35,7 @@ fn main() {
         }
         Some("status") => status_command(),
         Some("prewarm") => prewarm_command(),
+        Some("forward") => forward_command(),
         Some("hook") => {
             let kind = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
             std::process::exit(ci_runner::lock::hook(kind))
@@ -67,6 +71,58 @@ fn status_command() {
             std::process::exit(1);
         }
     }
+}
+
+/// `ci-runner forward`: the port forwards alone, in the foreground, until SIGTERM or SIGINT.
+fn forward_command() -> ! {
+    // Every bad variable is reported, the logging ones with the forwarding ones.
+    let settings = match (config::log_settings(&ProcessEnv), config::forward_settings(&ProcessEnv)) {
+        (Ok(log), Ok(fwd)) => Ok((log, fwd)),
+        (log, fwd) => Err([log.err(), fwd.err()].into_iter().flatten().flatten().collect::<Vec<_>>()),
+    };
+    let ((format, filter), (forwards, opts)) = match settings {
+        Ok((log, Some(fwd))) => (log, fwd),
+        Ok((_, None)) => {
+            eprintln!("ci-runner forward: nothing to forward: set FORWARD_HOST and FORWARD_PORTS");
+            std::process::exit(ExitCode::Config.code());
+        }
+        Err(problems) => {
+            eprintln!("ci-runner forward: {}:", ConfigError(problems.clone()));
+            for p in &problems {
+                eprintln!("ci-runner forward:   {p}");
+            }
+            std::process::exit(ExitCode::Config.code());
+        }
+    };
+    init_tracing(format, &filter);
+    // Blocked before the forwarding thread starts, so that it inherits the mask and the signals
+    // wait for `sigwait` here.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    if let Err(e) = signals.thread_block() {
+        tracing::error!(error = %e, "Failed to block SIGTERM and SIGINT.");
+        std::process::exit(ExitCode::Internal.code());
+    }
+    let forwarder = match forward::start(forwards, opts) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "Failed to start the forwards.");
+            std::process::exit(ExitCode::Internal.code());
+        }
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        pid = std::process::id(),
+        "Forwarding until SIGTERM or SIGINT."
+    );
+    match signals.wait() {
+        Ok(sig) => tracing::info!(signal = %sig, "Signal received; stopping the forwards."),
+        Err(e) => tracing::error!(error = %e, "Failed to wait for a signal; stopping the forwards."),
+    }
+    forwarder.stop();
+    tracing::info!("Forwards stopped.");
+    std::process::exit(ExitCode::Ok.code())
 }
 
 /// `ci-runner prewarm`: one pre-warm in the foreground; exit 0 warm or cold (no slot),
@@ -139,7 +195,7 @@ fn supervise() -> ! {
             std::process::exit(ExitCode::Config.code());
         }
     };
-    init_tracing(&cfg);
+    init_tracing(cfg.log_format, &cfg.log_filter);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -226,10 +282,10 @@ fn forward_signals(tx: mpsc::UnboundedSender<SignalKind>) -> std::io::Result<()>
     Ok(())
 }
 
-fn init_tracing(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_filter).unwrap_or_else(|_| "info".into());
+fn init_tracing(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match cfg.log_format {
+    match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Plain => builder.with_ansi(nix::unistd::isatty(2).unwrap_or(false)).init(),
     }

@@ -164,6 +164,7 @@ pub struct Supervisor {
     lock: Option<mpsc::UnboundedSender<lock::Request>>,
     daemons: hooks::Daemons,
     prewarm: Option<PrewarmTask>,
+    forwarder: Option<crate::forward::Forwarder>,
 }
 
 /// A pre-warm running on its own thread (not `spawn_blocking`: a hung one must not hold up
@@ -244,6 +245,7 @@ impl Supervisor {
             lock: None,
             daemons: hooks::Daemons::default(),
             prewarm: None,
+            forwarder: None,
         })
     }
 
@@ -262,8 +264,12 @@ impl Supervisor {
                 e.exit_code()
             }
         };
-        // After the runner: what the boot hooks started (dockerd, a VPN …).
+        // After the runner: what the boot hooks started (dockerd, a VPN …), then the forwards
+        // (the runner's de-registration and the daemons may have used them).
         self.daemons.stop(Duration::from_secs(10)).await;
+        if let Some(f) = self.forwarder.take() {
+            let _ = tokio::task::spawn_blocking(move || f.stop()).await;
+        }
         if code == ExitCode::Ok || code == ExitCode::DrainTimeout {
             self.status.set_state(State::Stopped);
         }
@@ -446,6 +452,11 @@ impl Supervisor {
 
     async fn run_inner(&mut self) -> Result<ExitCode, Error> {
         apply_tz(&self.cfg);
+        // First of all: the hooks and the pre-warm may need them (CI_STORAGE_HOST is often a
+        // forwarded port). A port already taken stops the boot before anything is registered.
+        if let Some((forwards, opts)) = self.cfg.forwards.clone() {
+            self.forwarder = Some(crate::forward::start(forwards, opts)?);
+        }
         if !self.run_hooks(false).await? {
             info!("Stopped during boot: nothing was registered.");
             return Ok(ExitCode::Ok);

@@ -435,3 +435,31 @@ fn a_missing_storage_key_is_a_configuration_error_naming_it() {
     assert!(sup.log_has("CI_STORAGE_PRIVATE_KEY"), "{}", sup.log());
     assert!(gh.rest_requests("POST", "registration-token").is_empty(), "GitHub was called");
 }
+
+#[test]
+fn prewarm_reaches_the_storage_host_through_a_port_forward_that_is_up_first() {
+    let Some(sshd) = Sshd::start() else { return };
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let st = storage(&runner);
+    build_slot(&st.dir.join("7"), None, 7);
+    // As in compose: CI_STORAGE_HOST is a forwarded port on the container's loopback
+    // (127.0.0.5 here, so the forward does not collide with sshd's own 127.0.0.1).
+    let port = sshd.port.to_string();
+    let env = prewarm_env(
+        &gh,
+        &runner,
+        &st,
+        &format!("root@127.0.0.5:{port}"),
+        &sshd.key_file(),
+        &[("FORWARD_HOST", "127.0.0.1"), ("FORWARD_PORTS", &port), ("FORWARD_BIND", "127.0.0.5")],
+    );
+    let sup = Supervisor::start(&env);
+    sup.wait_state("idle", BOOT);
+    let health = sup.health().unwrap();
+    assert_eq!(health["prewarm"]["outcome"], "warm", "{health}\n{}", sup.log());
+    let reference = tempfile::tempdir().unwrap();
+    sshd.rsync(&st.dir.join("7"), reference.path());
+    assert_same_tree(&st.local, reference.path());
+    stop(sup);
+}
