@@ -628,7 +628,7 @@ fn remote_exit(ch: &mut ssh2::Channel, what: &'static str, host: &str, quiet: bo
     let _ = ch.stderr().take(4096).read_to_string(&mut stderr);
     let _ = ch.wait_close();
     let status = ch.exit_status().unwrap_or(-1);
-    if status == 0 && !(quiet && !stderr.trim().is_empty()) {
+    if status == 0 && (!quiet || stderr.trim().is_empty()) {
         return Ok(());
     }
     Err(PrewarmError::Remote {
