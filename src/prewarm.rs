@@ -587,16 +587,15 @@ fn dirs_command(slot_dir: &str) -> String {
     format!("cd -- {} && touch -c . && find . -type d -print0 | {TAR} -cf - -T -", sh_quote(slot_dir))
 }
 
-/// Stream `i` of `k`: the slot's other entries, each given to the stream with the fewest
-/// bytes so far, in `find` order (every stream computes the same split). Hard links are
-/// sent as files: `rsync -a` makes copies of them too, and a link's target may be in another
-/// stream.
+/// Stream `i` of `k`: every `k`-th of the slot's other entries in `find` order, so that no
+/// side has to stat a file just to split the work (every stream computes the same split).
+/// Hard links are sent as files: `rsync -a` makes copies of them too, and a link's target
+/// may be in another stream.
 fn files_command(slot_dir: &str, k: usize, i: usize) -> String {
-    const SPLIT: &str = r#"my ($k, $i) = (shift, shift); my @l = (0) x $k; $/ = "\0";
-while (my $r = <STDIN>) { chomp $r; my ($sz, $p) = split /\t/, $r, 2; my $j = 0;
-for my $n (1 .. $k - 1) { $j = $n if $l[$n] < $l[$j]; } $l[$j] += $sz + 1024; print "$p\0" if $j == $i; }"#;
+    const SPLIT: &str = r#"my ($k, $i) = (shift, shift); $/ = "\0"; my $n = 0;
+while (my $p = <STDIN>) { print $p if $n++ % $k == $i; }"#;
     format!(
-        "cd -- {} && find . ! -type d -printf '%s\\t%p\\0' | perl -we {} {k} {i} | {TAR} --hard-dereference -cf - -T -",
+        "cd -- {} && find . ! -type d -print0 | perl -we {} {k} {i} | {TAR} --hard-dereference -cf - -T -",
         sh_quote(slot_dir),
         sh_quote(SPLIT)
     )
