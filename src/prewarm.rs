@@ -97,9 +97,15 @@ pub struct Settings {
 
 impl Settings {
     /// `{storage root}/{owner}/{repo}/{realpath of local_dir with / turned into _}`.
+    /// A root starting with `~/` is relative to the SSH user's home, as ci-storage makes it
+    /// (the commands run there, and a quoted `~` would not expand).
     pub fn storage_dir_for(root: &str, repository: &str, local_dir: &Path) -> String {
         let root = root.trim_end_matches('/');
-        format!("{}/{}/{}", if root.is_empty() { "" } else { root }, repository, slug(local_dir))
+        let dir = format!("{root}/{repository}/{}", slug(local_dir));
+        match dir.strip_prefix("~/") {
+            Some(relative) => relative.to_string(),
+            None => dir,
+        }
     }
 
     /// `/tmp/.ci-storage.meta._mnt_repo_repo`: where `ci-storage load` keeps the local meta.
@@ -980,6 +986,8 @@ mod tests {
         assert_eq!(d, "/mnt/octo-org/octo-repo/_mnt_octo-repo_octo-repo");
         let d = Settings::storage_dir_for("/mnt/", "o/r", Path::new("/work/r/r"));
         assert_eq!(d, "/mnt/o/r/_work_r_r");
+        let d = Settings::storage_dir_for("~/ci-storage", "o/r", Path::new("/mnt/r/r"));
+        assert_eq!(d, "ci-storage/o/r/_mnt_r_r");
     }
 
     #[test]
