@@ -103,6 +103,10 @@ struct Container {
 
 impl Container {
     fn run(env: &[(&str, String)], mounts: &[&Path]) -> Container {
+        Self::run_image(image(), env, mounts)
+    }
+
+    fn run_image(image: &str, env: &[(&str, String)], mounts: &[&Path]) -> Container {
         let name = format!("ci-runner-test-{}-{}", std::process::id(), rand_suffix());
         let mut args: Vec<String> =
             vec!["run".into(), "-d".into(), "--name".into(), name.clone(), "--network".into(), "host".into()];
@@ -114,7 +118,7 @@ impl Container {
             args.push("-v".into());
             args.push(format!("{0}:{0}", m.display()));
         }
-        args.push(image().to_string());
+        args.push(image.to_string());
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         docker_ok(&refs);
         Container { name }
@@ -220,4 +224,137 @@ fn image_registers_runs_jobs_as_guest_without_secrets_and_drains_on_docker_stop(
     let job = gh.job(id);
     assert_eq!(job["result"], "Succeeded", "{job}");
     assert!(gh.runners().is_empty(), "a runner was left registered: {:?}", gh.runners());
+}
+
+/// A derived image, as users make one: the shipped docker-group hook and a guest hook of
+/// their own dropped in.
+fn derived_image() -> &'static str {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    const DERIVED: &str = "ci-runner:test-derived";
+    BUILT.get_or_init(|| {
+        let base = image();
+        let ctx = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            repo_root().join("hooks/root/entrypoint.05-docker-group.sh"),
+            ctx.path().join("entrypoint.05-docker-group.sh"),
+        )
+        .unwrap();
+        std::fs::write(
+            ctx.path().join("entrypoint.20-mark.sh"),
+            "echo \"guest hook ran as $(id -un)\"\nexport HOOK_MARK=derived\n",
+        )
+        .unwrap();
+        std::fs::write(
+            ctx.path().join("Dockerfile"),
+            format!(
+                "FROM {base}\nCOPY entrypoint.05-docker-group.sh /root/\n\
+                 COPY --chown=guest:guest entrypoint.20-mark.sh /home/guest/\n"
+            ),
+        )
+        .unwrap();
+        let out =
+            Command::new("docker").args(["build", "-q", "-t", DERIVED, "."]).current_dir(ctx.path()).output().unwrap();
+        assert!(out.status.success(), "docker build failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    });
+    DERIVED
+}
+
+#[test]
+fn a_derived_image_runs_its_hooks_joins_the_socket_group_and_reaps_zombies() {
+    if !docker_available() {
+        return;
+    }
+    let gh = FakeGithub::start();
+    let (_keep, scratch) = scratch_dir();
+    let socket = Path::new("/var/run/docker.sock");
+    let c = Container::run_image(derived_image(), &env_for(&gh, free_port()), &[&scratch, socket]);
+    c.wait_log("Listening for Jobs");
+    let logs = c.logs();
+    assert!(logs.contains("[entrypoint.20-mark.sh] guest hook ran as guest"), "{logs}");
+    assert!(logs.contains("[entrypoint.05-docker-group.sh]"), "{logs}");
+
+    // The job: the hook's export, the socket's group, and orphans left to PID 1.
+    let s = scratch.display();
+    let steps = format!(
+        "env > {s}/env.txt; id -G > {s}/groups.txt; \
+         for i in $(seq 50); do sh -c 'sleep 0.01 & exit 0'; done; touch {s}/orphans.made"
+    );
+    let id = gh.enqueue("zombies", &["ci-test"], &steps);
+    wait_for("the job to finish", LONG, || Some(gh.job(id)).filter(|j| j["status"] == "completed"));
+    let job_env = std::fs::read_to_string(scratch.join("env.txt")).unwrap();
+    assert!(job_env.contains("HOOK_MARK=derived"), "the hook's export did not reach the job");
+    let gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(socket).unwrap()).to_string();
+    let groups = std::fs::read_to_string(scratch.join("groups.txt")).unwrap();
+    if gid != "0" {
+        assert!(groups.split_whitespace().any(|g| g == gid), "guest is not in the socket's group {gid}: {groups}");
+    }
+    // Every orphan was reaped by PID 1: no zombie is left in the container.
+    wait_for("no zombie left in the container", LONG, || {
+        let z = docker_ok(&["exec", &c.name, "sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status || true"]);
+        z.is_empty().then_some(())
+    });
+}
+
+/// Runs the compose file from a copy of the repository's, as users do, with the test image.
+fn compose(dir: &Path, project: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = if docker(&["compose", "version"]).status.success() {
+        let mut c = Command::new("docker");
+        c.arg("compose");
+        c
+    } else {
+        Command::new("docker-compose")
+    };
+    cmd.args(["-f", "compose.yaml", "-p", project]).args(args).current_dir(dir).output().expect("run compose")
+}
+
+#[test]
+fn compose_scales_to_three_distinct_runners_and_down_leaves_none() {
+    if !docker_available() {
+        return;
+    }
+    if !docker(&["compose", "version"]).status.success() && !require("docker-compose") {
+        return;
+    }
+    let gh = FakeGithub::start();
+    let img = image();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(repo_root().join("compose.yaml"), dir.path().join("compose.yaml")).unwrap();
+    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+    std::fs::write(dir.path().join("secrets/CI_STORAGE_PRIVATE_KEY"), "").unwrap();
+    // Host networking so the containers reach the fake GitHub on loopback; three containers
+    // on one network namespace cannot share a status port, so it is off.
+    std::fs::write(
+        dir.path().join(".env"),
+        format!(
+            "GH_TOKEN={PAT}\nGH_REPOSITORY={REPO}\nGH_LABELS=ci-test,compose\nGH_SERVER_URL={url}\n\
+             GH_API_URL={url}/api/v3\nCI_RUNNER_IMAGE={img}\nCI_RUNNER_NETWORK_MODE=host\nSTATUS_ADDR=off\n\
+             STOP_GRACE_PERIOD=60s\nDRAIN_TIMEOUT_SEC=30\n",
+            url = gh.url()
+        ),
+    )
+    .unwrap();
+    let project = format!("cirunnertest{}{}", std::process::id(), rand_suffix());
+    struct Down<'a>(&'a Path, &'a str);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = compose(self.0, self.1, &["down", "-t", "60"]);
+        }
+    }
+    let _down = Down(dir.path(), &project);
+    let up = compose(dir.path(), &project, &["up", "-d", "--no-build", "--scale", "ci-runner=3"]);
+    assert!(up.status.success(), "compose up failed: {}", String::from_utf8_lossy(&up.stderr));
+    let names = wait_for("three runners online", LONG, || {
+        let online: Vec<String> = gh
+            .runners()
+            .into_iter()
+            .filter(|r| r["status"] == "online")
+            .filter_map(|r| r["name"].as_str().map(str::to_string))
+            .collect();
+        (online.len() == 3).then_some(online)
+    });
+    let distinct: std::collections::HashSet<_> = names.iter().collect();
+    assert_eq!(distinct.len(), 3, "names collide: {names:?}");
+    let down = compose(dir.path(), &project, &["down", "-t", "60"]);
+    assert!(down.status.success(), "compose down failed: {}", String::from_utf8_lossy(&down.stderr));
+    assert!(gh.runners().is_empty(), "runners left registered after down: {:?}", gh.runners());
 }
