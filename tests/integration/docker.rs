@@ -201,6 +201,20 @@ fn image_registers_runs_jobs_as_guest_without_secrets_and_drains_on_docker_stop(
     // PID 1 is ci-runner.
     let pid1 = docker_ok(&["exec", &c.name, "cat", "/proc/1/cmdline"]);
     assert!(pid1.starts_with("/usr/local/bin/ci-runner"), "PID 1 is {pid1:?}");
+    // `docker exec -it <c> bash -l` lands in a guest login shell in /home/guest (stdin here).
+    let out = Command::new("docker")
+        .args(["exec", "-i", &c.name, "bash", "-l"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(b"id -un; pwd\n")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let shell = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(shell.split_whitespace().collect::<Vec<_>>(), ["guest", "/home/guest"], "{shell}");
 
     // A job: it runs as guest, without GH_TOKEN; then `docker stop` while it runs.
     let s = scratch.display();
