@@ -50,6 +50,11 @@ pub fn require(tool: &str) -> bool {
     found
 }
 
+/// A TCP port free on 127.0.0.1 a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

@@ -32,10 +32,6 @@ fn keygen(path: &Path) {
     assert!(ok, "ssh-keygen failed");
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 impl Sshd {
     /// None (after saying why) when this machine cannot run one: not root, or no sshd.
     pub fn start() -> Option<Sshd> {
