@@ -360,42 +360,20 @@ fn fill(
     deadline: Instant,
 ) -> Result<(u64, u64), PrewarmError> {
     let mut dirs = DirState::default();
-    let (dir_count, dir_bytes) = std::thread::scope(|sc| {
-        let (tx, rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
-        let (free_tx, free_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
-        let dirs = &mut dirs;
-        let writer = sc.spawn(move || {
-            let _fs = s.owner.map(FsIdentity::assume);
-            unpack_stream(ChunkReader::new(rx, free_tx), staging, Dirs::Create(dirs), gate)
-        });
-        let read = pump(s, &sessions[0], &dirs_command(slot_dir), gate, deadline, tx, free_rx);
-        finish_pair(read, writer.join(), gate, staging)
-    })?;
+    let (dir_count, dir_bytes) =
+        stream(s, &sessions[0], &dirs_command(slot_dir), staging, Dirs::Create(&mut dirs), gate, deadline)?;
     let k = sessions.len();
     let dirs = &dirs;
     let results: Vec<Result<(u64, u64), PrewarmError>> = std::thread::scope(|sc| {
-        let pairs: Vec<_> = sessions
+        let streams: Vec<_> = sessions
             .iter()
             .enumerate()
             .map(|(i, session)| {
-                let (tx, rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
-                let (free_tx, free_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
-                let writer = sc.spawn(move || {
-                    let _fs = s.owner.map(FsIdentity::assume);
-                    unpack_stream(ChunkReader::new(rx, free_tx), staging, Dirs::Frozen(dirs), gate)
-                });
                 let cmd = files_command(slot_dir, k, i);
-                let reader = sc.spawn(move || pump(s, session, &cmd, gate, deadline, tx, free_rx));
-                (reader, writer)
+                sc.spawn(move || stream(s, session, &cmd, staging, Dirs::Frozen(dirs), gate, deadline))
             })
             .collect();
-        pairs
-            .into_iter()
-            .map(|(reader, writer)| {
-                let read = reader.join().unwrap_or_else(|_| Err(panicked(staging)));
-                finish_pair(read, writer.join(), gate, staging)
-            })
-            .collect()
+        streams.into_iter().map(|t| t.join().unwrap_or_else(|_| Err(panicked(staging)))).collect()
     });
     let (mut files, mut bytes) = (dir_count, dir_bytes);
     let mut first_error = None;
@@ -425,6 +403,30 @@ fn fill(
 
 fn panicked(path: &Path) -> PrewarmError {
     PrewarmError::Unpack { path: path.to_path_buf(), source: io::Error::other("a pre-warm thread panicked") }
+}
+
+/// One stream: `cmd`'s output read on this thread, unpacked on another (as the runner user).
+/// Returns (entries, bytes received).
+fn stream(
+    s: &Settings,
+    session: &ssh2::Session,
+    cmd: &str,
+    staging: &Path,
+    dirs: Dirs<'_>,
+    gate: &Gate,
+    deadline: Instant,
+) -> Result<(u64, u64), PrewarmError> {
+    let (tx, rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+    // Spent chunks come back for reuse: no allocation (and no fresh pages) per chunk.
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
+    std::thread::scope(|sc| {
+        let writer = sc.spawn(move || {
+            let _fs = s.owner.map(FsIdentity::assume);
+            unpack_stream(ChunkReader::new(rx, free_tx), staging, dirs, gate)
+        });
+        let read = pump(s, session, cmd, gate, deadline, tx, free_rx);
+        finish_pair(read, writer.join(), gate, staging)
+    })
 }
 
 /// One stream's outcome from its reader's and its writer's: the reader's error first (the
