@@ -183,6 +183,8 @@ pub struct Config {
     pub prewarm: Option<crate::prewarm::Settings>,
     /// `TZ`, checked against the zone database; `None` when unset.
     pub tz: Option<String>,
+    /// The zone database `TZ` was checked against (`TZDIR`, default `/usr/share/zoneinfo`).
+    pub zoneinfo: PathBuf,
     /// The port forwards (`FORWARD_HOST`, `FORWARD_PORTS`), when both are set.
     pub forwards: Option<(Vec<Forward>, ForwardOptions)>,
 }
@@ -569,8 +571,8 @@ impl Config {
             None
         });
         let tz = c.get("TZ");
+        let zoneinfo = PathBuf::from(c.get("TZDIR").unwrap_or_else(|| DEFAULT_ZONEINFO.into()));
         if let Some(tz) = &tz {
-            let zoneinfo = PathBuf::from(c.get("TZDIR").unwrap_or_else(|| DEFAULT_ZONEINFO.into()));
             if !known_zone(&zoneinfo, tz) {
                 let tz = tz.clone();
                 c.bad("TZ", Some(&tz), format!("a time zone in {}, e.g. UTC or Europe/Berlin", zoneinfo.display()));
@@ -608,6 +610,7 @@ impl Config {
             runner_env,
             prewarm,
             tz,
+            zoneinfo,
             forwards,
         })
     }

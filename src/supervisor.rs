@@ -184,7 +184,8 @@ fn apply_tz(cfg: &Config) {
     if std::os::unix::process::parent_id() != 1 || !nix::unistd::geteuid().is_root() || tz.starts_with('/') {
         return;
     }
-    let target = PathBuf::from(crate::config::DEFAULT_ZONEINFO).join(tz);
+    // The file the configuration checked, so /etc/localtime never points at another database.
+    let target = cfg.zoneinfo.join(tz);
     let tmp = PathBuf::from("/etc/.localtime.ci-runner");
     let _ = std::fs::remove_file(&tmp);
     let res = std::os::unix::fs::symlink(&target, &tmp)
@@ -377,6 +378,7 @@ impl Supervisor {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let started = Instant::now();
         let deadline = started + settings.timeout;
+        let host = format!("{}:{}", settings.host.host, settings.host.port);
         let thread_gate = gate.clone();
         let span = tracing::info_span!("prewarm");
         let spawned = std::thread::Builder::new().name("prewarm".into()).spawn(move || {
@@ -387,7 +389,7 @@ impl Supervisor {
             warn!(error = %e, "Failed to start the pre-warm; starting cold.");
             return;
         }
-        info!(host = %self.cfg.prewarm.as_ref().map(|p| format!("{}:{}", p.host.host, p.host.port)).unwrap_or_default(), "Pre-warming the work dir from ci-storage.");
+        info!(host = %host, "Pre-warming the work dir from ci-storage.");
         self.status
             .update(|s| s.prewarm = Some(crate::status::PrewarmStatus { outcome: "running", ..Default::default() }));
         self.prewarm = Some(PrewarmTask { result: rx, gate, started, deadline });
