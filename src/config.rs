@@ -254,7 +254,14 @@ struct Collector<'a> {
     secrets_dir: PathBuf,
 }
 
-impl Collector<'_> {
+impl<'a> Collector<'a> {
+    /// Secrets are read from `SECRETS_DIR` (default `/run/secrets`) when their variable is unset.
+    fn new(env: &'a dyn EnvSource) -> Self {
+        let secrets_dir =
+            env.get("SECRETS_DIR").filter(|d| !d.trim().is_empty()).unwrap_or_else(|| DEFAULT_SECRETS_DIR.into());
+        Collector { env, problems: Vec::new(), secrets_dir: PathBuf::from(secrets_dir) }
+    }
+
     /// A secret from its variable, or else from the file `<SECRETS_DIR>/<NAME>` (Docker and
     /// compose secrets), read once here and trimmed.
     fn secret(&self, var: &'static str) -> Option<String> {
@@ -314,6 +321,20 @@ impl Collector<'_> {
         d
     }
 
+    /// `RUNNER_USER` (default `guest`) when the supervisor is root; `None` otherwise, as
+    /// everything then runs as the current user.
+    fn runner_user(&mut self, host: &Host<'_>) -> Option<RunnerUser> {
+        if !host.is_root {
+            return None;
+        }
+        let name = self.get("RUNNER_USER").unwrap_or_else(|| "guest".to_string());
+        let user = host.users.lookup(&name);
+        if user.is_none() {
+            self.bad("RUNNER_USER", Some(&name), "an existing user to run the runner as (the image has `guest`)");
+        }
+        user
+    }
+
     fn seconds(&mut self, var: &'static str, default: u64) -> Duration {
         match self.get(var) {
             None => Duration::from_secs(default),
@@ -351,6 +372,13 @@ pub fn valid_runner_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.chars().all(is_name_char) && !s.starts_with('.')
 }
 
+/// `owner/repo` as a repository scope, when both names are valid.
+fn repository_scope(r: &str) -> Option<Scope> {
+    let (o, n) = r.split_once('/')?;
+    (valid_github_name(o) && valid_github_name(n))
+        .then(|| Scope::Repository { owner: o.to_string(), repo: n.to_string() })
+}
+
 fn strip_slash(s: &str) -> String {
     s.trim_end_matches('/').to_string()
 }
@@ -378,9 +406,7 @@ fn valid_http_url(s: &str) -> bool {
 impl Config {
     /// Reads and validates every variable, returning all problems at once.
     pub fn from_env(env: &dyn EnvSource, host: &Host<'_>) -> Result<Config, ConfigError> {
-        let secrets_dir =
-            env.get("SECRETS_DIR").filter(|d| !d.trim().is_empty()).unwrap_or_else(|| DEFAULT_SECRETS_DIR.into());
-        let mut c = Collector { env, problems: Vec::new(), secrets_dir: PathBuf::from(secrets_dir) };
+        let mut c = Collector::new(env);
 
         let pat = c.secret("GH_TOKEN");
         let reg = c.secret("GH_RUNNER_TOKEN");
@@ -400,15 +426,13 @@ impl Config {
         let repo = c.get("GH_REPOSITORY");
         let org = c.get("GH_ORGANIZATION");
         let scope = match (repo, org) {
-            (Some(r), None) => match r.split_once('/') {
-                Some((o, n)) if valid_github_name(o) && valid_github_name(n) => {
-                    Some(Scope::Repository { owner: o.to_string(), repo: n.to_string() })
-                }
-                _ => {
+            (Some(r), None) => {
+                let scope = repository_scope(&r);
+                if scope.is_none() {
                     c.bad("GH_REPOSITORY", Some(&r), "owner/repo, e.g. octo-org/octo-repo");
-                    None
                 }
-            },
+                scope
+            }
             (None, Some(o)) => {
                 if valid_github_name(&o) {
                     Some(Scope::Organization(o))
@@ -514,18 +538,7 @@ impl Config {
             c.bad("RUNNER_DIR", Some(&shown), "the actions runner's directory, holding config.sh and run.sh");
         }
 
-        let runner_user = if host.is_root {
-            let name = c.get("RUNNER_USER").unwrap_or_else(|| "guest".to_string());
-            match host.users.lookup(&name) {
-                Some(u) => Some(u),
-                None => {
-                    c.bad("RUNNER_USER", Some(&name), "an existing user to run the runner as (the image has `guest`)");
-                    None
-                }
-            }
-        } else {
-            None
-        };
+        let runner_user = c.runner_user(host);
 
         let drain_timeout = c.seconds("DRAIN_TIMEOUT_SEC", DEFAULT_DRAIN_TIMEOUT_SEC);
         let shutdown_delay = c.seconds("DEBUG_SHUTDOWN_DELAY_SEC", 0);
@@ -763,31 +776,15 @@ fn prewarm_settings(
 /// `RUNNER_WORKDIR`, `RUNNER_USER` and the `CI_STORAGE_*` variables, read as the supervisor
 /// reads them; no GitHub credentials needed. `Ok(None)` when `CI_STORAGE_HOST` is unset.
 pub fn prewarm_only(env: &dyn EnvSource, host: &Host<'_>) -> Result<Option<crate::prewarm::Settings>, ConfigError> {
-    let secrets_dir =
-        env.get("SECRETS_DIR").filter(|d| !d.trim().is_empty()).unwrap_or_else(|| DEFAULT_SECRETS_DIR.into());
-    let mut c = Collector { env, problems: Vec::new(), secrets_dir: PathBuf::from(secrets_dir) };
-    let scope = match c.get("GH_REPOSITORY").as_deref().and_then(|r| r.split_once('/')) {
-        Some((o, n)) if valid_github_name(o) && valid_github_name(n) => {
-            Some(Scope::Repository { owner: o.to_string(), repo: n.to_string() })
-        }
-        _ => {
-            let shown = c.get("GH_REPOSITORY");
-            c.bad("GH_REPOSITORY", shown.as_deref(), "owner/repo, e.g. octo-org/octo-repo");
-            None
-        }
-    };
+    let mut c = Collector::new(env);
+    let shown = c.get("GH_REPOSITORY");
+    let scope = shown.as_deref().and_then(repository_scope);
+    if scope.is_none() {
+        c.bad("GH_REPOSITORY", shown.as_deref(), "owner/repo, e.g. octo-org/octo-repo");
+    }
     let runner_dir = PathBuf::from(c.get("RUNNER_DIR").unwrap_or_else(|| DEFAULT_RUNNER_DIR.to_string()));
     let work_dir = c.get("RUNNER_WORKDIR").unwrap_or_else(|| "_work".to_string());
-    let runner_user = if host.is_root {
-        let name = c.get("RUNNER_USER").unwrap_or_else(|| "guest".to_string());
-        let u = host.users.lookup(&name);
-        if u.is_none() {
-            c.bad("RUNNER_USER", Some(&name), "an existing user to own the work dir");
-        }
-        u
-    } else {
-        None
-    };
+    let runner_user = c.runner_user(host);
     let settings = prewarm_settings(&mut c, scope.as_ref(), &runner_dir, &work_dir, runner_user.as_ref());
     if !c.problems.is_empty() {
         return Err(ConfigError(c.problems));
