@@ -171,7 +171,10 @@ fn tcp_fails_over_to_the_backup_at_once_and_back_when_the_primary_returns() {
         assert_eq!(round_trip(addr, pattern(i, 1000)), pattern(i, 1000));
     }
     assert_eq!(backup.load(Ordering::SeqCst), 3);
-    // Warned once, not on every connection.
+    // Warned once, not on every connection (the log is read through a pipe: wait for it).
+    wait_for("the failover warning in the log", IO, || {
+        fwd.log_has("Host unavailable; trying the next one.").then_some(())
+    });
     assert_eq!(fwd.count("Host unavailable; trying the next one."), 1, "{}", fwd.log());
     let log = fwd.log();
     let warning = log.lines().find(|l| l.contains("Host unavailable")).unwrap();
@@ -181,7 +184,7 @@ fn tcp_fails_over_to_the_backup_at_once_and_back_when_the_primary_returns() {
     assert_eq!(round_trip(addr, pattern(9, 1000)), pattern(9, 1000));
     assert_eq!(primary.load(Ordering::SeqCst), 1, "the primary took the next connection");
     assert_eq!(backup.load(Ordering::SeqCst), 3);
-    assert!(fwd.log_has("Host answers again."), "{}", fwd.log());
+    wait_for("\"Host answers again.\" in the log", IO, || fwd.log_has("Host answers again.").then_some(()));
 }
 
 #[test]
@@ -234,7 +237,9 @@ fn a_host_that_resets_mid_transfer_ends_only_that_connection() {
     }
     let payload = pattern(3, 1 << 20);
     assert!(round_trip(net.at(&net.bind(), echo_port), payload.clone()) == payload);
-    assert!(fwd.log_has("Connection ended with an error."), "{}", fwd.log());
+    wait_for("\"Connection ended with an error.\" in the log", IO, || {
+        fwd.log_has("Connection ended with an error.").then_some(())
+    });
 }
 
 /// A UDP echo server on `addr`; records the peers (the forward's upstream sockets) it saw.
@@ -303,6 +308,9 @@ fn udp_moves_to_the_backup_when_the_primary_refuses() {
     udp_round_trip(&client, to, b"statsd-ish 1");
     udp_round_trip(&client, to, b"statsd-ish 2");
     assert_eq!(backup.lock().unwrap().len(), 1);
+    wait_for("the failover warning in the log", IO, || {
+        fwd.log_has("Host unavailable; trying the next one.").then_some(())
+    });
     assert_eq!(fwd.count("Host unavailable; trying the next one."), 1, "{}", fwd.log());
 }
 
