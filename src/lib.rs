@@ -18,6 +18,7 @@
 //! - [`status`]: the state machine's current state on `GET /health` and `ci-runner status`.
 //! - [`error`]: the top-level error and the exit codes.
 
+pub mod aws;
 pub mod config;
 pub mod error;
 pub mod forward;
