@@ -23,6 +23,11 @@ pub const SECRET_VARS: &[&str] = &[
     "ACTIONS_RUNNER_INPUT_TOKEN",
     "ACTIONS_RUNNER_INPUT_PAT",
     "ACTIONS_RUNNER_INPUT_JITCONFIG",
+    // ci-runner's own AWS keys (CloudWatch); jobs get AWS access through the task role.
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
 ];
 
 /// Where configuration comes from: the process environment in production, a map in tests.
@@ -187,7 +192,34 @@ pub struct Config {
     pub zoneinfo: PathBuf,
     /// The port forwards (`FORWARD_HOST`, `FORWARD_PORTS`), when both are set.
     pub forwards: Option<(Vec<Forward>, ForwardOptions)>,
+    /// CloudWatch, ECS scale-in protection and the spot watch.
+    pub autoscale: AutoscaleSettings,
 }
+
+/// What the autoscaling signals need (README "Autoscaling").
+#[derive(Debug, Clone)]
+pub struct AutoscaleSettings {
+    pub aws: crate::aws::AwsSettings,
+    /// `CLOUDWATCH_ENABLED`: `None` (unset) publishes when a region and credentials are found.
+    pub cloudwatch: Option<bool>,
+    pub namespace: String,
+    pub metric_name: String,
+    pub dimensions: Vec<(String, String)>,
+    pub heartbeat: Duration,
+    pub storage_resolution: u32,
+    /// `ECS_AGENT_URI`: set by the ECS agent in every task.
+    pub ecs_agent_uri: Option<String>,
+    pub protection_expires_min: u32,
+    /// `SPOT_WATCH` (default on: watched when the instance metadata service answers).
+    pub spot_watch: bool,
+    pub spot_poll: Duration,
+}
+
+pub const DEFAULT_CLOUDWATCH_NAMESPACE: &str = "ci-storage/metrics";
+pub const DEFAULT_CLOUDWATCH_METRIC: &str = "ActiveRunnersPercent";
+pub const DEFAULT_CLOUDWATCH_HEARTBEAT_SEC: u64 = 60;
+pub const DEFAULT_PROTECTION_EXPIRES_MIN: u32 = 60;
+pub const DEFAULT_SPOT_POLL_SEC: u64 = 2;
 
 pub const DEFAULT_RUNNER_DIR: &str = "/home/guest/actions-runner";
 pub const DEFAULT_STATUS_ADDR: &str = "127.0.0.1:8080";
@@ -583,6 +615,7 @@ impl Config {
             c.problems.extend(p);
             None
         });
+        let autoscale = autoscale_settings(&mut c, scope.as_ref());
         let tz = c.get("TZ");
         let zoneinfo = PathBuf::from(c.get("TZDIR").unwrap_or_else(|| DEFAULT_ZONEINFO.into()));
         if let Some(tz) = &tz {
@@ -625,6 +658,7 @@ impl Config {
             tz,
             zoneinfo,
             forwards,
+            autoscale,
         })
     }
 
@@ -665,6 +699,156 @@ fn runner_env(env: &dyn EnvSource) -> Vec<(String, String)> {
                 && k != "RUNNER_MANUALLY_TRAP_SIG"
         })
         .collect()
+}
+
+/// An `http://` or `https://` URL, or a problem.
+fn url_var(c: &mut Collector<'_>, var: &'static str) -> Option<String> {
+    let v = c.get(var)?;
+    if reqwest::Url::parse(&v).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
+        Some(v.trim_end_matches('/').to_string())
+    } else {
+        c.bad(var, Some(&v), "an http:// or https:// URL");
+        None
+    }
+}
+
+/// The AWS standard chain's variables, CloudWatch's, the ECS agent's and the spot watch's.
+fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> AutoscaleSettings {
+    use crate::aws::{AwsSettings, Credentials as AwsCredentials, DEFAULT_IMDS_URL, ECS_CREDENTIALS_HOST};
+    let region = c.get("AWS_REGION").or_else(|| c.get("AWS_DEFAULT_REGION"));
+    if let Some(r) = &region {
+        if !r.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-') {
+            let r = r.clone();
+            c.bad("AWS_REGION", Some(&r), "an AWS region, e.g. us-east-1");
+        }
+    }
+    let static_credentials = match (c.get("AWS_ACCESS_KEY_ID"), c.secret("AWS_SECRET_ACCESS_KEY")) {
+        (Some(id), Some(secret)) => Some(AwsCredentials {
+            access_key_id: id,
+            secret_access_key: Secret::new(secret),
+            session_token: c.secret("AWS_SESSION_TOKEN").map(Secret::new),
+            expires: None,
+        }),
+        (Some(_), None) => {
+            c.bad("AWS_SECRET_ACCESS_KEY", None, "the secret key that goes with AWS_ACCESS_KEY_ID");
+            None
+        }
+        (None, Some(_)) => {
+            c.bad("AWS_ACCESS_KEY_ID", None, "the access key id that goes with AWS_SECRET_ACCESS_KEY");
+            None
+        }
+        (None, None) => None,
+    };
+    let container_credentials_url = match (c.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"), url_var(c, "AWS_CONTAINER_CREDENTIALS_FULL_URI")) {
+        (Some(rel), _) if rel.starts_with('/') => Some(format!("{ECS_CREDENTIALS_HOST}{rel}")),
+        (Some(rel), _) => {
+            c.bad("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", Some(&rel), "a path starting with /, as the ECS agent sets it");
+            None
+        }
+        (None, full) => full,
+    };
+    let container_authorization = c
+        .get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .map(|t| t.trim().to_string())
+        .or_else(|| c.secret("AWS_CONTAINER_AUTHORIZATION_TOKEN"))
+        .map(Secret::new);
+    let ecs_metadata_url = url_var(c, "ECS_CONTAINER_METADATA_URI_V4");
+    let imds_url = if c.bool("AWS_EC2_METADATA_DISABLED", false) {
+        None
+    } else {
+        Some(url_var(c, "AWS_EC2_METADATA_SERVICE_ENDPOINT").unwrap_or_else(|| DEFAULT_IMDS_URL.to_string()))
+    };
+    let cloudwatch_url = url_var(c, "AWS_ENDPOINT_URL_CLOUDWATCH").or_else(|| url_var(c, "AWS_ENDPOINT_URL"));
+
+    let cloudwatch = c.get("CLOUDWATCH_ENABLED").map(|_| c.bool("CLOUDWATCH_ENABLED", true));
+    let namespace = c.get("CLOUDWATCH_NAMESPACE").unwrap_or_else(|| DEFAULT_CLOUDWATCH_NAMESPACE.to_string());
+    if namespace.len() > 255 || namespace.starts_with("AWS/") || namespace.contains(':') {
+        let n = namespace.clone();
+        c.bad("CLOUDWATCH_NAMESPACE", Some(&n), "a CloudWatch namespace of at most 255 characters, not starting with AWS/, without ':'");
+    }
+    let metric_name = c.get("CLOUDWATCH_METRIC_NAME").unwrap_or_else(|| DEFAULT_CLOUDWATCH_METRIC.to_string());
+    if metric_name.len() > 255 {
+        let n = metric_name.clone();
+        c.bad("CLOUDWATCH_METRIC_NAME", Some(&n), "a metric name of at most 255 characters");
+    }
+    let dimensions = match c.env.get("CLOUDWATCH_DIMENSIONS") {
+        // Set but empty: no dimensions at all.
+        Some(v) => match parse_dimensions(&v) {
+            Some(d) => d,
+            None => {
+                c.bad("CLOUDWATCH_DIMENSIONS", Some(&v), "Name=Value pairs separated by commas (at most 30), e.g. GH_REPOSITORY=owner/repo,GH_LABEL=linux");
+                Vec::new()
+            }
+        },
+        None => match scope {
+            Some(Scope::Repository { owner, repo }) => vec![("GH_REPOSITORY".to_string(), format!("{owner}/{repo}"))],
+            Some(Scope::Organization(org)) => vec![("GH_ORGANIZATION".to_string(), org.clone())],
+            None => Vec::new(),
+        },
+    };
+    let heartbeat = c.positive_seconds("CLOUDWATCH_HEARTBEAT_SEC", DEFAULT_CLOUDWATCH_HEARTBEAT_SEC);
+    let storage_resolution = match c.get("CLOUDWATCH_STORAGE_RESOLUTION").as_deref() {
+        None | Some("1") => 1,
+        Some("60") => 60,
+        Some(other) => {
+            let other = other.to_string();
+            c.bad("CLOUDWATCH_STORAGE_RESOLUTION", Some(&other), "1 (high resolution) or 60");
+            1
+        }
+    };
+    let ecs_agent_uri = url_var(c, "ECS_AGENT_URI");
+    let protection_expires_min = match c.get("ECS_PROTECTION_EXPIRES_MIN") {
+        None => DEFAULT_PROTECTION_EXPIRES_MIN,
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if (2..=2880).contains(&n) => n,
+            _ => {
+                c.bad("ECS_PROTECTION_EXPIRES_MIN", Some(&v), "whole minutes from 2 to 2880");
+                DEFAULT_PROTECTION_EXPIRES_MIN
+            }
+        },
+    };
+    let spot_watch = c.bool("SPOT_WATCH", true);
+    let spot_poll = c.positive_seconds("SPOT_POLL_SEC", DEFAULT_SPOT_POLL_SEC);
+    AutoscaleSettings {
+        aws: AwsSettings {
+            region,
+            static_credentials,
+            container_credentials_url,
+            container_authorization,
+            ecs_metadata_url,
+            imds_url,
+            cloudwatch_url,
+        },
+        cloudwatch,
+        namespace,
+        metric_name,
+        dimensions,
+        heartbeat,
+        storage_resolution,
+        ecs_agent_uri,
+        protection_expires_min,
+        spot_watch,
+        spot_poll,
+    }
+}
+
+/// `Name=Value,Name=Value`; empty gives none.
+pub fn parse_dimensions(v: &str) -> Option<Vec<(String, String)>> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Some(Vec::new());
+    }
+    let dims: Option<Vec<(String, String)>> = v
+        .split(',')
+        .map(|pair| {
+            let (name, value) = pair.split_once('=')?;
+            let (name, value) = (name.trim(), value.trim());
+            (!name.is_empty() && !value.is_empty() && name.len() <= 255 && value.len() <= 1024)
+                .then(|| (name.to_string(), value.to_string()))
+        })
+        .collect();
+    dims.filter(|d| d.len() <= 30)
 }
 
 /// The pre-warm settings: `CI_STORAGE_HOST` turns it on; the key comes from

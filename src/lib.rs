@@ -15,9 +15,12 @@
 //! - [`prewarm`]: the work dir loaded from the newest ci-storage slot over SSH before the first job.
 //! - [`lock`]: the hardware lock: one job at a time on a shared device, in arrival order.
 //! - [`forward`]: `127.0.0.1:N` to port N on the central host: TCP with failover, UDP sessions.
+//! - [`aws`]: credentials, SigV4, CloudWatch, the ECS agent and instance metadata, by hand.
+//! - [`autoscale`]: the busy share on CloudWatch, ECS scale-in protection, the spot watch.
 //! - [`status`]: the state machine's current state on `GET /health` and `ci-runner status`.
 //! - [`error`]: the top-level error and the exit codes.
 
+pub mod autoscale;
 pub mod aws;
 pub mod config;
 pub mod error;

@@ -8,6 +8,7 @@ use ci_runner::config::{self, Config, ConfigError, Host, LogFormat, ProcessEnv, 
 use ci_runner::error::{chain, ExitCode};
 use ci_runner::forward;
 use ci_runner::pid1;
+use ci_runner::autoscale::Autoscale;
 use ci_runner::status::{self, StatusHandle};
 use ci_runner::supervisor::{self, RegistrationSlot, SignalKind, Supervisor};
 use nix::sys::signal::{SigSet, Signal};
@@ -221,6 +222,7 @@ fn supervise() -> ! {
 
 async fn run(cfg: Config, slot: RegistrationSlot) -> ExitCode {
     let (tx, rx) = mpsc::unbounded_channel();
+    let drain = tx.clone();
     if let Err(e) = forward_signals(tx) {
         tracing::error!(error = %e, "Failed to install signal handlers.");
         return ExitCode::Internal;
@@ -231,6 +233,7 @@ async fn run(cfg: Config, slot: RegistrationSlot) -> ExitCode {
 
     let (status, status_rx) = StatusHandle::new();
     let cancel = CancellationToken::new();
+    let autoscale = Autoscale::start(cfg.autoscale.clone(), status_rx.clone(), drain);
     if let Some(addr) = cfg.status_addr {
         match status::serve(addr, status_rx, cancel.clone()).await {
             Ok(bound) => tracing::info!(addr = %bound, "Serving /health and /metrics."),
@@ -248,6 +251,8 @@ async fn run(cfg: Config, slot: RegistrationSlot) -> ExitCode {
             e.exit_code()
         }
     };
+    // The last datapoint and the protection's release, once the runner is gone.
+    autoscale.shutdown().await;
     cancel.cancel();
     code
 }

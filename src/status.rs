@@ -50,6 +50,14 @@ pub struct Status {
     pub lock: Option<crate::lock::LockStatus>,
     /// The boot-time pre-warm, when `CI_STORAGE_HOST` is set.
     pub prewarm: Option<PrewarmStatus>,
+    pub boot: BootTimes,
+}
+
+/// How long the boot's phases took.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BootTimes {
+    pub registration_seconds: Option<f64>,
+    pub listening_seconds: Option<f64>,
 }
 
 /// How the work dir was pre-warmed: `running`, `warm` (a slot was loaded), `cold` (no slot
@@ -83,6 +91,7 @@ impl Default for Status {
             last_error: None,
             lock: None,
             prewarm: None,
+            boot: BootTimes::default(),
         }
     }
 }

@@ -31,6 +31,10 @@ use crate::status::{State, StatusHandle};
 pub enum SignalKind {
     Term,
     Int,
+    /// A spot interruption notice: drain as on SIGTERM, but a running job must end (cancelled
+    /// if need be, so GitHub records it) and the runner be removed by `by`, before the
+    /// instance goes. A notice during a drain only brings its deadline forward.
+    Spot { by: Instant },
 }
 
 /// A registration that exists on GitHub and must be removed on every exit path.
@@ -779,10 +783,21 @@ impl Supervisor {
                     }
                 }
                 Some(sig) = self.signals.recv() => {
+                    let spot_by = match sig {
+                        SignalKind::Spot { by } => Some(by),
+                        _ => None,
+                    };
+                    if let (Some(d), Some(by)) = (drain.as_mut(), spot_by) {
+                        if by < d.deadline {
+                            info!(in_s = by.saturating_duration_since(Instant::now()).as_secs(), "Spot interruption: the drain's deadline comes forward.");
+                            d.deadline = by;
+                        }
+                        continue;
+                    }
                     let count = drain.as_ref().map_or(0, |d| d.signals) + 1;
                     match drain.as_mut() {
                         None => {
-                            let deadline = Instant::now() + self.cfg.drain_timeout;
+                            let deadline = (Instant::now() + self.cfg.drain_timeout).min(spot_by.unwrap_or(far));
                             info!(signal = ?sig, drain_timeout_s = self.cfg.drain_timeout.as_secs(), "Signal received: draining (no new job will start).");
                             self.status.set_state(State::Draining);
                             drain = Some(Drain { deadline, signals: 1, timed_out: false, deregistered: false });
