@@ -772,8 +772,7 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
         let n = metric_name.clone();
         c.bad("CLOUDWATCH_METRIC_NAME", Some(&n), "a metric name of at most 255 characters");
     }
-    let dimensions = match c.env.get("CLOUDWATCH_DIMENSIONS") {
-        // Set but empty: no dimensions at all.
+    let dimensions = match c.get("CLOUDWATCH_DIMENSIONS") {
         Some(v) => match parse_dimensions(&v) {
             Some(d) => d,
             None => {
@@ -833,12 +832,8 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
     }
 }
 
-/// `Name=Value,Name=Value`; empty gives none.
+/// `Name=Value,Name=Value`.
 pub fn parse_dimensions(v: &str) -> Option<Vec<(String, String)>> {
-    let v = v.trim();
-    if v.is_empty() {
-        return Some(Vec::new());
-    }
     let dims: Option<Vec<(String, String)>> = v
         .split(',')
         .map(|pair| {

@@ -110,6 +110,8 @@ impl Container {
         let name = format!("ci-runner-test-{}-{}", std::process::id(), rand_suffix());
         let mut args: Vec<String> =
             vec!["run".into(), "-d".into(), "--name".into(), name.clone(), "--network".into(), "host".into()];
+        // Never the link-local instance metadata address from a test.
+        args.extend(["-e".into(), "AWS_EC2_METADATA_DISABLED=true".into()]);
         for (k, v) in env {
             args.push("-e".into());
             args.push(format!("{k}={v}"));
@@ -338,7 +340,7 @@ fn compose_scales_to_three_distinct_runners_and_down_leaves_none() {
         format!(
             "GH_TOKEN={PAT}\nGH_REPOSITORY={REPO}\nGH_LABELS=ci-test,compose\nGH_SERVER_URL={url}\n\
              GH_API_URL={url}/api/v3\nCI_RUNNER_IMAGE={img}\nCI_RUNNER_NETWORK_MODE=host\nSTATUS_ADDR=off\n\
-             STOP_GRACE_PERIOD=60s\nDRAIN_TIMEOUT_SEC=30\n",
+             STOP_GRACE_PERIOD=60s\nDRAIN_TIMEOUT_SEC=30\nAWS_EC2_METADATA_DISABLED=true\n",
             url = gh.url()
         ),
     )

@@ -293,6 +293,9 @@ pub fn base_env(gh: &FakeGithub, runner: &RunnerDir) -> Vec<(String, String)> {
         ("FAKE_CANCEL_SIGTERM_WAIT_SEC".into(), "1".into()),
         ("FAKE_SESSION_RETRY_SEC".into(), "0.2".into()),
         ("FAKE_HTTP_RETRY_SEC".into(), "0.05".into()),
+        // Never the link-local instance metadata address from a test (the spot watch and the
+        // region discovery would try it).
+        ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
     ];
     if let Some(u) = runner.user {
         env.push(("RUNNER_USER".into(), u.into()));
