@@ -800,9 +800,9 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
     let protection_expires_min = match c.get("ECS_PROTECTION_EXPIRES_MIN") {
         None => DEFAULT_PROTECTION_EXPIRES_MIN,
         Some(v) => match v.parse::<u32>() {
-            Ok(n) if (2..=2880).contains(&n) => n,
+            Ok(n) if (1..=2880).contains(&n) => n,
             _ => {
-                c.bad("ECS_PROTECTION_EXPIRES_MIN", Some(&v), "whole minutes from 2 to 2880");
+                c.bad("ECS_PROTECTION_EXPIRES_MIN", Some(&v), "whole minutes from 1 to 2880");
                 DEFAULT_PROTECTION_EXPIRES_MIN
             }
         },
