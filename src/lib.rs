@@ -16,6 +16,7 @@
 //! - [`lock`]: the hardware lock: one job at a time on a shared device, in arrival order.
 //! - [`forward`]: `127.0.0.1:N` to port N on the central host: TCP with failover, UDP sessions.
 //! - [`status`]: the state machine's current state on `GET /health` and `ci-runner status`.
+//! - [`metrics`]: the process-wide counters (jobs, GitHub calls, forwards) for `GET /metrics`.
 //! - [`error`]: the top-level error and the exit codes.
 
 pub mod config;
@@ -24,6 +25,7 @@ pub mod forward;
 pub mod github;
 pub mod hooks;
 pub mod lock;
+pub mod metrics;
 pub mod pid1;
 pub mod prewarm;
 pub mod runner;
