@@ -18,6 +18,9 @@
 //! Everything runs on one dedicated thread with its own current-thread runtime: the
 //! supervisor's runtime may block briefly, and must never stall a forwarded byte. [`start`]
 //! binds every port before it returns, so "port in use" reaches the caller.
+//!
+//! Each forward counts its connections and sessions, and its hosts' failures, in
+//! [`crate::metrics`] (atomics: nothing on the forwarding thread waits for `/metrics`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -38,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::Problem;
+use crate::metrics::{self, ForwardCounters};
 
 /// Per-direction copy buffer for TCP; a read that fills it switches the direction to splice(2).
 const TCP_BUF: usize = 16 * 1024;
@@ -290,11 +294,14 @@ pub fn start(forwards: Vec<Forward>, opts: Options) -> Result<Forwarder, Forward
             bound.push((f, socket));
         }
     }
+    // Every port is bound: the counters show on /metrics (at 0) from now on.
+    let bound: Vec<_> =
+        bound.into_iter().map(|(f, s)| (f.proto, Arc::new(Target::new(f.hosts, f.port, f.proto, opts)), s)).collect();
     let token = cancel.clone();
     let thread = std::thread::Builder::new()
         .name("forward".into())
         .spawn(move || {
-            runtime.block_on(serve(bound, opts, token));
+            runtime.block_on(serve(bound, token));
             // A DNS lookup stuck in the blocking pool must not hold up the stop.
             runtime.shutdown_timeout(Duration::from_secs(1));
         })
@@ -302,10 +309,9 @@ pub fn start(forwards: Vec<Forward>, opts: Options) -> Result<Forwarder, Forward
     Ok(Forwarder { cancel, thread: Some(thread) })
 }
 
-async fn serve(bound: Vec<(Forward, Bound)>, opts: Options, cancel: CancellationToken) {
-    for (f, socket) in bound {
-        let span = tracing::info_span!("forward", port = f.port, proto = %f.proto);
-        let target = Arc::new(Target::new(f.hosts, f.port, opts));
+async fn serve(bound: Vec<(Proto, Arc<Target>, Bound)>, cancel: CancellationToken) {
+    for (proto, target, socket) in bound {
+        let span = tracing::info_span!("forward", port = target.port, proto = %proto);
         match socket {
             Bound::Tcp(l) => tokio::spawn(serve_tcp(l, target, cancel.clone()).instrument(span)),
             Bound::Udp(s) => tokio::spawn(serve_udp(Arc::new(s), target, cancel.clone()).instrument(span)),
@@ -322,16 +328,19 @@ struct Target {
     port: u16,
     opts: Options,
     down: Vec<AtomicBool>,
+    counters: Arc<ForwardCounters>,
 }
 
 impl Target {
-    fn new(hosts: Vec<String>, port: u16, opts: Options) -> Self {
+    fn new(hosts: Vec<String>, port: u16, proto: Proto, opts: Options) -> Self {
         let down = hosts.iter().map(|_| AtomicBool::new(false)).collect();
-        Self { hosts, port, opts, down }
+        let counters = metrics::global().forward(port, proto, &hosts);
+        Self { hosts, port, opts, down, counters }
     }
 
     /// Host `i` failed: WARN the first time, DEBUG while it stays down.
     fn failed(&self, i: usize, error: &io::Error) {
+        self.counters.host_failed(i);
         let host = &self.hosts[i];
         let next = self.hosts.get(i + 1).map(String::as_str);
         match (self.down[i].swap(true, Ordering::Relaxed), next) {
@@ -367,6 +376,7 @@ async fn serve_tcp(listener: TcpListener, target: Arc<Target>, cancel: Cancellat
         };
         match accepted {
             Ok((client, peer)) => {
+                target.counters.connection();
                 tokio::spawn(relay_tcp(client, peer, target.clone()).in_current_span());
             }
             Err(e) => {
@@ -603,6 +613,7 @@ fn from_clients_with(
         let (tx, rx) = mpsc::channel(UDP_QUEUE);
         let _ = tx.try_send(datagram);
         sessions.insert(peer, tx);
+        target.counters.connection();
         tokio::spawn(udp_session(socket.clone(), peer, rx, target.clone()).in_current_span());
     }
 }
@@ -853,6 +864,79 @@ mod tests {
         let port = taken.local_addr().unwrap().port();
         let err = start(vec![fwd(port, Proto::Udp, &["127.0.0.1"])], Options::default()).unwrap_err();
         assert!(matches!(err, ForwardError::Bind { proto: Proto::Udp, .. }), "{err:?}");
+    }
+
+    /// This forward's lines of `/metrics` (each test has ports of its own).
+    fn metric_lines(port: u16) -> String {
+        let mut out = String::new();
+        metrics::global().render(&mut out);
+        out.lines().filter(|l| l.contains(&format!("{{port=\"{port}\""))).map(|l| format!("{l}\n")).collect()
+    }
+
+    #[test]
+    fn connections_sessions_and_host_failures_are_counted() {
+        use std::io::{Read, Write};
+        // Nothing listens on the primary: TCP is refused, UDP gets ICMP port unreachable.
+        let (bind, primary, backup) = ("127.0.51.1", "127.0.51.2", "127.0.51.3");
+        let tcp_port = std::net::TcpListener::bind((bind, 0)).unwrap().local_addr().unwrap().port();
+        let udp_port = std::net::UdpSocket::bind((bind, 0)).unwrap().local_addr().unwrap().port();
+        let tcp_echo = std::net::TcpListener::bind((backup, tcp_port)).unwrap();
+        std::thread::spawn(move || {
+            for s in tcp_echo.incoming().map_while(Result::ok) {
+                let (mut r, mut w) = (s.try_clone().unwrap(), s);
+                let _ = std::io::copy(&mut r, &mut w);
+            }
+        });
+        let udp_echo = std::net::UdpSocket::bind((backup, udp_port)).unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = udp_echo.recv_from(&mut buf) {
+                let _ = udp_echo.send_to(&buf[..n], from);
+            }
+        });
+        let opts = Options { bind: bind.parse().unwrap(), ..Options::default() };
+        let forwards =
+            vec![fwd(tcp_port, Proto::Tcp, &[primary, backup]), fwd(udp_port, Proto::Udp, &[primary, backup])];
+        let f = start(forwards, opts).unwrap();
+        let tcp = format!("port=\"{tcp_port}\",proto=\"tcp\"");
+        let udp = format!("port=\"{udp_port}\",proto=\"udp\"");
+        let at_start = metric_lines(tcp_port) + &metric_lines(udp_port);
+        for labels in [&tcp, &udp] {
+            assert!(at_start.contains(&format!("ci_runner_forward_connections_total{{{labels}}} 0\n")), "{at_start}");
+        }
+
+        let timeout = Some(Duration::from_secs(20));
+        for _ in 0..2 {
+            let mut client = std::net::TcpStream::connect((bind, tcp_port)).unwrap();
+            client.set_read_timeout(timeout).unwrap();
+            client.write_all(b"ping").unwrap();
+            let mut answer = [0u8; 4];
+            client.read_exact(&mut answer).unwrap();
+            assert_eq!(&answer, b"ping");
+        }
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.set_read_timeout(timeout).unwrap();
+        for _ in 0..2 {
+            client.send_to(b"ping", (bind, udp_port)).unwrap();
+            let mut answer = [0u8; 8];
+            let (n, _) = client.recv_from(&mut answer).unwrap();
+            assert_eq!(&answer[..n], b"ping");
+        }
+        f.stop();
+
+        // Each answer came back after its connection was counted and the primary failed.
+        let text = metric_lines(tcp_port) + &metric_lines(udp_port);
+        for line in [
+            format!("ci_runner_forward_connections_total{{{tcp}}} 2"),
+            format!("ci_runner_forward_host_failures_total{{{tcp},host=\"{primary}\"}} 2"),
+            format!("ci_runner_forward_host_failures_total{{{tcp},host=\"{backup}\"}} 0"),
+            // One session per client address; it stays on the backup once it moved there.
+            format!("ci_runner_forward_connections_total{{{udp}}} 1"),
+            format!("ci_runner_forward_host_failures_total{{{udp},host=\"{primary}\"}} 1"),
+            format!("ci_runner_forward_host_failures_total{{{udp},host=\"{backup}\"}} 0"),
+        ] {
+            assert!(text.contains(&format!("{line}\n")), "no {line:?} in\n{text}");
+        }
     }
 
     #[test]

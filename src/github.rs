@@ -4,7 +4,8 @@
 //! Every call goes through one retry loop: 5xx, transport errors and rate limits (403/429 with
 //! `retry-after` or `x-ratelimit-remaining: 0`) are retried with backoff inside a budget;
 //! 401/403/404 become errors that name the token, permission or name that is wrong.
-//! Nothing secret is logged: URLs carry no tokens, and bodies are never logged.
+//! Nothing secret is logged: URLs carry no tokens, and bodies are never logged. Each request
+//! (retries too) is counted by its answer's status in `ci_runner_github_api_requests_total`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Scope, Secret};
+use crate::metrics::{self, ApiAnswer};
 
 const API_VERSION: &str = "2022-11-28";
 
@@ -211,6 +213,7 @@ impl Github {
             let (err, wait) = match result {
                 Ok(resp) => {
                     let status = resp.status();
+                    metrics::global().github_answer(ApiAnswer::Status(status.as_u16()));
                     let headers = resp.headers().clone();
                     let body = resp.text().await.unwrap_or_default();
                     match classify(status.as_u16(), &headers, &body, attempt, now_epoch(), jitter()) {
@@ -231,10 +234,13 @@ impl Github {
                         }
                     }
                 }
-                Err(source) => (
-                    GithubError::Transport { method: method.clone(), path: shown.clone(), source },
-                    backoff(attempt, jitter()),
-                ),
+                Err(source) => {
+                    metrics::global().github_answer(ApiAnswer::Error);
+                    (
+                        GithubError::Transport { method: method.clone(), path: shown.clone(), source },
+                        backoff(attempt, jitter()),
+                    )
+                }
             };
             attempt += 1;
             let out_of_time = budget.deadline.is_some_and(|d| Instant::now() + wait > d);

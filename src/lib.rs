@@ -18,6 +18,7 @@
 //! - [`aws`]: credentials, SigV4, CloudWatch, the ECS agent and instance metadata, by hand.
 //! - [`autoscale`]: the busy share on CloudWatch, ECS scale-in protection, the spot watch.
 //! - [`status`]: the state machine's current state on `GET /health` and `ci-runner status`.
+//! - [`metrics`]: the process-wide counters (jobs, GitHub calls, forwards) for `GET /metrics`.
 //! - [`error`]: the top-level error and the exit codes.
 
 pub mod autoscale;
@@ -28,6 +29,7 @@ pub mod forward;
 pub mod github;
 pub mod hooks;
 pub mod lock;
+pub mod metrics;
 pub mod pid1;
 pub mod prewarm;
 pub mod runner;

@@ -171,6 +171,8 @@ fn prewarm_command() {
 }
 
 fn supervise() -> ! {
+    // The boot's times count from here (the fork keeps the monotonic clock).
+    let started = std::time::Instant::now();
     pid1::split();
     // From here on we are the supervisor child. Keep /proc/<pid>/environ (which still holds
     // GH_TOKEN) from processes of the same uid.
@@ -205,7 +207,8 @@ fn supervise() -> ! {
         }
     };
     let slot: RegistrationSlot = Arc::new(Mutex::new(None));
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| runtime.block_on(run(cfg.clone(), slot.clone()))));
+    let result =
+        std::panic::catch_unwind(AssertUnwindSafe(|| runtime.block_on(run(cfg.clone(), slot.clone(), started))));
     drop(runtime);
     let code = match result {
         Ok(code) => code,
@@ -220,7 +223,7 @@ fn supervise() -> ! {
     std::process::exit(code.code())
 }
 
-async fn run(cfg: Config, slot: RegistrationSlot) -> ExitCode {
+async fn run(cfg: Config, slot: RegistrationSlot, started: std::time::Instant) -> ExitCode {
     let (tx, rx) = mpsc::unbounded_channel();
     let drain = tx.clone();
     if let Err(e) = forward_signals(tx) {
@@ -244,7 +247,7 @@ async fn run(cfg: Config, slot: RegistrationSlot) -> ExitCode {
             }
         }
     }
-    let code = match Supervisor::new(cfg, status, rx, slot) {
+    let code = match Supervisor::new(cfg, status, rx, slot, tokio::time::Instant::from_std(started)) {
         Ok(s) => s.run().await,
         Err(e) => {
             tracing::error!(error = %chain(&e), "Failed to start.");

@@ -1,4 +1,5 @@
-//! The supervisor's state, served as JSON on `GET /health`, and the `ci-runner status` client.
+//! The supervisor's state, served as JSON on `GET /health` and with [`crate::metrics`] as
+//! Prometheus text on `GET /metrics`, and the `ci-runner status` client.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
@@ -12,6 +13,8 @@ use axum::{Json, Router};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{escape, family, Metrics};
 
 /// Where the supervisor is in the runner's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -50,14 +53,50 @@ pub struct Status {
     pub lock: Option<crate::lock::LockStatus>,
     /// The boot-time pre-warm, when `CI_STORAGE_HOST` is set.
     pub prewarm: Option<PrewarmStatus>,
+    /// How long the boot's phases took (the pre-warm's is in `prewarm`).
     pub boot: BootTimes,
+    /// How the drain ended, once it has.
+    pub drain: Option<DrainOutcome>,
 }
 
-/// How long the boot's phases took.
+/// Durations of the boot's phases, once each is over.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BootTimes {
+    /// The first successful registration: the token fetch and `config.sh`.
     pub registration_seconds: Option<f64>,
+    /// From the supervisor's start to the runner's first `Listening for Jobs`.
     pub listening_seconds: Option<f64>,
+}
+
+/// How a drain ended: no job was running (`idle`), the job ran to its end (`finished`), or it
+/// was cancelled at the drain's deadline or by a second signal (`cancelled`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DrainOutcome {
+    Idle,
+    Finished,
+    Cancelled,
+}
+
+impl DrainOutcome {
+    pub const ALL: [DrainOutcome; 3] = [Self::Idle, Self::Finished, Self::Cancelled];
+
+    /// `cancelled` wins: a job the drain waited for and then cancelled did not finish.
+    pub fn of(waited_for_job: bool, cancelled: bool) -> Self {
+        match (waited_for_job, cancelled) {
+            (_, true) => Self::Cancelled,
+            (true, false) => Self::Finished,
+            (false, false) => Self::Idle,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Finished => "finished",
+            Self::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// How the work dir was pre-warmed: `running`, `warm` (a slot was loaded), `cold` (no slot
@@ -92,6 +131,7 @@ impl Default for Status {
             lock: None,
             prewarm: None,
             boot: BootTimes::default(),
+            drain: None,
         }
     }
 }
@@ -130,52 +170,75 @@ async fn health(AxumState(rx): AxumState<watch::Receiver<Status>>) -> impl IntoR
     (code, Json(status))
 }
 
-/// Prometheus text exposition of the status (issue #4 adds the job and API counters).
-pub fn render_metrics(s: &Status) -> String {
+/// Prometheus text exposition (format 0.0.4) of the status and the counters in `m`.
+pub fn render_metrics(s: &Status, m: &Metrics) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let states =
         [State::Starting, State::Registering, State::Idle, State::Busy, State::Draining, State::Stopped, State::Failed];
-    out.push_str(
-        "# HELP ci_runner_state The supervisor's state (1 for the current one).\n# TYPE ci_runner_state gauge\n",
-    );
+    family(&mut out, "ci_runner_state", "gauge", "The supervisor's state (1 for the current one).");
     for st in states {
         let name = serde_json::to_value(st).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         let _ = writeln!(out, "ci_runner_state{{state=\"{name}\"}} {}", u8::from(s.state == st));
     }
-    out.push_str("# HELP ci_runner_busy Whether a job runs now.\n# TYPE ci_runner_busy gauge\n");
+    family(&mut out, "ci_runner_busy", "gauge", "Whether a job runs now.");
     let _ = writeln!(out, "ci_runner_busy {}", u8::from(s.busy));
-    out.push_str("# HELP ci_runner_jobs_completed_total Jobs this supervisor saw complete.\n# TYPE ci_runner_jobs_completed_total counter\n");
-    let _ = writeln!(out, "ci_runner_jobs_completed_total {}", s.jobs_completed);
-    out.push_str("# HELP ci_runner_restarts_total Restarts of run.sh.\n# TYPE ci_runner_restarts_total counter\n");
+    family(&mut out, "ci_runner_restarts_total", "counter", "Restarts of run.sh.");
     let _ = writeln!(out, "ci_runner_restarts_total {}", s.restarts);
+    family(
+        &mut out,
+        "ci_runner_boot_phase_seconds",
+        "gauge",
+        "How long each boot phase took, once over: prewarm (loading the work dir), registration (token \
+         and config.sh, the first that succeeded), listening (from the supervisor's start to the \
+         runner's first \"Listening for Jobs\").",
+    );
+    let prewarm = s.prewarm.as_ref().filter(|p| p.outcome != "running").map(|p| p.seconds);
+    let phases =
+        [("prewarm", prewarm), ("registration", s.boot.registration_seconds), ("listening", s.boot.listening_seconds)];
+    for (phase, seconds) in phases {
+        if let Some(seconds) = seconds {
+            let _ = writeln!(out, "ci_runner_boot_phase_seconds{{phase=\"{phase}\"}} {seconds:.3}");
+        }
+    }
+    family(
+        &mut out,
+        "ci_runner_drain_outcome",
+        "gauge",
+        "How the drain ended (1 for the outcome; no sample before): idle (no job), finished (the job \
+         ran to its end), cancelled (at the drain's deadline or a second signal).",
+    );
+    if let Some(drain) = s.drain {
+        for o in DrainOutcome::ALL {
+            let _ = writeln!(out, "ci_runner_drain_outcome{{outcome=\"{}\"}} {}", o.label(), u8::from(drain == o));
+        }
+    }
     if let Some(lock) = &s.lock {
-        let r = lock.resource.replace('\\', "\\\\").replace('"', "\\\"");
-        out.push_str("# HELP ci_runner_lock_state The hardware lock's state (1 for the current one).\n# TYPE ci_runner_lock_state gauge\n");
+        let r = escape(&lock.resource);
+        family(&mut out, "ci_runner_lock_state", "gauge", "The hardware lock's state (1 for the current one).");
         for st in ["free", "waiting", "holding"] {
             let _ =
                 writeln!(out, "ci_runner_lock_state{{resource=\"{r}\",state=\"{st}\"}} {}", u8::from(lock.state == st));
         }
-        out.push_str("# HELP ci_runner_lock_state_since_seconds Unix time the lock's state began.\n# TYPE ci_runner_lock_state_since_seconds gauge\n");
+        family(&mut out, "ci_runner_lock_state_since_seconds", "gauge", "Unix time the lock's state began.");
         let _ = writeln!(out, "ci_runner_lock_state_since_seconds{{resource=\"{r}\"}} {}", lock.since.unwrap_or(0));
     }
     if let Some(p) = &s.prewarm {
-        out.push_str("# HELP ci_runner_prewarm_outcome How the work dir was pre-warmed (1 for the outcome).\n# TYPE ci_runner_prewarm_outcome gauge\n");
+        family(&mut out, "ci_runner_prewarm_outcome", "gauge", "How the work dir was pre-warmed (1 for the outcome).");
         for o in ["running", "warm", "cold", "failed"] {
             let _ = writeln!(out, "ci_runner_prewarm_outcome{{outcome=\"{o}\"}} {}", u8::from(p.outcome == o));
         }
-        out.push_str(
-            "# HELP ci_runner_prewarm_seconds How long the pre-warm took.\n# TYPE ci_runner_prewarm_seconds gauge\n",
-        );
+        family(&mut out, "ci_runner_prewarm_seconds", "gauge", "How long the pre-warm took.");
         let _ = writeln!(out, "ci_runner_prewarm_seconds {:.3}", p.seconds);
-        out.push_str("# HELP ci_runner_prewarm_bytes Bytes of the slot's archive received.\n# TYPE ci_runner_prewarm_bytes gauge\n");
+        family(&mut out, "ci_runner_prewarm_bytes", "gauge", "Bytes of the slot's archive received.");
         let _ = writeln!(out, "ci_runner_prewarm_bytes {}", p.bytes);
     }
+    m.render(&mut out);
     out
 }
 
 async fn metrics(AxumState(rx): AxumState<watch::Receiver<Status>>) -> impl IntoResponse {
-    let body = render_metrics(&rx.borrow());
+    let body = render_metrics(&rx.borrow(), crate::metrics::global());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
@@ -231,15 +294,120 @@ mod tests {
     #[test]
     fn metrics_show_the_state_and_the_lock() {
         let mut s = Status { state: State::Busy, busy: true, jobs_completed: 3, ..Status::default() };
-        s.lock =
-            Some(crate::lock::LockStatus { resource: "board".into(), state: "waiting", since: Some(7), holder: None });
-        let text = render_metrics(&s);
+        s.lock = Some(crate::lock::LockStatus {
+            resource: "board \"7\"\\a".into(),
+            state: "waiting",
+            since: Some(7),
+            holder: None,
+        });
+        let text = render_metrics(&s, &Metrics::new());
         assert!(text.contains("ci_runner_state{state=\"busy\"} 1\n"), "{text}");
         assert!(text.contains("ci_runner_state{state=\"idle\"} 0\n"), "{text}");
-        assert!(text.contains("ci_runner_jobs_completed_total 3\n"), "{text}");
-        assert!(text.contains("ci_runner_lock_state{resource=\"board\",state=\"waiting\"} 1\n"), "{text}");
-        assert!(text.contains("ci_runner_lock_state_since_seconds{resource=\"board\"} 7\n"), "{text}");
-        assert!(!render_metrics(&Status::default()).contains("lock"));
+        assert!(text.contains("ci_runner_busy 1\n"), "{text}");
+        assert!(
+            text.contains("ci_runner_lock_state{resource=\"board \\\"7\\\"\\\\a\",state=\"waiting\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("ci_runner_lock_state_since_seconds{resource=\"board \\\"7\\\"\\\\a\"} 7\n"), "{text}");
+        assert!(!render_metrics(&Status::default(), &Metrics::new()).contains("lock"));
+    }
+
+    /// The names of the families in `text`, from their `# TYPE` lines, each checked to follow
+    /// its `# HELP` line.
+    fn families(text: &str) -> Vec<String> {
+        let lines: Vec<&str> = text.lines().collect();
+        let mut names = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(
+                    i > 0 && lines[i - 1].starts_with(&format!("# HELP {name} ")),
+                    "no HELP before the TYPE of {name}"
+                );
+                names.push(name.to_string());
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn every_family_is_there_with_help_and_type_and_only_once() {
+        let mut s = Status {
+            prewarm: Some(PrewarmStatus { outcome: "warm", seconds: 1.5, bytes: 10, ..Default::default() }),
+            ..Status::default()
+        };
+        s.lock = Some(crate::lock::LockStatus { resource: "b".into(), state: "free", since: None, holder: None });
+        let metrics = Metrics::new();
+        metrics.forward(1, crate::forward::Proto::Tcp, &["h".into()]);
+        let text = render_metrics(&s, &metrics);
+        let names = families(&text);
+        for name in [
+            "ci_runner_state",
+            "ci_runner_busy",
+            "ci_runner_restarts_total",
+            "ci_runner_boot_phase_seconds",
+            "ci_runner_drain_outcome",
+            "ci_runner_lock_state",
+            "ci_runner_lock_state_since_seconds",
+            "ci_runner_prewarm_outcome",
+            "ci_runner_prewarm_seconds",
+            "ci_runner_prewarm_bytes",
+            "ci_runner_jobs_started_total",
+            "ci_runner_jobs_completed_total",
+            "ci_runner_job_duration_seconds",
+            "ci_runner_github_api_requests_total",
+            "ci_runner_deregistration_failures_total",
+            "ci_runner_forward_connections_total",
+            "ci_runner_forward_host_failures_total",
+        ] {
+            assert_eq!(names.iter().filter(|n| *n == name).count(), 1, "{name} in\n{text}");
+        }
+        // Every sample belongs to the family whose TYPE came last.
+        let mut current = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                current = rest.split(' ').next().unwrap().to_string();
+            } else if !line.starts_with('#') {
+                assert!(line.starts_with(&current), "{line:?} outside its family ({current})");
+            }
+        }
+    }
+
+    #[test]
+    fn boot_phases_appear_as_they_end() {
+        let mut s = Status::default();
+        let none = render_metrics(&s, &Metrics::new());
+        assert!(!none.contains("ci_runner_boot_phase_seconds{"), "{none}");
+        s.prewarm = Some(PrewarmStatus { outcome: "running", ..Default::default() });
+        s.boot.registration_seconds = Some(2.25);
+        let some = render_metrics(&s, &Metrics::new());
+        assert!(some.contains("ci_runner_boot_phase_seconds{phase=\"registration\"} 2.250\n"), "{some}");
+        assert!(!some.contains("phase=\"prewarm\"") && !some.contains("phase=\"listening\""), "{some}");
+        s.prewarm = Some(PrewarmStatus { outcome: "cold", seconds: 0.5, ..Default::default() });
+        s.boot.listening_seconds = Some(4.0);
+        let all = render_metrics(&s, &Metrics::new());
+        assert!(all.contains("ci_runner_boot_phase_seconds{phase=\"prewarm\"} 0.500\n"), "{all}");
+        assert!(all.contains("ci_runner_boot_phase_seconds{phase=\"listening\"} 4.000\n"), "{all}");
+        // The names another engineer's CloudWatch code reads.
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["boot"]["registration_seconds"], 2.25);
+        assert_eq!(json["boot"]["listening_seconds"], 4.0);
+    }
+
+    #[test]
+    fn drain_outcome_is_one_gauge_set_once_the_drain_ended() {
+        assert_eq!(DrainOutcome::of(false, false), DrainOutcome::Idle);
+        assert_eq!(DrainOutcome::of(true, false), DrainOutcome::Finished);
+        assert_eq!(DrainOutcome::of(true, true), DrainOutcome::Cancelled);
+        assert_eq!(DrainOutcome::of(false, true), DrainOutcome::Cancelled);
+        let mut s = Status::default();
+        assert!(!render_metrics(&s, &Metrics::new()).contains("ci_runner_drain_outcome{"));
+        s.drain = Some(DrainOutcome::Finished);
+        let text = render_metrics(&s, &Metrics::new());
+        assert!(text.contains("ci_runner_drain_outcome{outcome=\"finished\"} 1\n"), "{text}");
+        assert!(text.contains("ci_runner_drain_outcome{outcome=\"idle\"} 0\n"), "{text}");
+        assert!(text.contains("ci_runner_drain_outcome{outcome=\"cancelled\"} 0\n"), "{text}");
+        assert_eq!(serde_json::to_value(&s).unwrap()["drain"], "finished");
     }
 
     #[tokio::test]

@@ -22,9 +22,10 @@ use crate::error::{chain, Error, ExitCode};
 use crate::github::{backoff, Budget, Deleted, Github, GithubError};
 use crate::hooks;
 use crate::lock;
+use crate::metrics::{self, JobResult};
 use crate::prewarm;
 use crate::runner::{self, describe, parse_line, LineEvent, Registration, RunnerProcess};
-use crate::status::{State, StatusHandle};
+use crate::status::{DrainOutcome, State, StatusHandle};
 
 /// The signals the supervisor acts on; the caller (main, or a test) feeds them in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,10 +148,12 @@ struct Drain {
     signals: u32,
     timed_out: bool,
     deregistered: bool,
+    /// A job ran at some point of the drain (it may have started during it).
+    waited_for_job: bool,
 }
 
 enum Outcome {
-    Drained { timed_out: bool, deregistered: bool },
+    Drained { timed_out: bool, deregistered: bool, waited_for_job: bool },
     Exited(ExitInfo),
 }
 
@@ -169,6 +172,8 @@ pub struct Supervisor {
     daemons: hooks::Daemons,
     prewarm: Option<PrewarmTask>,
     forwarder: Option<crate::forward::Forwarder>,
+    /// When the process started, for the boot's `listening_seconds`.
+    started: Instant,
 }
 
 /// A pre-warm running on its own thread (not `spawn_blocking`: a hung one must not hold up
@@ -227,11 +232,13 @@ fn write_hook(
 }
 
 impl Supervisor {
+    /// `started` is when the process started (main takes it first thing), for the boot times.
     pub fn new(
         cfg: Config,
         status: StatusHandle,
         signals: mpsc::UnboundedReceiver<SignalKind>,
         registration: RegistrationSlot,
+        started: Instant,
     ) -> Result<Self, Error> {
         let github = match &cfg.credentials {
             Credentials::Pat(token) => Some(Github::new(&cfg.api_url, token.clone()).map_err(Error::Http)?),
@@ -251,6 +258,7 @@ impl Supervisor {
             daemons: hooks::Daemons::default(),
             prewarm: None,
             forwarder: None,
+            started,
         })
     }
 
@@ -513,8 +521,9 @@ impl Supervisor {
                 let started = Instant::now();
                 let outcome = self.supervise_once().await?;
                 let info = match outcome {
-                    Outcome::Drained { timed_out, deregistered } => {
-                        return Ok(self.finish_drain(timed_out, deregistered).await)
+                    Outcome::Drained { timed_out, deregistered, waited_for_job } => {
+                        self.status.update(|s| s.drain = Some(DrainOutcome::of(waited_for_job, timed_out)));
+                        return Ok(self.finish_drain(timed_out, deregistered).await);
                     }
                     Outcome::Exited(info) => info,
                 };
@@ -569,6 +578,7 @@ impl Supervisor {
     /// A signal came before the Listener ran: remove whatever was registered, exit 0.
     async fn stop_before_listening(&mut self) -> Result<ExitCode, Error> {
         self.status.set_state(State::Draining);
+        self.status.update(|s| s.drain = Some(DrainOutcome::Idle));
         if let Some(task) = self.prewarm.take() {
             task.gate.cancel();
         }
@@ -587,7 +597,7 @@ impl Supervisor {
         info!(runner_id = ?id, "Removing a registration left by an earlier start.");
         if let (Some(gh), Some(id)) = (&self.github, id) {
             let budget = Budget::attempts(3);
-            if let Err(e) = gh.delete_runner(&self.cfg.scope, id, budget, &self.cancel).await {
+            if let Err(e) = delete_registration(gh, &self.cfg.scope, id, budget, &self.cancel).await {
                 warn!(runner_id = id, error = %chain(&e), "Failed to delete the stale registration; GitHub removes offline runners after 14 days.");
             }
         }
@@ -597,6 +607,7 @@ impl Supervisor {
     /// Token, then `config.sh`. A signal during the token fetch aborts it at once; a signal
     /// during `config.sh` lets it finish (a half-written registration is worse), then stops.
     async fn register(&mut self) -> Result<(), Result<Interrupted, Error>> {
+        let began = Instant::now();
         self.status.set_state(State::Registering);
         runner::remove_local_files(&self.cfg.runner_dir);
         let token = match (&self.cfg.credentials, &self.github) {
@@ -649,7 +660,11 @@ impl Supervisor {
         if interrupted {
             return Err(Ok(Interrupted));
         }
-        info!(runner = %self.name, runner_id = ?id, "Runner registered.");
+        let seconds = began.elapsed().as_secs_f64();
+        info!(runner = %self.name, runner_id = ?id, seconds = format!("{seconds:.2}"), "Runner registered.");
+        self.status.update(|s| {
+            s.boot.registration_seconds.get_or_insert(seconds);
+        });
         Ok(())
     }
 
@@ -702,7 +717,21 @@ impl Supervisor {
         let scope = self.cfg.scope.clone();
         let cancel = self.cancel.clone();
         let budget = Budget::attempts(3);
-        Some(Box::pin(async move { gh.delete_runner(&scope, id, budget, &cancel).await }))
+        Some(Box::pin(async move { delete_registration(&gh, &scope, id, budget, &cancel).await }))
+    }
+
+    /// The runner's `Listening for Jobs`: the first one ends the boot.
+    fn listening(&self) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.status.update(|s| {
+            s.boot.listening_seconds.get_or_insert(seconds);
+        });
+    }
+
+    /// A job's `completed with result` line; `started` when its `Running job` line was seen.
+    fn job_completed(&self, result: &str, started: Option<Instant>) {
+        metrics::global().job_completed(JobResult::from_runner(result), started.map(|t| t.elapsed()));
+        self.status.update(|s| s.jobs_completed += 1);
     }
 
     /// One run of `run.sh`, until it exits.
@@ -712,6 +741,8 @@ impl Supervisor {
         self.status.set_state(State::Starting);
         let mut info = ExitInfo::default();
         let mut busy: Option<String> = None;
+        // When the running job's "Running job" line came, for its duration.
+        let mut job_started: Option<Instant> = None;
         let mut drain: Option<Drain> = None;
         let mut delete: Option<DeleteCall> = None;
         let mut delete_retry_at: Option<Instant> = None;
@@ -719,6 +750,11 @@ impl Supervisor {
         let far = Instant::now() + Duration::from_secs(100 * 365 * 86400);
 
         let status = loop {
+            if let Some(d) = drain.as_mut() {
+                // Busy after any event of the drain (a signal mid-job, a job that started while
+                // the registration was being removed): the drain waits for that job.
+                d.waited_for_job |= busy.is_some();
+            }
             let drain_deadline = drain.as_ref().filter(|d| !d.timed_out).map(|d| d.deadline).unwrap_or(far);
             tokio::select! {
                 biased;
@@ -733,6 +769,7 @@ impl Supervisor {
                             if drain.is_none() && busy.is_none() {
                                 self.status.set_state(State::Idle);
                             }
+                            self.listening();
                             // Start-up garbage (certificate parsing, registration) goes back to
                             // the system before the long idle.
                             // SAFETY: malloc_trim has no preconditions.
@@ -749,6 +786,8 @@ impl Supervisor {
                             if drain.is_none() {
                                 self.status.set_state(State::Busy);
                             }
+                            metrics::global().job_started();
+                            job_started = Some(Instant::now());
                             busy = Some(name);
                         }
                         LineEvent::JobCompleted { name, result } => {
@@ -756,7 +795,8 @@ impl Supervisor {
                             busy = None;
                             info!(job = %name, result = %result, "Job finished.");
                             self.release_lock();
-                            self.status.update(|s| { s.busy = false; s.job = None; s.jobs_completed += 1; });
+                            self.status.update(|s| { s.busy = false; s.job = None; });
+                            self.job_completed(&result, job_started.take());
                             if drain.is_some() {
                                 // Before the Listener can poll for another job.
                                 let n = proc.stop_listener();
@@ -800,7 +840,13 @@ impl Supervisor {
                             let deadline = (Instant::now() + self.cfg.drain_timeout).min(spot_by.unwrap_or(far));
                             info!(signal = ?sig, drain_timeout_s = self.cfg.drain_timeout.as_secs(), "Signal received: draining (no new job will start).");
                             self.status.set_state(State::Draining);
-                            drain = Some(Drain { deadline, signals: 1, timed_out: false, deregistered: false });
+                            drain = Some(Drain {
+                                deadline,
+                                signals: 1,
+                                timed_out: false,
+                                deregistered: false,
+                                waited_for_job: false,
+                            });
                             // The Worker process is the second witness: its "Running job" line may
                             // still be in the pipe.
                             if busy.is_none() && proc.worker_running() {
@@ -900,7 +946,14 @@ impl Supervisor {
                 Some(LineEvent::SessionConflict) => info.session_conflict = true,
                 Some(LineEvent::Deprecated) => info.deprecated = true,
                 Some(LineEvent::ListenerExit(rc)) => info.listener_rc = Some(rc),
-                Some(LineEvent::JobCompleted { .. }) => info.jobs_completed += 1,
+                Some(LineEvent::JobStarted(_)) => {
+                    metrics::global().job_started();
+                    job_started = Some(Instant::now());
+                }
+                Some(LineEvent::JobCompleted { result, .. }) => {
+                    info.jobs_completed += 1;
+                    self.job_completed(&result, job_started.take());
+                }
                 _ => {}
             }
         }
@@ -911,7 +964,11 @@ impl Supervisor {
             s.job = None;
         });
         Ok(match drain {
-            Some(d) => Outcome::Drained { timed_out: d.timed_out, deregistered: d.deregistered },
+            Some(d) => Outcome::Drained {
+                timed_out: d.timed_out,
+                deregistered: d.deregistered,
+                waited_for_job: d.waited_for_job || busy.is_some(),
+            },
             None => Outcome::Exited(info),
         })
     }
@@ -928,14 +985,18 @@ async fn remove_registration(
 ) -> Result<(), GithubError> {
     let id = match reg.id {
         Some(id) => id,
-        None => match gh.find_runner(scope, &reg.name, budget, cancel).await? {
-            Some(r) => r.id,
-            None => return Ok(()),
+        None => match gh.find_runner(scope, &reg.name, budget, cancel).await {
+            Ok(Some(r)) => r.id,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                metrics::global().deregistration_failed();
+                return Err(e);
+            }
         },
     };
     let mut attempt = 0;
     loop {
-        match gh.delete_runner(scope, id, budget, cancel).await {
+        match delete_registration(gh, scope, id, budget, cancel).await {
             Ok(Deleted::Removed) => {
                 info!(runner = %reg.name, runner_id = id, "Runner de-registered.");
                 return Ok(());
@@ -956,6 +1017,22 @@ async fn remove_registration(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// `DELETE` of a runner's registration; every failure (a busy 422 included, whether the caller
+/// retries it or not) counts in `ci_runner_deregistration_failures_total`.
+async fn delete_registration(
+    gh: &Github,
+    scope: &Scope,
+    id: u64,
+    budget: Budget,
+    cancel: &CancellationToken,
+) -> Result<Deleted, GithubError> {
+    let result = gh.delete_runner(scope, id, budget, cancel).await;
+    if result.is_err() {
+        metrics::global().deregistration_failed();
+    }
+    result
 }
 
 /// After a panic: remove whatever registration the slot holds, best effort, briefly.

@@ -7,6 +7,7 @@ mod forward;
 mod harness;
 mod hooks;
 mod lock;
+mod metrics;
 mod pid1;
 mod prewarm;
 mod scenarios;
