@@ -61,7 +61,9 @@ impl Autoscale {
         }
         match imds {
             Some(imds) if settings.spot_watch => {
-                tasks.spawn(watch_spot(imds, settings.spot_poll, drain, cancel.clone()).instrument(tracing::info_span!("spot")));
+                tasks.spawn(
+                    watch_spot(imds, settings.spot_poll, drain, cancel.clone()).instrument(tracing::info_span!("spot")),
+                );
             }
             _ => {}
         }
@@ -383,7 +385,9 @@ async fn protect(uri: String, expires_min: u32, mut status: watch::Receiver<Stat
     if current.is_some_and(|(on, _)| on) {
         match tokio::time::timeout(FLUSH_TIMEOUT, aws::set_task_protection(&http, &uri, false, expires_min)).await {
             Ok(Ok(())) => info!("Task scale-in protection off (exiting)."),
-            Ok(Err(e)) => warn!(error = %crate::error::chain(&e), "Failed to lift task scale-in protection at exit; it lapses by itself."),
+            Ok(Err(e)) => {
+                warn!(error = %crate::error::chain(&e), "Failed to lift task scale-in protection at exit; it lapses by itself.")
+            }
             Err(_) => warn!("Lifting task scale-in protection timed out at exit; it lapses by itself."),
         }
     }
@@ -399,14 +403,21 @@ pub fn spot_deadline(notice: &aws::SpotNotice, now: SystemTime, mono: Instant) -
     mono + left
 }
 
-async fn watch_spot(imds: Arc<Imds>, every: Duration, drain: mpsc::UnboundedSender<SignalKind>, cancel: CancellationToken) {
+async fn watch_spot(
+    imds: Arc<Imds>,
+    every: Duration,
+    drain: mpsc::UnboundedSender<SignalKind>,
+    cancel: CancellationToken,
+) {
     // IMDSv2 first: its token request tells whether this is EC2 at all.
     let probe = tokio::select! {
         r = imds.get("meta-data/instance-id") => r,
         () = cancel.cancelled() => return,
     };
     match probe {
-        Ok(Some(id)) => info!(instance = %id.trim(), every_s = every.as_secs(), "On EC2: watching for a spot interruption notice."),
+        Ok(Some(id)) => {
+            info!(instance = %id.trim(), every_s = every.as_secs(), "On EC2: watching for a spot interruption notice.")
+        }
         Ok(None) | Err(_) => {
             info!("No instance metadata service: spot watch off (not on EC2).");
             return;

@@ -217,9 +217,7 @@ fn error_of(body: &str) -> (String, String) {
         .or_else(|| json.as_ref().and_then(|j| j.get("__type").or(j.get("code"))?.as_str().map(str::to_string)))
         .unwrap_or_default();
     let message = tag("Message")
-        .or_else(|| {
-            json.as_ref().and_then(|j| j.get("message").or(j.get("Message"))?.as_str().map(str::to_string))
-        })
+        .or_else(|| json.as_ref().and_then(|j| j.get("message").or(j.get("Message"))?.as_str().map(str::to_string)))
         .unwrap_or_else(|| body.lines().next().unwrap_or("").chars().take(200).collect());
     (code, message)
 }
@@ -264,8 +262,11 @@ impl CredentialChain {
             if let Some(auth) = &self.settings.container_authorization {
                 req = req.header(reqwest::header::AUTHORIZATION, auth.expose());
             }
-            let resp =
-                req.send().await.map_err(|source| AwsError::Transport { method: Method::GET, url: url.clone(), source })?;
+            let resp = req.send().await.map_err(|source| AwsError::Transport {
+                method: Method::GET,
+                url: url.clone(),
+                source,
+            })?;
             let body = text_or_status(resp, url).await?;
             let role: RoleCredentials = serde_json::from_str(&body).map_err(|e| AwsError::Invalid {
                 what: "the task role's credentials",
@@ -389,7 +390,9 @@ pub fn authorization(req: &SignedRequest<'_>, access_key_id: &str, secret: &str)
         .iter()
         .fold(hmac(format!("AWS4{secret}").as_bytes(), date), |k, part| hmac(&k, part));
     let signature = hex(&hmac(&key, &to_sign));
-    format!("AWS4-HMAC-SHA256 Credential={access_key_id}/{scope}, SignedHeaders={signed_headers}, Signature={signature}")
+    format!(
+        "AWS4-HMAC-SHA256 Credential={access_key_id}/{scope}, SignedHeaders={signed_headers}, Signature={signature}"
+    )
 }
 
 pub fn amz_date(t: SystemTime) -> String {
@@ -527,8 +530,11 @@ impl CloudWatch {
             req = req.header("x-amz-security-token", t);
         }
         let shown = self.endpoint.clone();
-        let resp =
-            req.send().await.map_err(|source| AwsError::Transport { method: Method::POST, url: shown.clone(), source })?;
+        let resp = req.send().await.map_err(|source| AwsError::Transport {
+            method: Method::POST,
+            url: shown.clone(),
+            source,
+        })?;
         match text_or_status(resp, &shown).await {
             Ok(_) => Ok(()),
             Err(e @ AwsError::Status { .. }) => {
@@ -558,12 +564,11 @@ pub async fn set_task_protection(
     } else {
         serde_json::json!({ "ProtectionEnabled": false })
     };
-    let resp = http
-        .put(&url)
-        .json(&body)
-        .send()
-        .await
-        .map_err(|source| AwsError::Transport { method: Method::PUT, url: url.clone(), source })?;
+    let resp = http.put(&url).json(&body).send().await.map_err(|source| AwsError::Transport {
+        method: Method::PUT,
+        url: url.clone(),
+        source,
+    })?;
     let text = text_or_status(resp, &url).await?;
     // The agent answers 200 with a `failure` object when ECS refused.
     let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();

@@ -739,14 +739,19 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
         }
         (None, None) => None,
     };
-    let container_credentials_url = match (c.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"), url_var(c, "AWS_CONTAINER_CREDENTIALS_FULL_URI")) {
-        (Some(rel), _) if rel.starts_with('/') => Some(format!("{ECS_CREDENTIALS_HOST}{rel}")),
-        (Some(rel), _) => {
-            c.bad("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", Some(&rel), "a path starting with /, as the ECS agent sets it");
-            None
-        }
-        (None, full) => full,
-    };
+    let container_credentials_url =
+        match (c.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"), url_var(c, "AWS_CONTAINER_CREDENTIALS_FULL_URI")) {
+            (Some(rel), _) if rel.starts_with('/') => Some(format!("{ECS_CREDENTIALS_HOST}{rel}")),
+            (Some(rel), _) => {
+                c.bad(
+                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                    Some(&rel),
+                    "a path starting with /, as the ECS agent sets it",
+                );
+                None
+            }
+            (None, full) => full,
+        };
     let container_authorization = c
         .get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
         .and_then(|f| std::fs::read_to_string(f).ok())
@@ -765,7 +770,11 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
     let namespace = c.get("CLOUDWATCH_NAMESPACE").unwrap_or_else(|| DEFAULT_CLOUDWATCH_NAMESPACE.to_string());
     if namespace.len() > 255 || namespace.starts_with("AWS/") || namespace.contains(':') {
         let n = namespace.clone();
-        c.bad("CLOUDWATCH_NAMESPACE", Some(&n), "a CloudWatch namespace of at most 255 characters, not starting with AWS/, without ':'");
+        c.bad(
+            "CLOUDWATCH_NAMESPACE",
+            Some(&n),
+            "a CloudWatch namespace of at most 255 characters, not starting with AWS/, without ':'",
+        );
     }
     let metric_name = c.get("CLOUDWATCH_METRIC_NAME").unwrap_or_else(|| DEFAULT_CLOUDWATCH_METRIC.to_string());
     if metric_name.len() > 255 {
@@ -773,13 +782,15 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
         c.bad("CLOUDWATCH_METRIC_NAME", Some(&n), "a metric name of at most 255 characters");
     }
     let dimensions = match c.get("CLOUDWATCH_DIMENSIONS") {
-        Some(v) => match parse_dimensions(&v) {
-            Some(d) => d,
-            None => {
-                c.bad("CLOUDWATCH_DIMENSIONS", Some(&v), "Name=Value pairs separated by commas (at most 30), e.g. GH_REPOSITORY=owner/repo,GH_LABEL=linux");
-                Vec::new()
+        Some(v) => {
+            match parse_dimensions(&v) {
+                Some(d) => d,
+                None => {
+                    c.bad("CLOUDWATCH_DIMENSIONS", Some(&v), "Name=Value pairs separated by commas (at most 30), e.g. GH_REPOSITORY=owner/repo,GH_LABEL=linux");
+                    Vec::new()
+                }
             }
-        },
+        }
         None => match scope {
             Some(Scope::Repository { owner, repo }) => vec![("GH_REPOSITORY".to_string(), format!("{owner}/{repo}"))],
             Some(Scope::Organization(org)) => vec![("GH_ORGANIZATION".to_string(), org.clone())],

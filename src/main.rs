@@ -4,11 +4,11 @@ use std::ffi::OsString;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
+use ci_runner::autoscale::Autoscale;
 use ci_runner::config::{self, Config, ConfigError, Host, LogFormat, ProcessEnv, SystemUsers};
 use ci_runner::error::{chain, ExitCode};
 use ci_runner::forward;
 use ci_runner::pid1;
-use ci_runner::autoscale::Autoscale;
 use ci_runner::status::{self, StatusHandle};
 use ci_runner::supervisor::{self, RegistrationSlot, SignalKind, Supervisor};
 use nix::sys::signal::{SigSet, Signal};

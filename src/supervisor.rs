@@ -35,7 +35,9 @@ pub enum SignalKind {
     /// A spot interruption notice: drain as on SIGTERM, but a running job must end (cancelled
     /// if need be, so GitHub records it) and the runner be removed by `by`, before the
     /// instance goes. A notice during a drain only brings its deadline forward.
-    Spot { by: Instant },
+    Spot {
+        by: Instant,
+    },
 }
 
 /// A registration that exists on GitHub and must be removed on every exit path.

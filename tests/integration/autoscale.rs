@@ -48,9 +48,7 @@ impl Moto {
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto");
-        wait_for("moto to listen", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
+        wait_for("moto to listen", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
         Moto { child, port }
     }
 
@@ -250,9 +248,7 @@ fn cloudwatch_down_leaves_the_runner_alone_and_catches_up() {
     sup.wait_state("busy", Duration::from_secs(30));
     past_this_second();
     release(&scratch, "down");
-    wait_for("the job to succeed", Duration::from_secs(30), || {
-        (gh.job(job)["result"] == "Succeeded").then_some(())
-    });
+    wait_for("the job to succeed", Duration::from_secs(30), || (gh.job(job)["result"] == "Succeeded").then_some(()));
     sup.wait_log("Failed to publish to CloudWatch", Duration::from_secs(20));
     // Back up: what was kept through the outage arrives, in order.
     let moto = Moto::start_on(port);
@@ -317,7 +313,8 @@ impl FakeHttp {
                         return;
                     }
                     let mut parts = line.split_whitespace();
-                    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                    let (method, path) =
+                        (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
                     let mut headers = BTreeMap::new();
                     loop {
                         let mut h = String::new();
@@ -391,7 +388,9 @@ fn ecs_protection_is_on_while_busy_renewed_and_off_when_idle() {
     let mut sup = Supervisor::start(&env);
     sup.wait_state("idle", Duration::from_secs(30));
     // A protection left by an earlier run of this task is lifted (after one retry).
-    wait_for("protection off at the start", Duration::from_secs(20), || (protections(&agent) == [false, false]).then_some(()));
+    wait_for("protection off at the start", Duration::from_secs(20), || {
+        (protections(&agent) == [false, false]).then_some(())
+    });
     let scratch = runner.scratch();
     gh.enqueue("build", &["ci-test"], &gated_steps(&scratch, "p"));
     sup.wait_state("busy", Duration::from_secs(30));
