@@ -116,6 +116,8 @@ def env_for(gh, runner_dir, status_port):
         "RUNNER_USER": "nobody",
         "STATUS_ADDR": "127.0.0.1:%d" % status_port,
         "RUST_LOG": "warn",
+        # Off AWS: never probe the link-local instance metadata address.
+        "AWS_EC2_METADATA_DISABLED": "true",
     }
 
 

@@ -86,7 +86,8 @@ def main():
         for i in range(args.runs):
             name = "ci-runner-bench-%d-%d" % (os.getpid(), i)
             env = ["-e", "GH_TOKEN=ghp_admin", "-e", "GH_REPOSITORY=octo-org/octo-repo", "-e", "GH_LABELS=bench",
-                   "-e", "GH_SERVER_URL=" + url, "-e", "GH_API_URL=%s/api/v3" % url, "-e", "STATUS_ADDR=off"]
+                   "-e", "GH_SERVER_URL=" + url, "-e", "GH_API_URL=%s/api/v3" % url, "-e", "STATUS_ADDR=off",
+                   "-e", "AWS_EC2_METADATA_DISABLED=true"]
             t0 = time.monotonic()
             sh("docker", "run", "-d", "--name", name, "--network", "host", *env, IMAGE, stdout=subprocess.DEVNULL)
             logs = subprocess.Popen(["docker", "logs", "-f", name], stdout=subprocess.PIPE,
