@@ -194,6 +194,8 @@ pub struct Config {
     pub forwards: Option<(Vec<Forward>, ForwardOptions)>,
     /// CloudWatch, ECS scale-in protection and the spot watch.
     pub autoscale: AutoscaleSettings,
+    /// `RUNNER_INSTANCE_LABELS`: labels added per instance of a pool.
+    pub instance_labels: Option<crate::instance::InstanceLabels>,
 }
 
 /// What the autoscaling signals need (README "Autoscaling").
@@ -587,6 +589,20 @@ impl Config {
 
         let lock_dir = PathBuf::from(c.get("RUNNER_LOCK_DIR").unwrap_or_else(|| DEFAULT_LOCK_DIR.to_string()));
         let lock_timeout = c.get("RUNNER_LOCK_TIMEOUT_SEC").map(|_| c.seconds("RUNNER_LOCK_TIMEOUT_SEC", 0));
+        let instance_labels = match (c.get("RUNNER_INSTANCE_LABELS"), c.get("RUNNER_INSTANCE")) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                c.bad("RUNNER_INSTANCE_LABELS", None, "a table of key:labels entries for RUNNER_INSTANCE to pick from, e.g. 1:board,phytiumpi;2:board,rk3568");
+                None
+            }
+            (Some(table), explicit) => match crate::instance::parse_table(&table) {
+                Some(table) => Some(crate::instance::InstanceLabels { table, explicit, dir: lock_dir.clone() }),
+                None => {
+                    c.bad("RUNNER_INSTANCE_LABELS", Some(&table), "key:label,label entries separated by ';' (keys of A-Z a-z 0-9 . _ -, each once), e.g. 1:board,phytiumpi;2:board,rk3568");
+                    None
+                }
+            },
+        };
         let lock = match c.get("RUNNER_RESOURCE_ID") {
             None => None,
             Some(id) if valid_runner_name(&id) => {
@@ -659,6 +675,7 @@ impl Config {
             zoneinfo,
             forwards,
             autoscale,
+            instance_labels,
         })
     }
 

@@ -65,13 +65,15 @@ pub enum Error {
     Forward(#[from] crate::forward::ForwardError),
     #[error("the runner failed for good: {0}")]
     RunnerGaveUp(String),
+    #[error("failed to find this instance's labels")]
+    Instance(#[from] crate::instance::InstanceError),
 }
 
 impl Error {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             // A port already taken is the operator's to fix, like a bad variable.
-            Error::Config(_) | Error::Forward(_) => ExitCode::Config,
+            Error::Config(_) | Error::Forward(_) | Error::Instance(_) => ExitCode::Config,
             Error::Github(e) if e.is_permanent() => ExitCode::GithubRefused,
             Error::Github(_) => ExitCode::GithubUnavailable,
             Error::Runner(_) | Error::RunnerGaveUp(_) | Error::Prepare { .. } | Error::Lock(_) => {

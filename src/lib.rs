@@ -13,6 +13,7 @@
 //! - [`supervisor`]: the life cycle: register, supervise, drain, de-register; the exit table.
 //! - [`hooks`]: the boot hooks, `entrypoint.*.sh` sourced as root, then as the runner user.
 //! - [`prewarm`]: the work dir loaded from the newest ci-storage slot over SSH before the first job.
+//! - [`instance`]: per-instance labels in a pool (`RUNNER_INSTANCE_LABELS`), by key or claimed index.
 //! - [`lock`]: the hardware lock: one job at a time on a shared device, in arrival order.
 //! - [`forward`]: `127.0.0.1:N` to port N on the central host: TCP with failover, UDP sessions.
 //! - [`aws`]: credentials, SigV4, CloudWatch, the ECS agent and instance metadata, by hand.
@@ -28,6 +29,7 @@ pub mod error;
 pub mod forward;
 pub mod github;
 pub mod hooks;
+pub mod instance;
 pub mod lock;
 pub mod metrics;
 pub mod pid1;

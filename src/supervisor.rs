@@ -176,6 +176,8 @@ pub struct Supervisor {
     forwarder: Option<crate::forward::Forwarder>,
     /// When the process started, for the boot's `listening_seconds`.
     started: Instant,
+    /// The replica index claimed for `RUNNER_INSTANCE_LABELS`, held while the supervisor lives.
+    instance_claim: Option<std::fs::File>,
 }
 
 /// A pre-warm running on its own thread (not `spawn_blocking`: a hung one must not hold up
@@ -261,6 +263,7 @@ impl Supervisor {
             prewarm: None,
             forwarder: None,
             started,
+            instance_claim: None,
         })
     }
 
@@ -335,6 +338,24 @@ impl Supervisor {
     }
 
     /// The job is over (or never will be): the lock goes to the next waiter.
+    /// This instance's entry of `RUNNER_INSTANCE_LABELS`: its labels join `GH_LABELS`, its key
+    /// is `RUNNER_INSTANCE` for the hooks and jobs; a claimed replica index is held for life.
+    fn resolve_instance(&mut self) -> Result<(), Error> {
+        let Some(table) = self.cfg.instance_labels.clone() else { return Ok(()) };
+        let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+        let resolved = table.resolve(&host)?;
+        for l in &resolved.labels {
+            if !self.cfg.labels.iter().any(|x| x.eq_ignore_ascii_case(l)) {
+                self.cfg.labels.push(l.clone());
+            }
+        }
+        self.cfg.runner_env.retain(|(k, _)| k != "RUNNER_INSTANCE");
+        self.cfg.runner_env.push(("RUNNER_INSTANCE".into(), resolved.key.clone()));
+        info!(instance = %resolved.key, claimed = resolved.claim.is_some(), labels = %self.cfg.labels.join(","), "Instance labels added.");
+        self.instance_claim = resolved.claim;
+        Ok(())
+    }
+
     fn release_lock(&self) {
         if let Some(tx) = &self.lock {
             let _ = tx.send(lock::Request::Release);
@@ -468,6 +489,7 @@ impl Supervisor {
 
     async fn run_inner(&mut self) -> Result<ExitCode, Error> {
         apply_tz(&self.cfg);
+        self.resolve_instance()?;
         // First of all: the hooks and the pre-warm may need them (CI_STORAGE_HOST is often a
         // forwarded port). A port already taken stops the boot before anything is registered.
         if let Some((forwards, opts)) = self.cfg.forwards.clone() {

@@ -398,3 +398,44 @@ fn the_token_can_come_from_a_secret_file() {
     assert!(!sup.log_has(PAT));
     stop_idle(&mut sup, &gh, &name);
 }
+
+#[test]
+fn replicas_of_one_pool_each_claim_their_own_instance_labels() {
+    let gh = FakeGithub::start();
+    let locks = tempfile::tempdir().unwrap();
+    let dir = locks.path().display().to_string();
+    let table = "1:board,phytiumpi;2:board,rk3568";
+    let extra = [("RUNNER_INSTANCE_LABELS", table), ("RUNNER_LOCK_DIR", dir.as_str())];
+    let (r1, r2, r3) = (RunnerDir::new(), RunnerDir::new(), RunnerDir::new());
+    let (mut a, name_a) = start_idle(&gh, &r1, &extra);
+    let (mut b, name_b) = start_idle(&gh, &r2, &extra);
+    let labels = |name: &str| -> Vec<String> {
+        let r = gh.runner_named(name).unwrap();
+        r["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap_or(l.as_str().unwrap_or("")).to_string())
+            .collect()
+    };
+    let (la, lb) = (labels(&name_a), labels(&name_b));
+    assert!(la.contains(&"phytiumpi".to_string()) && la.contains(&"ci-test".to_string()), "{la:?}");
+    assert!(lb.contains(&"rk3568".to_string()) && !lb.contains(&"phytiumpi".to_string()), "{lb:?}");
+    // A job for one board goes to that board's runner, and RUNNER_INSTANCE tells it which.
+    let scratch = r2.scratch();
+    let job = gh.enqueue("flash", &["rk3568"], &format!("echo \"$RUNNER_INSTANCE\" > {}/instance", scratch.display()));
+    wait_job_status(&gh, job, "completed", LONG);
+    assert_eq!(gh.job(job)["runner_name"], name_b.as_str());
+    assert_eq!(std::fs::read_to_string(scratch.join("instance")).unwrap().trim(), "2");
+    // A third replica finds every entry claimed: a clear error, nothing registered.
+    let mut c = Supervisor::start(&env_with(&gh, &r3, &extra));
+    assert_eq!(c.wait_exit(BOOT).code(), Some(3), "{}", c.log());
+    assert!(c.log_has("every replica index of RUNNER_INSTANCE_LABELS"), "{}", c.log());
+    assert_eq!(gh.runners().len(), 2);
+    // The first goes away: its index is free for the next replica at once.
+    stop_idle(&mut a, &gh, &name_a);
+    let (mut d, name_d) = start_idle(&gh, &r3, &extra);
+    assert!(labels(&name_d).contains(&"phytiumpi".to_string()));
+    stop_idle(&mut b, &gh, &name_b);
+    stop_idle(&mut d, &gh, &name_d);
+}
