@@ -134,3 +134,67 @@ fn a_daemon_started_by_a_hook_is_stopped_after_the_runner() {
     assert!(sup.log_has("Stopping daemons started by the boot hooks."), "{}", sup.log());
     assert!(!alive(pid), "the hook's daemon outlived the supervisor");
 }
+
+/// The shipped Docker-in-Docker hook, against stand-ins for `dockerd` and `docker` (a real
+/// dockerd needs a privileged container, which this machine's engine refuses): `mode` is
+/// `ok` (answers after 0.3 s), `crash` (exits at once) or `hang` (never answers).
+fn dind(mode: &str, wait_sec: &str) -> (FakeGithub, RunnerDir, Dirs, Supervisor) {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let d = dirs();
+    let stub = d.scratch.path().join("bin");
+    std::fs::create_dir(&stub).unwrap();
+    let s = d.scratch.path().display();
+    let dockerd = match mode {
+        "ok" => format!("echo $$ > {s}/dockerd.pid\nsleep 0.3\ntouch {s}/ready\nexec sleep 1000\n"),
+        "crash" => "echo 'failed to start daemon: Error initializing network controller'\nexit 1\n".to_string(),
+        _ => format!("echo $$ > {s}/dockerd.pid\nexec sleep 1000\n"),
+    };
+    for (name, body) in [("dockerd", dockerd), ("docker", format!("[ \"$1\" = info ] && [ -e {s}/ready ]\n"))] {
+        std::fs::write(stub.join(name), format!("#!/bin/bash\n{body}")).unwrap();
+        std::fs::set_permissions(stub.join(name), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    std::fs::copy(
+        repo_root().join("hooks/root/entrypoint.10-dockerd.sh"),
+        d.root.path().join("entrypoint.10-dockerd.sh"),
+    )
+    .unwrap();
+    let mut e = env(&gh, &runner, &d);
+    for (k, v) in e.iter_mut() {
+        if k == "PATH" {
+            *v = format!("{}:{v}", stub.display());
+        }
+    }
+    e.push(("DOCKERD_WAIT_SEC".into(), wait_sec.into()));
+    e.push(("DOCKERD_LOG".into(), format!("{s}/dockerd.log")));
+    let sup = Supervisor::start(&e);
+    (gh, runner, d, sup)
+}
+
+#[test]
+fn dind_hook_waits_for_the_daemon_then_stops_it_after_the_runner() {
+    let (gh, _runner, d, mut sup) = dind("ok", "30");
+    sup.wait_state("idle", BOOT);
+    assert!(d.scratch.path().join("ready").exists(), "the runner registered before dockerd answered");
+    assert!(sup.log_has("dockerd is up"), "{}", sup.log());
+    let pid: i32 = std::fs::read_to_string(d.scratch.path().join("dockerd.pid")).unwrap().trim().parse().unwrap();
+    let alive = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    assert!(alive(pid));
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(BOOT).code(), Some(0), "{}", sup.log());
+    assert!(gh.runners().is_empty());
+    assert!(!alive(pid), "dockerd outlived the supervisor");
+}
+
+#[test]
+fn dind_hook_fails_the_boot_when_the_daemon_dies_or_never_answers() {
+    let (gh, _runner, _d, mut sup) = dind("crash", "30");
+    assert_eq!(sup.wait_exit(BOOT).code(), Some(8), "{}", sup.log());
+    assert!(sup.log_has("Error initializing network controller"), "the daemon's log was not shown: {}", sup.log());
+    assert!(gh.runners().is_empty());
+
+    let (gh, _runner, _d, mut sup) = dind("hang", "1");
+    assert_eq!(sup.wait_exit(BOOT).code(), Some(8), "{}", sup.log());
+    assert!(sup.log_has("dockerd did not answer within 1s"), "{}", sup.log());
+    assert!(gh.runners().is_empty());
+}
