@@ -8,7 +8,9 @@
 //! # Layout
 //! - [`pid1`]: the tiny synchronous parent: fork, forward signals, reap, pass the exit code.
 //! - [`config`]: the only reader of the environment; typed, validated all at once.
-//! - [`github`]: the REST API (registration tokens, find and delete runners) with retries.
+//! - [`github`]: the REST API (registration tokens, find and delete runners, runner groups)
+//!   with retries, authenticated by a PAT or a GitHub App's installation tokens.
+//! - [`app`]: GitHub App authentication: the private key, the RS256 JWT, token lifetimes.
 //! - [`runner`]: `config.sh` and `run.sh` as processes, their output lines, their files.
 //! - [`supervisor`]: the life cycle: register, supervise, drain, de-register; the exit table.
 //! - [`hooks`]: the boot hooks, `entrypoint.*.sh` sourced as root, then as the runner user.
@@ -21,6 +23,7 @@
 //! - [`metrics`]: the process-wide counters (jobs, GitHub calls, forwards) for `GET /metrics`.
 //! - [`error`]: the top-level error and the exit codes.
 
+pub mod app;
 pub mod autoscale;
 pub mod aws;
 pub mod config;
