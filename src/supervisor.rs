@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, Credentials, RunnerName, Scope};
 use crate::error::{chain, Error, ExitCode};
-use crate::github::{backoff, Budget, Deleted, Github, GithubError};
+use crate::github::{backoff, Auth, Budget, Deleted, Github, GithubError};
 use crate::hooks;
 use crate::lock;
 use crate::metrics::{self, JobResult};
@@ -242,10 +242,8 @@ impl Supervisor {
         registration: RegistrationSlot,
         started: Instant,
     ) -> Result<Self, Error> {
-        let github = match &cfg.credentials {
-            Credentials::Pat(token) => Some(Github::new(&cfg.api_url, token.clone()).map_err(Error::Http)?),
-            Credentials::RegistrationToken(_) => None,
-        };
+        let github =
+            Auth::for_config(&cfg).map(|auth| Github::new(&cfg.api_url, auth)).transpose().map_err(Error::Http)?;
         let name = runner_name(&cfg.name);
         status.update(|s| s.runner_name = Some(name.clone()));
         Ok(Self {
@@ -613,7 +611,8 @@ impl Supervisor {
         self.status.set_state(State::Registering);
         runner::remove_local_files(&self.cfg.runner_dir);
         let token = match (&self.cfg.credentials, &self.github) {
-            (Credentials::Pat(_), Some(gh)) => {
+            (Credentials::RegistrationToken(t), _) => t.clone(),
+            (_, Some(gh)) => {
                 let fetch = gh.registration_token(&self.cfg.scope, Budget::attempts(8), &self.cancel);
                 tokio::select! {
                     t = fetch => t.map_err(|e| Err(Error::Github(e)))?,
@@ -623,8 +622,7 @@ impl Supervisor {
                     }
                 }
             }
-            (Credentials::RegistrationToken(t), _) => t.clone(),
-            (Credentials::Pat(_), None) => unreachable!("a PAT always has a client"),
+            (_, None) => unreachable!("a PAT or an App always has a client"),
         };
         info!(runner = %self.name, url = %self.cfg.runner_url(), "Registering the runner.");
         let reg = Registration { name: &self.name, token: &token };
@@ -1040,8 +1038,8 @@ async fn delete_registration(
 /// After a panic: remove whatever registration the slot holds, best effort, briefly.
 pub async fn emergency_deregister(cfg: &Config, slot: &RegistrationSlot) {
     let Some(reg) = slot.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
-    let Credentials::Pat(token) = &cfg.credentials else { return };
-    let Ok(gh) = Github::new(&cfg.api_url, token.clone()) else { return };
+    let Some(auth) = Auth::for_config(cfg) else { return };
+    let Ok(gh) = Github::new(&cfg.api_url, auth) else { return };
     let budget = Budget::until(Instant::now() + DEREGISTER_GRACE);
     if let Err(e) = remove_registration(&gh, &cfg.scope, &reg, budget, &CancellationToken::new()).await {
         error!(error = %chain(&e), "Failed to de-register the runner.");
