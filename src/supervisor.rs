@@ -176,6 +176,8 @@ pub struct Supervisor {
     forwarder: Option<crate::forward::Forwarder>,
     /// When the process started, for the boot's `listening_seconds`.
     started: Instant,
+    /// `RUNNER_GROUP` resolved to its id at start (a JIT configuration needs the id).
+    runner_group_id: Option<u64>,
 }
 
 /// A pre-warm running on its own thread (not `spawn_blocking`: a hung one must not hold up
@@ -259,6 +261,7 @@ impl Supervisor {
             prewarm: None,
             forwarder: None,
             started,
+            runner_group_id: None,
         })
     }
 
@@ -486,6 +489,14 @@ impl Supervisor {
             return Ok(ExitCode::Ok);
         }
         self.start_lock()?;
+        match self.resolve_group().await {
+            Ok(()) => {}
+            Err(Ok(Interrupted)) => {
+                info!("Stopped during boot: nothing was registered.");
+                return Ok(ExitCode::Ok);
+            }
+            Err(Err(e)) => return Err(e),
+        }
         self.clean_stale_registration().await;
         runner::prepare_root(&self.cfg)
             .map_err(|source| Error::Prepare { path: self.cfg.runner_dir.clone(), source })?;
@@ -573,6 +584,29 @@ impl Supervisor {
                 Err(Interrupted)
             }
         }
+    }
+
+    /// `RUNNER_GROUP` to its id, before anything is registered: a group that does not exist
+    /// stops the boot with the groups that do (config.sh would only say it found none).
+    /// Without API credentials (a bare registration token) config.sh resolves the name itself.
+    async fn resolve_group(&mut self) -> Result<(), Result<Interrupted, Error>> {
+        let (Some(name), Some(gh)) = (self.cfg.group.clone(), self.github.clone()) else { return Ok(()) };
+        let lookup = gh.runner_group_id(&self.cfg.scope, &name, Budget::attempts(8), &self.cancel);
+        let id = tokio::select! {
+            id = lookup => id.map_err(|e| Err(Error::Github(e)))?,
+            Some(sig) = self.signals.recv() => {
+                info!(signal = ?sig, "Signal received while resolving the runner group.");
+                return Err(Ok(Interrupted));
+            }
+        };
+        info!(group = %name, group_id = id, "Runner group found.");
+        self.runner_group_id = Some(id);
+        Ok(())
+    }
+
+    /// The id of `RUNNER_GROUP`, once resolved at start.
+    pub fn runner_group_id(&self) -> Option<u64> {
+        self.runner_group_id
     }
 
     /// A signal came before the Listener ran: remove whatever was registered, exit 0.
