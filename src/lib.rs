@@ -1,9 +1,10 @@
 //! `ci-runner`: PID 1 of a GitHub Actions self-hosted runner container.
 //!
-//! It exchanges a PAT for a registration token, registers the official runner with
-//! `config.sh`, supervises `run.sh`, knows from the runner's own output whether a job runs,
-//! and on SIGTERM lets that job finish before it de-registers. As PID 1 it reaps every zombie,
-//! forwards signals and passes exit codes through.
+//! It exchanges a PAT (or a GitHub App's installation token) for a registration token,
+//! registers the official runner with `config.sh`, supervises `run.sh`, knows from the
+//! runner's own output whether a job runs, and on SIGTERM lets that job finish before it
+//! de-registers. As PID 1 it reaps every zombie, forwards signals and passes exit codes
+//! through.
 //!
 //! # Layout
 //! - [`pid1`]: the tiny synchronous parent: fork, forward signals, reap, pass the exit code.
