@@ -90,35 +90,49 @@ pub enum Credentials {
     Pat(Secret),
     /// A ready registration token: used as is; the supervisor cannot de-register by itself.
     RegistrationToken(Secret),
+    /// A GitHub App: its JWT buys installation tokens, which are used like a PAT.
+    App {
+        app_id: u64,
+        key: crate::app::AppKey,
+        /// `GH_APP_INSTALLATION_ID`; else found from the repository or organization.
+        installation_id: Option<u64>,
+    },
 }
 
 /// Where the runner is registered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
-    Repository { owner: String, repo: String },
+    Repository {
+        owner: String,
+        repo: String,
+    },
     Organization(String),
+    /// An enterprise, by its slug.
+    Enterprise(String),
 }
 
 impl Scope {
-    /// The REST path prefix: `repos/{owner}/{repo}` or `orgs/{org}`.
+    /// The REST path prefix: `repos/{owner}/{repo}`, `orgs/{org}` or `enterprises/{slug}`.
     pub fn api_path(&self) -> String {
         match self {
             Scope::Repository { owner, repo } => format!("repos/{owner}/{repo}"),
             Scope::Organization(org) => format!("orgs/{org}"),
+            Scope::Enterprise(slug) => format!("enterprises/{slug}"),
         }
     }
-    /// The path part of the runner's `--url`: `owner/repo` or `org`.
+    /// The path part of the runner's `--url`: `owner/repo`, `org` or `enterprises/slug`.
     pub fn url_path(&self) -> String {
         match self {
             Scope::Repository { owner, repo } => format!("{owner}/{repo}"),
             Scope::Organization(org) => org.clone(),
+            Scope::Enterprise(slug) => format!("enterprises/{slug}"),
         }
     }
     /// The repository name, when the scope is a repository.
     pub fn repo(&self) -> Option<&str> {
         match self {
             Scope::Repository { repo, .. } => Some(repo),
-            Scope::Organization(_) => None,
+            Scope::Organization(_) | Scope::Enterprise(_) => None,
         }
     }
 }
@@ -128,6 +142,7 @@ impl fmt::Display for Scope {
         match self {
             Scope::Repository { owner, repo } => write!(f, "repository {owner}/{repo}"),
             Scope::Organization(org) => write!(f, "organization {org}"),
+            Scope::Enterprise(slug) => write!(f, "enterprise {slug}"),
         }
     }
 }
@@ -305,6 +320,87 @@ impl<'a> Collector<'a> {
         })
     }
 
+    /// `GH_TOKEN` (a PAT), `GH_RUNNER_TOKEN` (a registration token) or a GitHub App
+    /// (`GH_APP_ID`, `GH_APP_PRIVATE_KEY`, `GH_APP_INSTALLATION_ID`): exactly one.
+    fn credentials(&mut self) -> Option<Credentials> {
+        let pat = self.secret("GH_TOKEN");
+        let reg = self.secret("GH_RUNNER_TOKEN");
+        let app_id = self.get("GH_APP_ID");
+        let installation = self.get("GH_APP_INSTALLATION_ID");
+        if app_id.is_none() {
+            // A key file in SECRETS_DIR alone is not an error (the directory may hold other
+            // things); a key or installation in a variable without the App's id is.
+            for var in ["GH_APP_PRIVATE_KEY", "GH_APP_INSTALLATION_ID"] {
+                if self.get(var).is_some() {
+                    self.bad("GH_APP_ID", None, format!("the GitHub App's id (a number), to go with {var}"));
+                }
+            }
+        }
+        match (pat, reg, app_id) {
+            (Some(p), None, None) => Some(Credentials::Pat(Secret::new(p))),
+            (None, Some(r), None) => Some(Credentials::RegistrationToken(Secret::new(r))),
+            (None, None, Some(id)) => self.app_credentials(&id, installation.as_deref()),
+            (Some(_), Some(_), _) => {
+                self.bad(
+                    "GH_TOKEN",
+                    None,
+                    "either GH_TOKEN (a PAT) or GH_RUNNER_TOKEN (a registration token), not both",
+                );
+                None
+            }
+            (pat, _, Some(id)) => {
+                let other = if pat.is_some() { "GH_TOKEN (a PAT)" } else { "GH_RUNNER_TOKEN (a registration token)" };
+                self.bad("GH_APP_ID", Some(&id), format!("either GH_APP_ID (a GitHub App) or {other}, not both"));
+                None
+            }
+            (None, None, None) => {
+                self.bad("GH_TOKEN", None, "a personal access token with admin rights on the repository or organization (or set GH_APP_ID and GH_APP_PRIVATE_KEY for a GitHub App, or GH_RUNNER_TOKEN to a registration token)");
+                None
+            }
+        }
+    }
+
+    /// The App's id, its private key (variable or secret file, never shown) and installation.
+    fn app_credentials(&mut self, id: &str, installation: Option<&str>) -> Option<Credentials> {
+        let app_id = id.parse::<u64>().ok().filter(|n| *n > 0);
+        if app_id.is_none() {
+            self.bad("GH_APP_ID", Some(id), "the GitHub App's numeric id (its settings page: App ID), e.g. 123456");
+        }
+        let installation_id = match installation {
+            None => None,
+            Some(i) => {
+                let n = i.parse::<u64>().ok().filter(|n| *n > 0);
+                if n.is_none() {
+                    self.bad(
+                        "GH_APP_INSTALLATION_ID",
+                        Some(i),
+                        "the installation's numeric id (the number at the end of its settings URL), or unset to find it from the repository or organization",
+                    );
+                }
+                n
+            }
+        };
+        let file = self.secrets_dir.join("GH_APP_PRIVATE_KEY");
+        let form = format!(
+            "the GitHub App's private key in PEM (-----BEGIN RSA PRIVATE KEY----- as GitHub issues it, or PKCS#8 -----BEGIN PRIVATE KEY-----), in the variable or in {}",
+            file.display()
+        );
+        let key = match self.secret("GH_APP_PRIVATE_KEY") {
+            None => {
+                self.bad("GH_APP_PRIVATE_KEY", None, form);
+                None
+            }
+            Some(pem) => match crate::app::AppKey::from_pem(&pem) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    self.bad("GH_APP_PRIVATE_KEY", None, format!("{form}; {e}"));
+                    None
+                }
+            },
+        };
+        Some(Credentials::App { app_id: app_id?, key: key?, installation_id })
+    }
+
     /// A non-empty value, trimmed; empty counts as unset (as in the original image's `${X:=}`).
     fn get(&self, var: &'static str) -> Option<String> {
         self.env.get(var).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
@@ -442,32 +538,20 @@ impl Config {
     pub fn from_env(env: &dyn EnvSource, host: &Host<'_>) -> Result<Config, ConfigError> {
         let mut c = Collector::new(env);
 
-        let pat = c.secret("GH_TOKEN");
-        let reg = c.secret("GH_RUNNER_TOKEN");
-        let credentials = match (pat, reg) {
-            (Some(p), None) => Some(Credentials::Pat(Secret::new(p))),
-            (None, Some(r)) => Some(Credentials::RegistrationToken(Secret::new(r))),
-            (Some(_), Some(_)) => {
-                c.bad("GH_TOKEN", None, "either GH_TOKEN (a PAT) or GH_RUNNER_TOKEN (a registration token), not both");
-                None
-            }
-            (None, None) => {
-                c.bad("GH_TOKEN", None, "a personal access token with admin rights on the repository or organization (or set GH_RUNNER_TOKEN to a registration token)");
-                None
-            }
-        };
+        let credentials = c.credentials();
 
         let repo = c.get("GH_REPOSITORY");
         let org = c.get("GH_ORGANIZATION");
-        let scope = match (repo, org) {
-            (Some(r), None) => {
+        let enterprise = c.get("GH_ENTERPRISE");
+        let scope = match (repo, org, enterprise) {
+            (Some(r), None, None) => {
                 let scope = repository_scope(&r);
                 if scope.is_none() {
                     c.bad("GH_REPOSITORY", Some(&r), "owner/repo, e.g. octo-org/octo-repo");
                 }
                 scope
             }
-            (None, Some(o)) => {
+            (None, Some(o), None) => {
                 if valid_github_name(&o) {
                     Some(Scope::Organization(o))
                 } else {
@@ -475,23 +559,45 @@ impl Config {
                     None
                 }
             }
-            (Some(r), Some(_)) => {
-                c.bad(
-                    "GH_REPOSITORY",
-                    Some(&r),
-                    "exactly one of GH_REPOSITORY (owner/repo) or GH_ORGANIZATION (org), not both",
-                );
-                None
+            (None, None, Some(e)) => {
+                if valid_github_name(&e) {
+                    Some(Scope::Enterprise(e))
+                } else {
+                    c.bad("GH_ENTERPRISE", Some(&e), "an enterprise slug, e.g. octo-corp");
+                    None
+                }
             }
-            (None, None) => {
+            (None, None, None) => {
                 c.bad(
                     "GH_REPOSITORY",
                     None,
-                    "owner/repo for a repository runner (or set GH_ORGANIZATION for an organization runner)",
+                    "owner/repo for a repository runner (or set GH_ORGANIZATION for an organization runner, GH_ENTERPRISE for an enterprise runner)",
+                );
+                None
+            }
+            (r, o, e) => {
+                // Named by the first one set, with its value.
+                let (var, value) = [("GH_REPOSITORY", r), ("GH_ORGANIZATION", o), ("GH_ENTERPRISE", e)]
+                    .into_iter()
+                    .find_map(|(var, v)| Some((var, v?)))
+                    .expect("at least two are set");
+                c.bad(
+                    var,
+                    Some(&value),
+                    "exactly one of GH_REPOSITORY (owner/repo), GH_ORGANIZATION (org) or GH_ENTERPRISE (enterprise slug)",
                 );
                 None
             }
         };
+        if let (Some(Credentials::App { app_id, .. }), Some(Scope::Enterprise(_))) = (&credentials, &scope) {
+            // §8.4: App installation tokens do not work on the enterprise runner endpoints.
+            let id = app_id.to_string();
+            c.bad(
+                "GH_APP_ID",
+                Some(&id),
+                "no GitHub App with GH_ENTERPRISE: GitHub does not let App tokens manage enterprise runners; set GH_TOKEN to a classic PAT with manage_runners:enterprise",
+            );
+        }
 
         let labels = match c.get("GH_LABELS") {
             None => {
@@ -546,7 +652,7 @@ impl Config {
             c.bad(
                 "RUNNER_GROUP",
                 Some(&g),
-                "no group for a repository runner: runner groups exist only with GH_ORGANIZATION",
+                "no group for a repository runner: runner groups exist only with GH_ORGANIZATION or GH_ENTERPRISE",
             );
         }
         let ephemeral = c.bool("RUNNER_EPHEMERAL", false);
@@ -686,15 +792,18 @@ impl Config {
 
     /// The non-secret settings, for the start-up banner.
     pub fn summary(&self) -> String {
-        let creds = match self.credentials {
-            Credentials::Pat(_) => "GH_TOKEN",
-            Credentials::RegistrationToken(_) => "GH_RUNNER_TOKEN",
+        let creds = match &self.credentials {
+            Credentials::Pat(_) => "GH_TOKEN".to_string(),
+            Credentials::RegistrationToken(_) => "GH_RUNNER_TOKEN".to_string(),
+            Credentials::App { app_id, installation_id: Some(i), .. } => format!("app:{app_id}/installation:{i}"),
+            Credentials::App { app_id, installation_id: None, .. } => format!("app:{app_id}"),
         };
         format!(
-            "scope={} labels={} credentials={} ephemeral={} runner_dir={} work_dir={} api={} drain_timeout={}s user={}",
+            "scope={} labels={} credentials={} group={} ephemeral={} runner_dir={} work_dir={} api={} drain_timeout={}s user={}",
             self.scope,
             self.labels.join(","),
             creds,
+            self.group.as_deref().unwrap_or("(default)"),
             self.ephemeral,
             self.runner_dir.display(),
             self.work_dir,
@@ -811,6 +920,7 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
         None => match scope {
             Some(Scope::Repository { owner, repo }) => vec![("GH_REPOSITORY".to_string(), format!("{owner}/{repo}"))],
             Some(Scope::Organization(org)) => vec![("GH_ORGANIZATION".to_string(), org.clone())],
+            Some(Scope::Enterprise(slug)) => vec![("GH_ENTERPRISE".to_string(), slug.clone())],
             None => Vec::new(),
         },
     };
@@ -1186,6 +1296,7 @@ mod tests {
             load(&[("GH_TOKEN", "t"), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "a"), ("RUNNER_GROUP", "gpu")], false)
                 .unwrap_err();
         assert_eq!(err.0[0].var, "RUNNER_GROUP");
+        assert!(err.0[0].to_string().contains("GH_ORGANIZATION or GH_ENTERPRISE"), "{}", err.0[0]);
     }
 
     #[test]
@@ -1203,6 +1314,123 @@ mod tests {
         .unwrap_err();
         let vars: Vec<_> = err.0.iter().map(|p| p.var).collect();
         assert_eq!(vars, ["GH_REPOSITORY", "RUNNER_USER"]);
+    }
+
+    #[test]
+    fn enterprise_scope_and_exactly_one_scope_of_three() {
+        let cfg = load(&[("GH_TOKEN", "t"), ("GH_ENTERPRISE", "octo-corp"), ("GH_LABELS", "a")], false).unwrap();
+        assert_eq!(cfg.scope, Scope::Enterprise("octo-corp".into()));
+        assert_eq!(cfg.scope.api_path(), "enterprises/octo-corp");
+        assert_eq!(cfg.runner_url(), "https://github.com/enterprises/octo-corp");
+        assert_eq!(cfg.scope.to_string(), "enterprise octo-corp");
+        assert_eq!(cfg.autoscale.dimensions, [("GH_ENTERPRISE".to_string(), "octo-corp".to_string())]);
+        let cfg = load(
+            &[("GH_TOKEN", "t"), ("GH_ENTERPRISE", "octo-corp"), ("GH_LABELS", "a"), ("RUNNER_GROUP", "gpu")],
+            false,
+        )
+        .unwrap();
+        assert_eq!(cfg.group.as_deref(), Some("gpu"));
+        for (pairs, var) in [
+            (&[("GH_REPOSITORY", "a/b"), ("GH_ENTERPRISE", "e")][..], "GH_REPOSITORY"),
+            (&[("GH_ORGANIZATION", "o"), ("GH_ENTERPRISE", "e")][..], "GH_ORGANIZATION"),
+            (&[("GH_REPOSITORY", "a/b"), ("GH_ORGANIZATION", "o"), ("GH_ENTERPRISE", "e")][..], "GH_REPOSITORY"),
+        ] {
+            let e = load(&[&[("GH_TOKEN", "t"), ("GH_LABELS", "a")][..], pairs].concat(), false).unwrap_err();
+            assert_eq!(vars_of(&e), [var], "{pairs:?}");
+            let text = e.0[0].to_string();
+            assert!(text.contains("exactly one of GH_REPOSITORY") && text.contains("GH_ENTERPRISE"), "{text}");
+        }
+        let e = load(&[("GH_TOKEN", "t"), ("GH_ENTERPRISE", "not/a/slug"), ("GH_LABELS", "a")], false).unwrap_err();
+        assert_eq!(vars_of(&e), ["GH_ENTERPRISE"]);
+        let e = load(&[("GH_TOKEN", "t"), ("GH_LABELS", "a")], false).unwrap_err();
+        assert!(e.0[0].to_string().contains("GH_ENTERPRISE"), "{}", e.0[0]);
+    }
+
+    fn key_file(pem: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("GH_APP_PRIVATE_KEY"), pem).unwrap();
+        let d = dir.path().display().to_string();
+        (dir, d)
+    }
+
+    #[test]
+    fn github_app_from_id_key_file_and_installation() {
+        let Some((pkcs1, pkcs8)) = crate::app::test_keys() else { return };
+        let (_dir, d) = key_file(pkcs1);
+        let base = [("SECRETS_DIR", d.as_str()), ("GH_ORGANIZATION", "octo-org"), ("GH_LABELS", "a")];
+        let cfg = load(&[&base[..], &[("GH_APP_ID", "123")]].concat(), false).unwrap();
+        assert!(matches!(cfg.credentials, Credentials::App { app_id: 123, installation_id: None, .. }));
+        assert!(cfg.summary().contains("credentials=app:123 "), "{}", cfg.summary());
+        let cfg =
+            load(&[&base[..], &[("GH_APP_ID", "123"), ("GH_APP_INSTALLATION_ID", "42")]].concat(), false).unwrap();
+        assert!(matches!(cfg.credentials, Credentials::App { app_id: 123, installation_id: Some(42), .. }));
+        // PKCS#8 in the variable (it wins over the file), and the key reaches neither the
+        // runner's environment nor the configuration's Debug.
+        let cfg = load(&[&base[..], &[("GH_APP_ID", "123"), ("GH_APP_PRIVATE_KEY", pkcs8.as_str())]].concat(), false)
+            .unwrap();
+        assert!(matches!(cfg.credentials, Credentials::App { .. }));
+        let names: Vec<_> = cfg.runner_env.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(!names.contains(&"GH_APP_PRIVATE_KEY") && names.contains(&"GH_APP_ID"), "{names:?}");
+        let body = pkcs8.lines().nth(1).unwrap();
+        assert!(!format!("{cfg:?}").contains(body), "the key is in the Debug output");
+    }
+
+    #[test]
+    fn github_app_problems_name_the_variable_never_the_key() {
+        let base = [("GH_REPOSITORY", "a/b"), ("GH_LABELS", "a")];
+        // No key anywhere.
+        let e = load(&[&base[..], &[("GH_APP_ID", "123")]].concat(), false).unwrap_err();
+        assert_eq!(vars_of(&e), ["GH_APP_PRIVATE_KEY"]);
+        let text = e.0[0].to_string();
+        assert!(text.contains("BEGIN RSA PRIVATE KEY") && text.contains("/nonexistent/GH_APP_PRIVATE_KEY"), "{text}");
+        // A key that does not parse: named, the reason given, the value never shown.
+        let bad = "-----BEGIN RSA PRIVATE KEY-----
+c2VjcmV0LWJ5dGVz
+-----END RSA PRIVATE KEY-----";
+        let e = load(&[&base[..], &[("GH_APP_ID", "123"), ("GH_APP_PRIVATE_KEY", bad)]].concat(), false).unwrap_err();
+        assert_eq!(vars_of(&e), ["GH_APP_PRIVATE_KEY"]);
+        assert_eq!(e.0[0].value, None);
+        let text = e.0[0].to_string();
+        assert!(text.contains("ring refused the RSA key") && !text.contains("c2VjcmV0"), "{text}");
+        let (_dir, d) = key_file("ghp_pasted_the_wrong_thing");
+        let e = load(&[&base[..], &[("GH_APP_ID", "123"), ("SECRETS_DIR", d.as_str())]].concat(), false).unwrap_err();
+        let text = e.0[0].to_string();
+        assert!(text.contains("no PEM private key") && !text.contains("ghp_pasted"), "{text}");
+        // Ids are numbers.
+        let e = load(
+            &[&base[..], &[("GH_APP_ID", "my-app"), ("GH_APP_INSTALLATION_ID", "x"), ("GH_APP_PRIVATE_KEY", bad)]]
+                .concat(),
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(vars_of(&e), ["GH_APP_ID", "GH_APP_INSTALLATION_ID", "GH_APP_PRIVATE_KEY"]);
+        // A key or an installation without the App's id.
+        let e = load(&[&base[..], &[("GH_TOKEN", "t"), ("GH_APP_INSTALLATION_ID", "42")]].concat(), false).unwrap_err();
+        assert_eq!(vars_of(&e), ["GH_APP_ID"]);
+    }
+
+    #[test]
+    fn pat_and_app_are_mutually_exclusive() {
+        let base = [("GH_REPOSITORY", "a/b"), ("GH_LABELS", "a"), ("GH_APP_ID", "123")];
+        for (other, named) in [("GH_TOKEN", "GH_TOKEN (a PAT)"), ("GH_RUNNER_TOKEN", "GH_RUNNER_TOKEN")] {
+            let e = load(&[&base[..], &[(other, "ghp_secret")]].concat(), false).unwrap_err();
+            assert_eq!(vars_of(&e), ["GH_APP_ID"]);
+            let text = e.0[0].to_string();
+            assert!(text.contains("either GH_APP_ID") && text.contains(named), "{text}");
+            assert!(text.contains("not both") && !text.contains("ghp_secret"), "{text}");
+        }
+    }
+
+    #[test]
+    fn github_app_cannot_serve_an_enterprise() {
+        let Some((pkcs1, _)) = crate::app::test_keys() else { return };
+        let e = load(
+            &[("GH_ENTERPRISE", "octo-corp"), ("GH_LABELS", "a"), ("GH_APP_ID", "123"), ("GH_APP_PRIVATE_KEY", pkcs1)],
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(vars_of(&e), ["GH_APP_ID"]);
+        assert!(e.0[0].to_string().contains("manage_runners:enterprise"), "{}", e.0[0]);
     }
 
     #[test]

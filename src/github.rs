@@ -1,5 +1,9 @@
 //! The GitHub REST API, as far as a runner's life needs it: registration tokens, finding a
-//! runner by name, deleting it.
+//! runner by name, deleting it, resolving a runner group's name to its id.
+//!
+//! Requests carry a PAT, or a GitHub App's installation token ([`Auth`]): minted with the
+//! App's JWT, cached, renewed [`REFRESH_EARLY`] before it expires and again on a 401, so a
+//! de-registration hours after the start still goes out with a valid token.
 //!
 //! Every call goes through one retry loop: 5xx, transport errors and rate limits (403/429 with
 //! `retry-after` or `x-ratelimit-remaining: 0`) are retried with backoff inside a budget;
@@ -7,6 +11,7 @@
 //! Nothing secret is logged: URLs carry no tokens, and bodies are never logged. Each request
 //! (retries too) is counted by its answer's status in `ci_runner_github_api_requests_total`.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, USER_AGENT};
@@ -14,8 +19,12 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
-use crate::config::{Scope, Secret};
+use crate::app::AppKey;
+#[cfg(doc)]
+use crate::app::REFRESH_EARLY;
+use crate::config::{Config, Credentials, Scope, Secret};
 use crate::metrics::{self, ApiAnswer};
 
 const API_VERSION: &str = "2022-11-28";
@@ -24,7 +33,7 @@ const API_VERSION: &str = "2022-11-28";
 pub enum GithubError {
     #[error("GitHub rejected the token (401 {message}): the token is invalid, expired or revoked")]
     Unauthorized { message: String },
-    #[error("the token may not manage runners of the {scope} (403 {message}): a classic PAT needs the `repo` scope (admin on the repository) or `admin:org` (organization), a fine-grained token needs Administration: write (repository) or Self-hosted runners: write (organization)")]
+    #[error("the token may not manage runners of the {scope} (403 {message}): a classic PAT needs the `repo` scope (admin on the repository), `admin:org` (organization) or `manage_runners:enterprise` (enterprise); a fine-grained token or a GitHub App needs Administration: write (repository) or Self-hosted runners: write (organization)")]
     Forbidden { scope: String, message: String },
     #[error("{scope} not found (404): check the name, and that the token can see it")]
     NotFound { scope: String },
@@ -48,12 +57,37 @@ pub enum GithubError {
     },
     #[error("cancelled while calling {path}")]
     Cancelled { path: String },
+    #[error("GitHub refused the JWT of GitHub App {app_id} (401 {message}): check GH_APP_ID, that GH_APP_PRIVATE_KEY is a current key of that App, and the clock")]
+    AppRefused { app_id: u64, message: String },
+    #[error(
+        "GitHub App {app_id} is not installed on the {scope} (404): install it there, or set GH_APP_INSTALLATION_ID"
+    )]
+    AppNotInstalled { app_id: u64, scope: String },
+    #[error("installation {installation_id} of GitHub App {app_id} not found (404): check GH_APP_INSTALLATION_ID")]
+    InstallationNotFound { app_id: u64, installation_id: u64 },
+    #[error("a GitHub App cannot manage runners of the {scope}: use a classic PAT with manage_runners:enterprise")]
+    AppUnsupported { scope: String },
+    #[error("failed to sign the JWT of GitHub App {app_id}")]
+    Jwt { app_id: u64 },
+    #[error("runner group {name:?} not found in the {scope}; its groups are: {}", existing.join(", "))]
+    GroupNotFound { scope: String, name: String, existing: Vec<String> },
 }
 
 impl GithubError {
     /// Errors that retrying will never fix.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Self::Unauthorized { .. } | Self::Forbidden { .. } | Self::NotFound { .. })
+        matches!(
+            self,
+            Self::Unauthorized { .. }
+                | Self::Forbidden { .. }
+                | Self::NotFound { .. }
+                | Self::AppRefused { .. }
+                | Self::AppNotInstalled { .. }
+                | Self::InstallationNotFound { .. }
+                | Self::AppUnsupported { .. }
+                | Self::Jwt { .. }
+                | Self::GroupNotFound { .. }
+        )
     }
 }
 
@@ -136,6 +170,24 @@ struct RunnerList {
 #[derive(Deserialize)]
 struct TokenAnswer {
     token: String,
+    #[serde(default)]
+    expires_at: String,
+}
+
+#[derive(Deserialize)]
+struct GroupList {
+    runner_groups: Vec<GroupInfo>,
+}
+
+#[derive(Deserialize)]
+struct GroupInfo {
+    id: u64,
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct InstallationAnswer {
+    id: u64,
 }
 
 #[derive(Deserialize)]
@@ -151,12 +203,71 @@ pub enum Deleted {
     AlreadyGone,
 }
 
-/// A REST client bound to one API base and one token.
+/// How requests are authenticated.
+#[derive(Clone)]
+pub enum Auth {
+    /// A personal access token, sent as is.
+    Pat(Secret),
+    /// A GitHub App: installation tokens bought with its JWT.
+    App(AppAuth),
+}
+
+impl Auth {
+    /// The API credentials of a configuration: `None` for a bare registration token.
+    pub fn for_config(cfg: &Config) -> Option<Auth> {
+        match &cfg.credentials {
+            Credentials::Pat(token) => Some(Auth::Pat(token.clone())),
+            Credentials::App { app_id, key, installation_id } => {
+                Some(Auth::App(AppAuth::new(*app_id, key.clone(), *installation_id, cfg.scope.clone())))
+            }
+            Credentials::RegistrationToken(_) => None,
+        }
+    }
+}
+
+/// A GitHub App's identity and its cached installation token, shared by every clone of the
+/// client (one token for the whole process, minted once, not once per caller).
+#[derive(Clone)]
+pub struct AppAuth {
+    app_id: u64,
+    key: AppKey,
+    /// Where the installation is looked up when its id was not given.
+    scope: Scope,
+    state: Arc<tokio::sync::Mutex<AppState>>,
+}
+
+#[derive(Default)]
+struct AppState {
+    installation_id: Option<u64>,
+    /// The token and until when it may be used (`REFRESH_EARLY` before it expires).
+    token: Option<(Secret, Instant)>,
+}
+
+impl AppAuth {
+    pub fn new(app_id: u64, key: AppKey, installation_id: Option<u64>, scope: Scope) -> Self {
+        let state = AppState { installation_id, token: None };
+        Self { app_id, key, scope, state: Arc::new(tokio::sync::Mutex::new(state)) }
+    }
+
+    fn jwt(&self) -> Result<Secret, GithubError> {
+        self.key.jwt(self.app_id, SystemTime::now()).map_err(|_| GithubError::Jwt { app_id: self.app_id })
+    }
+
+    /// Drops the cached token after GitHub refused it, unless another call already replaced it.
+    async fn forget(&self, refused: &Secret) {
+        let mut state = self.state.lock().await;
+        if state.token.as_ref().is_some_and(|(t, _)| t == refused) {
+            state.token = None;
+        }
+    }
+}
+
+/// A REST client bound to one API base and one set of credentials.
 #[derive(Clone)]
 pub struct Github {
     http: reqwest::Client,
     api_url: String,
-    token: Secret,
+    auth: Auth,
 }
 
 fn now_epoch() -> u64 {
@@ -178,20 +289,128 @@ fn next_link(headers: &HeaderMap) -> Option<String> {
 }
 
 impl Github {
-    pub fn new(api_url: &str, token: Secret) -> Result<Self, reqwest::Error> {
+    pub fn new(api_url: &str, auth: Auth) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(30))
             .build()?;
-        Ok(Self { http, api_url: api_url.trim_end_matches('/').to_string(), token })
+        Ok(Self { http, api_url: api_url.trim_end_matches('/').to_string(), auth })
     }
 
-    /// One call with retries. `path` is relative to the API base, or an absolute URL from a
-    /// `Link` header.
+    /// One authenticated call with retries. An App's token refused with 401 (revoked, or
+    /// expired sooner than its `expires_at` said) is replaced once and the call made again.
     async fn call(
         &self,
         method: Method,
         path: &str,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<(StatusCode, HeaderMap, String), GithubError> {
+        let mut renewed = false;
+        loop {
+            let bearer = self.bearer(budget, cancel).await?;
+            let answer = self.send(method.clone(), path, &bearer, budget, cancel).await?;
+            match &self.auth {
+                Auth::App(app) if answer.0 == StatusCode::UNAUTHORIZED && !renewed => {
+                    let shown = path.split('?').next().unwrap_or(path);
+                    warn!(path = %shown, "GitHub refused the installation token; minting a new one.");
+                    app.forget(&bearer).await;
+                    renewed = true;
+                }
+                _ => return Ok(answer),
+            }
+        }
+    }
+
+    /// The token for the next request: the PAT, or the App's cached installation token,
+    /// minted anew when it is due (finding the installation first, once).
+    async fn bearer(&self, budget: Budget, cancel: &CancellationToken) -> Result<Secret, GithubError> {
+        let app = match &self.auth {
+            Auth::Pat(token) => return Ok(token.clone()),
+            Auth::App(app) => app,
+        };
+        // Held while minting: concurrent callers wait for one new token instead of each
+        // minting their own.
+        let mut state = app.state.lock().await;
+        if let Some((token, until)) = &state.token {
+            if Instant::now() < *until {
+                return Ok(token.clone());
+            }
+        }
+        let jwt = app.jwt()?;
+        let installation_id = match state.installation_id {
+            Some(id) => id,
+            None => {
+                let id = self.find_installation(app, &jwt, budget, cancel).await?;
+                info!(app_id = app.app_id, installation_id = id, scope = %app.scope, "Found the GitHub App's installation.");
+                state.installation_id = Some(id);
+                id
+            }
+        };
+        let path = format!("app/installations/{installation_id}/access_tokens");
+        let (status, headers, body) = self.send(Method::POST, &path, &jwt, budget, cancel).await?;
+        if !status.is_success() {
+            return Err(match status.as_u16() {
+                404 => GithubError::InstallationNotFound { app_id: app.app_id, installation_id },
+                _ => self.app_refusal(app, status, &body, &Method::POST, &path),
+            });
+        }
+        let answer: TokenAnswer = serde_json::from_str(&body).map_err(|_| GithubError::Status {
+            status: status.as_u16(),
+            method: Method::POST,
+            path: path.clone(),
+            message: "the answer has no token".into(),
+        })?;
+        let date = headers.get(reqwest::header::DATE).and_then(|d| d.to_str().ok());
+        let usable = crate::app::usable_for(&answer.expires_at, date, SystemTime::now());
+        info!(installation_id, expires_at = %answer.expires_at, renew_in_sec = usable.as_secs(), "Minted a GitHub App installation token.");
+        let token = Secret::new(answer.token);
+        state.token = Some((token.clone(), Instant::now() + usable));
+        Ok(token)
+    }
+
+    /// `GET /repos/{o}/{r}/installation` or `GET /orgs/{org}/installation`, with the JWT.
+    async fn find_installation(
+        &self,
+        app: &AppAuth,
+        jwt: &Secret,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<u64, GithubError> {
+        if let Scope::Enterprise(_) = app.scope {
+            return Err(GithubError::AppUnsupported { scope: app.scope.to_string() });
+        }
+        let path = format!("{}/installation", app.scope.api_path());
+        let (status, _, body) = self.send(Method::GET, &path, jwt, budget, cancel).await?;
+        if !status.is_success() {
+            return Err(match status.as_u16() {
+                404 => GithubError::AppNotInstalled { app_id: app.app_id, scope: app.scope.to_string() },
+                _ => self.app_refusal(app, status, &body, &Method::GET, &path),
+            });
+        }
+        serde_json::from_str::<InstallationAnswer>(&body).map(|i| i.id).map_err(|_| GithubError::Status {
+            status: status.as_u16(),
+            method: Method::GET,
+            path,
+            message: "the answer is not an installation".into(),
+        })
+    }
+
+    fn app_refusal(&self, app: &AppAuth, status: StatusCode, body: &str, method: &Method, path: &str) -> GithubError {
+        let message = serde_json::from_str::<ErrorBody>(body).map(|b| b.message).unwrap_or_default();
+        match status.as_u16() {
+            401 => GithubError::AppRefused { app_id: app.app_id, message },
+            s => GithubError::Status { status: s, method: method.clone(), path: path.to_string(), message },
+        }
+    }
+
+    /// One call with retries and the given bearer. `path` is relative to the API base, or an
+    /// absolute URL from a `Link` header.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        bearer: &Secret,
         budget: Budget,
         cancel: &CancellationToken,
     ) -> Result<(StatusCode, HeaderMap, String), GithubError> {
@@ -205,7 +424,7 @@ impl Github {
                 .header(ACCEPT, "application/vnd.github+json")
                 .header("X-GitHub-Api-Version", API_VERSION)
                 .header(USER_AGENT, concat!("ci-runner/", env!("CARGO_PKG_VERSION")))
-                .header(AUTHORIZATION, format!("Bearer {}", self.token.expose()));
+                .header(AUTHORIZATION, format!("Bearer {}", bearer.expose()));
             let result = tokio::select! {
                 r = request.send() => r,
                 () = cancel.cancelled() => return Err(GithubError::Cancelled { path: shown }),
@@ -247,7 +466,7 @@ impl Github {
             if attempt >= budget.max_attempts || out_of_time {
                 return Err(GithubError::GaveUp { path: shown, attempts: attempt, last: Box::new(err) });
             }
-            tracing::warn!(path = %shown, attempt, wait_ms = wait.as_millis() as u64, error = %err, "GitHub call failed, retrying.");
+            warn!(path = %shown, attempt, wait_ms = wait.as_millis() as u64, error = %err, "GitHub call failed, retrying.");
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = cancel.cancelled() => return Err(GithubError::Cancelled { path: shown }),
@@ -322,6 +541,48 @@ impl Github {
             match next_link(&headers) {
                 Some(next) => path = next,
                 None => return Ok(None),
+            }
+        }
+    }
+
+    /// The id of the runner group called `name` (case-insensitive, as config.sh matches it),
+    /// from `GET /{scope}/actions/runner-groups` across every page; organization and
+    /// enterprise scopes only (repositories have no groups).
+    pub async fn runner_group_id(
+        &self,
+        scope: &Scope,
+        name: &str,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<u64, GithubError> {
+        let mut path = format!("{}/actions/runner-groups?per_page=100", scope.api_path());
+        let mut existing = Vec::new();
+        loop {
+            let (status, headers, body) = self.call(Method::GET, &path, budget, cancel).await?;
+            if !status.is_success() {
+                return Err(Self::refusal(status, &body, &Method::GET, &path, scope));
+            }
+            let list: GroupList = serde_json::from_str(&body).map_err(|_| GithubError::Status {
+                status: status.as_u16(),
+                method: Method::GET,
+                path: path.clone(),
+                message: "the answer is not a runner group list".into(),
+            })?;
+            for g in list.runner_groups {
+                if g.name.to_lowercase() == name.to_lowercase() {
+                    return Ok(g.id);
+                }
+                existing.push(g.name);
+            }
+            match next_link(&headers) {
+                Some(next) => path = next,
+                None => {
+                    return Err(GithubError::GroupNotFound {
+                        scope: scope.to_string(),
+                        name: name.to_string(),
+                        existing,
+                    })
+                }
             }
         }
     }

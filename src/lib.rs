@@ -1,14 +1,17 @@
 //! `ci-runner`: PID 1 of a GitHub Actions self-hosted runner container.
 //!
-//! It exchanges a PAT for a registration token, registers the official runner with
-//! `config.sh`, supervises `run.sh`, knows from the runner's own output whether a job runs,
-//! and on SIGTERM lets that job finish before it de-registers. As PID 1 it reaps every zombie,
-//! forwards signals and passes exit codes through.
+//! It exchanges a PAT (or a GitHub App's installation token) for a registration token,
+//! registers the official runner with `config.sh`, supervises `run.sh`, knows from the
+//! runner's own output whether a job runs, and on SIGTERM lets that job finish before it
+//! de-registers. As PID 1 it reaps every zombie, forwards signals and passes exit codes
+//! through.
 //!
 //! # Layout
 //! - [`pid1`]: the tiny synchronous parent: fork, forward signals, reap, pass the exit code.
 //! - [`config`]: the only reader of the environment; typed, validated all at once.
-//! - [`github`]: the REST API (registration tokens, find and delete runners) with retries.
+//! - [`github`]: the REST API (registration tokens, find and delete runners, runner groups)
+//!   with retries, authenticated by a PAT or a GitHub App's installation tokens.
+//! - [`app`]: GitHub App authentication: the private key, the RS256 JWT, token lifetimes.
 //! - [`runner`]: `config.sh` and `run.sh` as processes, their output lines, their files.
 //! - [`supervisor`]: the life cycle: register, supervise, drain, de-register; the exit table.
 //! - [`hooks`]: the boot hooks, `entrypoint.*.sh` sourced as root, then as the runner user.
@@ -22,6 +25,7 @@
 //! - [`metrics`]: the process-wide counters (jobs, GitHub calls, forwards) for `GET /metrics`.
 //! - [`error`]: the top-level error and the exit codes.
 
+pub mod app;
 pub mod autoscale;
 pub mod aws;
 pub mod config;

@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, Credentials, RunnerName, Scope};
 use crate::error::{chain, Error, ExitCode};
-use crate::github::{backoff, Budget, Deleted, Github, GithubError};
+use crate::github::{backoff, Auth, Budget, Deleted, Github, GithubError};
 use crate::hooks;
 use crate::lock;
 use crate::metrics::{self, JobResult};
@@ -178,6 +178,8 @@ pub struct Supervisor {
     started: Instant,
     /// The replica index claimed for `RUNNER_INSTANCE_LABELS`, held while the supervisor lives.
     instance_claim: Option<std::fs::File>,
+    /// `RUNNER_GROUP` resolved to its id at start (a JIT configuration needs the id).
+    runner_group_id: Option<u64>,
 }
 
 /// A pre-warm running on its own thread (not `spawn_blocking`: a hung one must not hold up
@@ -244,10 +246,8 @@ impl Supervisor {
         registration: RegistrationSlot,
         started: Instant,
     ) -> Result<Self, Error> {
-        let github = match &cfg.credentials {
-            Credentials::Pat(token) => Some(Github::new(&cfg.api_url, token.clone()).map_err(Error::Http)?),
-            Credentials::RegistrationToken(_) => None,
-        };
+        let github =
+            Auth::for_config(&cfg).map(|auth| Github::new(&cfg.api_url, auth)).transpose().map_err(Error::Http)?;
         let name = runner_name(&cfg.name);
         status.update(|s| s.runner_name = Some(name.clone()));
         Ok(Self {
@@ -264,6 +264,7 @@ impl Supervisor {
             forwarder: None,
             started,
             instance_claim: None,
+            runner_group_id: None,
         })
     }
 
@@ -510,6 +511,14 @@ impl Supervisor {
             return Ok(ExitCode::Ok);
         }
         self.start_lock()?;
+        match self.resolve_group().await {
+            Ok(()) => {}
+            Err(Ok(Interrupted)) => {
+                info!("Stopped during boot: nothing was registered.");
+                return Ok(ExitCode::Ok);
+            }
+            Err(Err(e)) => return Err(e),
+        }
         self.clean_stale_registration().await;
         runner::prepare_root(&self.cfg)
             .map_err(|source| Error::Prepare { path: self.cfg.runner_dir.clone(), source })?;
@@ -599,6 +608,29 @@ impl Supervisor {
         }
     }
 
+    /// `RUNNER_GROUP` to its id, before anything is registered: a group that does not exist
+    /// stops the boot with the groups that do (config.sh would only say it found none).
+    /// Without API credentials (a bare registration token) config.sh resolves the name itself.
+    async fn resolve_group(&mut self) -> Result<(), Result<Interrupted, Error>> {
+        let (Some(name), Some(gh)) = (self.cfg.group.clone(), self.github.clone()) else { return Ok(()) };
+        let lookup = gh.runner_group_id(&self.cfg.scope, &name, Budget::attempts(8), &self.cancel);
+        let id = tokio::select! {
+            id = lookup => id.map_err(|e| Err(Error::Github(e)))?,
+            Some(sig) = self.signals.recv() => {
+                info!(signal = ?sig, "Signal received while resolving the runner group.");
+                return Err(Ok(Interrupted));
+            }
+        };
+        info!(group = %name, group_id = id, "Runner group found.");
+        self.runner_group_id = Some(id);
+        Ok(())
+    }
+
+    /// The id of `RUNNER_GROUP`, once resolved at start.
+    pub fn runner_group_id(&self) -> Option<u64> {
+        self.runner_group_id
+    }
+
     /// A signal came before the Listener ran: remove whatever was registered, exit 0.
     async fn stop_before_listening(&mut self) -> Result<ExitCode, Error> {
         self.status.set_state(State::Draining);
@@ -635,7 +667,8 @@ impl Supervisor {
         self.status.set_state(State::Registering);
         runner::remove_local_files(&self.cfg.runner_dir);
         let token = match (&self.cfg.credentials, &self.github) {
-            (Credentials::Pat(_), Some(gh)) => {
+            (Credentials::RegistrationToken(t), _) => t.clone(),
+            (_, Some(gh)) => {
                 let fetch = gh.registration_token(&self.cfg.scope, Budget::attempts(8), &self.cancel);
                 tokio::select! {
                     t = fetch => t.map_err(|e| Err(Error::Github(e)))?,
@@ -645,8 +678,7 @@ impl Supervisor {
                     }
                 }
             }
-            (Credentials::RegistrationToken(t), _) => t.clone(),
-            (Credentials::Pat(_), None) => unreachable!("a PAT always has a client"),
+            (_, None) => unreachable!("a PAT or an App always has a client"),
         };
         info!(runner = %self.name, url = %self.cfg.runner_url(), "Registering the runner.");
         let reg = Registration { name: &self.name, token: &token };
@@ -1062,8 +1094,8 @@ async fn delete_registration(
 /// After a panic: remove whatever registration the slot holds, best effort, briefly.
 pub async fn emergency_deregister(cfg: &Config, slot: &RegistrationSlot) {
     let Some(reg) = slot.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
-    let Credentials::Pat(token) = &cfg.credentials else { return };
-    let Ok(gh) = Github::new(&cfg.api_url, token.clone()) else { return };
+    let Some(auth) = Auth::for_config(cfg) else { return };
+    let Ok(gh) = Github::new(&cfg.api_url, auth) else { return };
     let budget = Budget::until(Instant::now() + DEREGISTER_GRACE);
     if let Err(e) = remove_registration(&gh, &cfg.scope, &reg, budget, &CancellationToken::new()).await {
         error!(error = %chain(&e), "Failed to de-register the runner.");

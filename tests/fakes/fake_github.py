@@ -3,6 +3,8 @@
 
 Serves, both at `/` and under `/api/v3`:
   * the self-hosted-runner REST API (repo, org and enterprise scopes),
+  * GitHub App authentication (RS256 JWTs checked with the App's public key, installations,
+    installation tokens that expire on the fake clock),
   * the runner-side endpoints the fake runner talks to
     (`POST /actions/runner-registration` and `/_fake/agent/...`),
   * `/_fake/...` control endpoints that the tests drive.
@@ -17,6 +19,8 @@ the real runner talks to internal services; it is documented above `FakeGitHub.a
 import argparse
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -50,6 +54,12 @@ SECONDARY_MSG = ("You have exceeded a secondary rate limit. Please wait a few mi
                  "request ID {rid}.")
 DEPRECATED_MSG = "Runner version v{version} is deprecated and cannot receive messages."
 TOKEN_ALPHABET = string.ascii_uppercase + string.digits
+INTEGRATION_MSG = "Resource not accessible by integration"
+JWT_DECODE_MSG = "A JSON web token could not be decoded"
+JWT_MAX_LIFETIME_SEC = 600
+# DER DigestInfo prefix for SHA-256 (RFC 8017 section 9.2, note 1).
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+RSA_OID = bytes.fromhex("2a864886f70d010101")
 
 
 class HttpError(Exception):
@@ -83,6 +93,78 @@ def iso_z(ts):
 
 def new_token(prefix=""):
     return prefix + "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(29 - len(prefix)))
+
+
+def b64url_decode(text):
+    text = str(text)
+    if not text or any(ch not in string.ascii_letters + string.digits + "-_" for ch in text):
+        raise ValueError("not base64url without padding")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def der_read(data, pos):
+    """One DER TLV at `pos` → (tag, value, next position)."""
+    tag = data[pos]
+    length = data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        length = int.from_bytes(data[pos:pos + n], "big")
+        pos += n
+    value = data[pos:pos + length]
+    if len(value) != length:
+        raise ValueError("truncated DER")
+    return tag, value, pos + length
+
+
+def der_ints(seq):
+    """The INTEGERs at the top of a DER SEQUENCE's contents."""
+    out, pos = [], 0
+    while pos < len(seq):
+        tag, value, pos = der_read(seq, pos)
+        if tag != 0x02:
+            break
+        out.append(int.from_bytes(value, "big"))
+    return out
+
+
+def rsa_public_key(pem):
+    """(n, e) from a PEM `PUBLIC KEY` (SubjectPublicKeyInfo, `openssl rsa -pubout`) or
+    `RSA PUBLIC KEY` (PKCS#1)."""
+    lines = [ln.strip() for ln in str(pem).strip().splitlines()]
+    if len(lines) < 3 or not lines[0].startswith("-----BEGIN ") or not lines[-1].startswith("-----END "):
+        raise ValueError("not PEM")
+    label = lines[0][len("-----BEGIN "):].rstrip("-")
+    der = base64.b64decode("".join(lines[1:-1]))
+    tag, body, _ = der_read(der, 0)
+    if label == "PUBLIC KEY":
+        _, algo, pos = der_read(body, 0)
+        _, oid, _ = der_read(algo, 0)
+        if oid != RSA_OID:
+            raise ValueError("not an RSA key")
+        tag, bits, _ = der_read(body, pos)
+        if tag != 0x03 or bits[:1] != b"\x00":
+            raise ValueError("bad BIT STRING")
+        tag, body, _ = der_read(bits[1:], 0)
+    elif label != "RSA PUBLIC KEY":
+        raise ValueError("a %s block is not an RSA public key" % label)
+    n, e = der_ints(body)[:2]
+    return n, e
+
+
+def rs256_valid(n, e, signing_input, signature):
+    """RSASSA-PKCS1-v1_5 with SHA-256, verified by hand: s^e mod n must be the EMSA encoding
+    of the input's digest (RFC 8017 sections 8.2.2 and 9.2)."""
+    k = (n.bit_length() + 7) // 8
+    if len(signature) != k:
+        return False
+    s = int.from_bytes(signature, "big")
+    if s >= n:
+        return False
+    em = pow(s, e, n).to_bytes(k, "big")
+    t = SHA256_DIGEST_INFO + hashlib.sha256(signing_input).digest()
+    expected = b"\x00\x01" + b"\xff" * (k - len(t) - 3) + b"\x00" + t
+    return hmac.compare_digest(em, expected)
 
 
 def version_tuple(v):
@@ -135,6 +217,11 @@ class State:
         self.jobs = {}           # id -> job record
         self.next_job_id = 1
         self.label_ids = {}      # lower label -> id
+        self.apps = {}           # app id -> {"id", "n", "e"} (the public key)
+        self.installations = {}  # id -> {"id", "app_id", "owner", "repos": None|[keys], "permissions", "kind"}
+        self.inst_tokens = {}    # token -> {"installation", "expires", "serial"}
+        self.next_inst_serial = 1
+        self.app_token_ttl = TOKEN_TTL_SEC
         self.faults = []
         self.deprecate_below = None
         self.assign_cooldown = DEFAULT_ASSIGN_COOLDOWN_SEC
@@ -178,6 +265,30 @@ class State:
     def now(self):
         """The fake clock (used for token expiry only)."""
         return time.time() + self.clock_offset
+
+    # ----------------------------------------------------------------- apps
+    def installation_json(self, inst):
+        return {
+            "id": inst["id"], "app_id": inst["app_id"],
+            "account": {"login": inst["owner_display"], "type": inst["kind"]},
+            "target_type": inst["kind"],
+            "repository_selection": "all" if inst["repos"] is None else "selected",
+            "access_tokens_url": "/app/installations/%d/access_tokens" % inst["id"],
+            "permissions": inst["permissions"],
+        }
+
+    def installation_for(self, app_id, scope):
+        """The App's installation that covers `scope` (a repo or an org key), or None."""
+        kind = scope_kind(scope)
+        for inst in sorted(self.installations.values(), key=lambda i: i["id"]):
+            if inst["app_id"] != app_id:
+                continue
+            if kind == "repo" and scope.split("/")[0] == inst["owner"] and (
+                    inst["repos"] is None or scope in inst["repos"]):
+                return inst
+            if kind == "org" and scope == inst["owner"]:
+                return inst
+        return None
 
     # ----------------------------------------------------------------- scopes
     def scope_exists(self, key):
@@ -443,7 +554,11 @@ class FakeGitHub:
         if parts == ["rate_limit"] and method == "GET":
             return 200, {"resources": {"core": {"limit": RATE_LIMIT}}}, {}
 
-        token = self.authenticate(req)
+        if self.is_app_route(parts):
+            app = self.authenticate_jwt(req)
+            st.rate_used += 1
+            return self.app_route(req, app)
+        principal = self.authenticate(req)
         st.rate_used += 1
 
         scope, rest = None, None
@@ -457,8 +572,7 @@ class FakeGitHub:
             raise not_found()
         if not st.scope_exists(scope):
             raise not_found()
-        if not st.pats[token]["admin"]:
-            raise HttpError(403, "Must have admin rights to Repository.", doc=RUNNER_DOCS)
+        self.authorize(principal, scope, method)
         rest = rest[1:]
         kind = scope_kind(scope)
 
@@ -512,7 +626,7 @@ class FakeGitHub:
                 return self.paginate(req, runners, "runners", st.runner_json)
         raise not_found()
 
-    def authenticate(self, req):
+    def credential(self, req):
         auth = req["headers"].get("Authorization") or ""
         if not auth.strip():
             raise HttpError(401, "Requires authentication")
@@ -527,9 +641,126 @@ class FakeGitHub:
                 token = decoded.partition(":")[2]
             except (binascii.Error, UnicodeDecodeError):
                 token = None
-        if not token or token not in self.state.pats:
-            raise HttpError(401, "Bad credentials")
         return token
+
+    def authenticate(self, req):
+        """A PAT or an unexpired installation token → the principal; else 401. The request
+        log gets `auth` = `ghs#N` (the N-th installation token minted), never the value."""
+        st = self.state
+        token = self.credential(req)
+        if token and token in st.pats:
+            return {"kind": "pat", "token": token}
+        info = st.inst_tokens.get(token) if token else None
+        if info:
+            req["auth"] = "ghs#%d" % info["serial"]
+            inst = st.installations.get(info["installation"])
+            if info["expires"] > st.now() and inst:
+                return {"kind": "installation", "installation": inst}
+        raise HttpError(401, "Bad credentials")
+
+    def authorize(self, principal, scope, method):
+        """Admin PATs may do everything; an installation token only its account's runners,
+        with the permission the scope needs (reference section 8.4)."""
+        st = self.state
+        if principal["kind"] == "pat":
+            if not st.pats[principal["token"]]["admin"]:
+                raise HttpError(403, "Must have admin rights to Repository.", doc=RUNNER_DOCS)
+            return
+        inst = principal["installation"]
+        kind = scope_kind(scope)
+        if kind == "enterprise":
+            # App tokens do not work on the enterprise runner endpoints.
+            raise HttpError(403, INTEGRATION_MSG, doc=RUNNER_DOCS)
+        if kind == "repo":
+            covered = scope.split("/")[0] == inst["owner"] and (inst["repos"] is None or scope in inst["repos"])
+            permission = "administration"
+        else:
+            covered = scope == inst["owner"]
+            permission = "organization_self_hosted_runners"
+        if not covered:
+            if kind == "repo":
+                raise not_found()
+            raise HttpError(403, INTEGRATION_MSG, doc=RUNNER_DOCS)
+        have = inst["permissions"].get(permission)
+        if have not in ("read", "write") or (method != "GET" and have != "write"):
+            raise HttpError(403, INTEGRATION_MSG, doc=RUNNER_DOCS)
+
+    # ----------------------------------------------------------------- GitHub App routes
+    @staticmethod
+    def is_app_route(parts):
+        return ((parts[:1] == ["app"])
+                or (len(parts) == 4 and parts[0] == "repos" and parts[3] == "installation")
+                or (len(parts) == 3 and parts[0] in ("orgs", "users") and parts[2] == "installation"))
+
+    def authenticate_jwt(self, req):
+        """Section 8.7: an RS256 JWT of a known App, signature checked with its public key,
+        `exp` in the future and at most 10 minutes after `iat` and from now. Checked against
+        the real time: the fake clock only ages tokens."""
+        st = self.state
+        token = self.credential(req) or ""
+        req["auth"] = "jwt"
+        try:
+            header_b64, claims_b64, sig_b64 = token.split(".")
+            header = json.loads(b64url_decode(header_b64))
+            claims = json.loads(b64url_decode(claims_b64))
+            signature = b64url_decode(sig_b64)
+        except ValueError:
+            raise HttpError(401, JWT_DECODE_MSG)
+        if not isinstance(header, dict) or not isinstance(claims, dict) or header.get("alg") != "RS256":
+            raise HttpError(401, JWT_DECODE_MSG)
+        iss = claims.get("iss")
+        if not str(iss).isdigit():
+            raise HttpError(401, "'Issuer' claim ('iss') must be an Integer")
+        app = st.apps.get(int(iss))
+        if app is None:
+            raise HttpError(401, "Integration not found")
+        if not rs256_valid(app["n"], app["e"], ("%s.%s" % (header_b64, claims_b64)).encode(), signature):
+            raise HttpError(401, JWT_DECODE_MSG)
+        iat, exp, now = claims.get("iat"), claims.get("exp"), time.time()
+        if not isinstance(exp, int) or isinstance(exp, bool) or exp <= now:
+            raise HttpError(401, "'Expiration time' claim ('exp') must be a numeric value representing "
+                                 "the future time at which the assertion expires")
+        if not isinstance(iat, int) or isinstance(iat, bool) or iat > now + 60:
+            raise HttpError(401, "'Issued at' claim ('iat') must be an Integer representing the time "
+                                 "that the assertion was issued")
+        if exp - iat > JWT_MAX_LIFETIME_SEC or exp > now + JWT_MAX_LIFETIME_SEC:
+            raise HttpError(401, "'Expiration time' claim ('exp') is too far in the future")
+        req["auth"] = "jwt:%d" % app["id"]
+        return app
+
+    def app_route(self, req, app):
+        st = self.state
+        parts, method = req["parts"], req["method"]
+        if parts == ["app"] and method == "GET":
+            return 200, {"id": app["id"], "slug": "app-%d" % app["id"], "name": "App %d" % app["id"]}, {}
+        if parts == ["app", "installations"] and method == "GET":
+            return 200, [st.installation_json(i) for _, i in sorted(st.installations.items())
+                         if i["app_id"] == app["id"]], {}
+        if (len(parts) == 4 and parts[:2] == ["app", "installations"] and parts[3] == "access_tokens"
+                and method == "POST"):
+            inst = st.installations.get(int_or_404(parts[2]))
+            if not inst or inst["app_id"] != app["id"]:
+                raise not_found()
+            token = "ghs_" + secrets.token_hex(18)
+            expires = st.now() + st.app_token_ttl
+            serial = st.next_inst_serial
+            st.next_inst_serial += 1
+            st.inst_tokens[token] = {"installation": inst["id"], "expires": expires, "serial": serial}
+            # GitHub's installation-token example: `2016-07-11T22:14:10Z`.
+            expires_at = datetime.fromtimestamp(expires, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            out = {"token": token, "expires_at": expires_at, "permissions": inst["permissions"],
+                   "repository_selection": "all" if inst["repos"] is None else "selected"}
+            return 201, out, {}
+        if parts[0] == "repos" and method == "GET":
+            scope = (parts[1] + "/" + parts[2]).lower()
+        elif parts[0] in ("orgs", "users") and method == "GET":
+            scope = parts[1].lower()
+        else:
+            raise not_found()
+        inst = st.installation_for(app["id"], scope) if st.scope_exists(scope) else None
+        if not inst:
+            raise not_found()
+        return 200, st.installation_json(inst), {}
 
     def scoped_runner(self, scope, rid_text):
         rid = int_or_404(rid_text)
@@ -913,6 +1144,57 @@ class FakeGitHub:
             st.next_group_id += 1
             st.groups[gid] = {"id": gid, "name": name, "scope": scope}
             return 201, {"id": gid, "name": name}, {}
+        if parts == ["apps"] and method == "POST":
+            body = req_json(req)
+            try:
+                app_id = int(body.get("app_id"))
+                if body.get("public_key_pem"):
+                    n, e = rsa_public_key(body["public_key_pem"])
+                else:
+                    n, e = int(str(body["n"]), 0), int(str(body.get("e", 65537)), 0)
+            except (KeyError, TypeError, ValueError, IndexError) as err:
+                raise HttpError(422, "app_id and public_key_pem (or n and e) are required: %s" % err)
+            st.apps[app_id] = {"id": app_id, "n": n, "e": e}
+            return 201, {"app_id": app_id, "key_bits": n.bit_length()}, {}
+        if parts == ["apps", "token_ttl"] and method == "POST":
+            st.app_token_ttl = float(req_json(req).get("seconds", TOKEN_TTL_SEC))
+            return 200, {"seconds": st.app_token_ttl}, {}
+        if parts == ["installations"] and method == "POST":
+            body = req_json(req)
+            try:
+                app_id = int(body.get("app_id"))
+            except (TypeError, ValueError):
+                raise HttpError(422, "app_id is required")
+            if app_id not in st.apps:
+                raise not_found()
+            account = str(body.get("account") or "").strip("/").lower()
+            if not st.scope_exists(account):
+                raise not_found()
+            kind = scope_kind(account)
+            if kind == "repo":
+                owner, repos = account.split("/")[0], [account]
+                default = {"administration": "write"}
+            elif kind == "org":
+                owner, repos = account, None
+                default = {"administration": "write", "organization_self_hosted_runners": "write"}
+            else:
+                owner, repos, default = account, None, {"enterprise_self_hosted_runners": "write"}
+            iid = int(body["id"]) if body.get("id") else st.entity_id() + 40000
+            if iid in st.installations:
+                raise HttpError(422, "installation id taken")
+            if any(i["app_id"] == app_id and i["owner"] == owner for i in st.installations.values()):
+                # An App is installed once per account; a repository installation is one on
+                # its owner with that repository selected.
+                raise HttpError(422, "the App is already installed on %s" % owner)
+            st.installations[iid] = {
+                "id": iid, "app_id": app_id, "owner": owner, "repos": repos,
+                "owner_display": st.scope_display(account).split("/")[0],
+                "kind": {"repo": "Organization", "org": "Organization"}.get(kind, "Enterprise"),
+                "permissions": dict(body.get("permissions") or default),
+            }
+            return 201, st.installation_json(st.installations[iid]), {}
+        if parts == ["installations"] and method == "GET":
+            return 200, [st.installation_json(i) for _, i in sorted(st.installations.items())], {}
         if parts == ["clock"]:
             if method == "POST":
                 st.clock_offset += float(req_json(req).get("advance_sec", 0))
@@ -1111,6 +1393,13 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # the default access log is replaced by dispatch()
         pass
 
+    def date_time_string(self, timestamp=None):
+        """`Date` follows the fake clock, as GitHub's own clock would: clients that measure
+        a token's lifetime against the server's Date see the same time as its expires_at."""
+        if timestamp is None:
+            timestamp = self.app.state.now()
+        return super().date_time_string(timestamp)
+
     def dispatch(self, method):
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             body = b""
@@ -1150,7 +1439,11 @@ class Handler(BaseHTTPRequestHandler):
         with st.cond:
             all_headers = self.app.rate_headers()
             if req.get("kind") != "control":
-                st.requests.append({"method": method, "path": self.path, "status": status})
+                entry = {"method": method, "path": self.path, "status": status}
+                if req.get("auth"):
+                    # App credentials only (`jwt:APP_ID`, `ghs#N`): which one, never its value.
+                    entry["auth"] = req["auth"]
+                st.requests.append(entry)
         all_headers.setdefault("x-github-request-id", req_id())
         all_headers.update(headers)
         data = b"" if out is None else json.dumps(out, separators=(",", ":")).encode("utf-8")

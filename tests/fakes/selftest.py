@@ -967,6 +967,105 @@ def stop_on_completed_line_beats_next_assignment(c):
     eq(run.wait_exit(10), 0, "rc")
 
 
+@test
+def github_app_jwt_installations_and_tokens(c):
+    sys.path.insert(0, HERE)
+    import fake_github as fg
+    key = os.path.join(c.tmp, "app.pem")
+    pub = os.path.join(c.tmp, "app.pub.pem")
+    for argv in (["openssl", "genrsa", "-traditional", "-out", key, "2048"],
+                 ["openssl", "rsa", "-in", key, "-pubout", "-out", pub]):
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(key) as fh:
+        lines = fh.read().strip().splitlines()
+    _, body, _ = fg.der_read(base64.b64decode("".join(lines[1:-1])), 0)
+    _, n, _, d = fg.der_ints(body)[:4]
+
+    def b64url(raw):
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    def jwt(iss=7, iat_off=-60, exp_off=540, tamper=False):
+        now = int(time.time())
+        signing = "%s.%s" % (b64url(b'{"alg":"RS256","typ":"JWT"}'),
+                             b64url(json.dumps({"iat": now + iat_off, "exp": now + exp_off, "iss": iss}).encode()))
+        k = (n.bit_length() + 7) // 8
+        t = fg.SHA256_DIGEST_INFO + fg.hashlib.sha256(signing.encode()).digest()
+        em = b"\x00\x01" + b"\xff" * (k - len(t) - 3) + b"\x00" + t
+        sig = pow(int.from_bytes(em, "big"), d, n).to_bytes(k, "big")
+        if tamper:
+            sig = sig[:-1] + bytes([sig[-1] ^ 1])
+        return "%s.%s" % (signing, b64url(sig))
+
+    f = c.fake
+    with open(pub) as fh:
+        eq(f.ok("POST", "/_fake/apps", {"app_id": 7, "public_key_pem": fh.read()})["key_bits"], 2048, "app key")
+    repo_inst = f.ok("POST", "/_fake/installations", {"app_id": 7, "account": "octo-org/octo-repo"})["id"]
+    st, _, body = f.call("GET", "/api/v3/repos/Octo-Org/octo-repo/installation", token=jwt())
+    eq((st, body["id"], body["app_id"], body["repository_selection"]), (200, repo_inst, 7, "selected"), "repo install")
+    # Installed on the owner with one repository selected: the org lookup finds it too.
+    eq(f.ok("GET", "/orgs/octo-org/installation", token=jwt())["id"], repo_inst, "the owner's installation")
+    eq(f.call("GET", "/orgs/nope/installation", token=jwt())[0], 404, "not installed there")
+    st, _, body = f.call("POST", "/_fake/installations", {"app_id": 7, "account": "octo-org"})
+    eq(st, 422, "one installation per account")
+    for bad, msg in ((jwt(tamper=True), fg.JWT_DECODE_MSG),
+                     (jwt(exp_off=660), "'Expiration time' claim ('exp') is too far in the future"),
+                     (jwt(iat_off=-700, exp_off=-10), "'Expiration time' claim ('exp') must be a numeric value "
+                                                      "representing the future time at which the assertion expires"),
+                     (jwt(iss=8), "Integration not found"),
+                     ("ghp_admin", fg.JWT_DECODE_MSG)):
+        st, _, body = f.call("GET", "/repos/octo-org/octo-repo/installation", token=bad)
+        eq((st, body["message"]), (401, msg), "bad JWT")
+    st, h, body = f.call("POST", "/app/installations/%d/access_tokens" % repo_inst, token=jwt())
+    eq(st, 201, "access token")
+    token = body["token"]
+    check(token.startswith("ghs_") and re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", body["expires_at"]),
+          "token shape %r" % body)
+    eq(f.call("POST", "/app/installations/999/access_tokens", token=jwt())[0], 404, "unknown installation")
+    # The token works like an admin PAT on its own repository only.
+    eq(f.call("POST", "/repos/octo-org/octo-repo/actions/runners/registration-token", token=token)[0], 201, "repo")
+    st, _, body = f.call("POST", "/orgs/octo-org/actions/runners/registration-token", token=token)
+    eq((st, body["message"]), (403, fg.INTEGRATION_MSG), "org with a repo installation")
+    f.ok("POST", "/_fake/repos", {"full_name": "octo-org/other"})
+    eq(f.call("GET", "/repos/octo-org/other/actions/runners", token=token)[0], 404, "a repo not selected")
+    eq(f.call("GET", "/app/installations", token=token)[0], 401, "installation token is no JWT")
+    # An org installation: org runners, and all its repos; read-only permission refuses POST.
+    f.ok("POST", "/_fake/orgs", {"login": "other-org"})
+    f.ok("POST", "/_fake/repos", {"full_name": "other-org/tool"})
+    org_inst = f.ok("POST", "/_fake/installations", {"app_id": 7, "account": "other-org", "id": 4242})["id"]
+    eq(org_inst, 4242, "given id")
+    eq(f.ok("GET", "/orgs/other-org/installation", token=jwt())["id"], 4242, "org install")
+    eq(f.ok("GET", "/repos/other-org/tool/installation", token=jwt())["id"], 4242, "its repos")
+    org_token = f.ok("POST", "/app/installations/4242/access_tokens", token=jwt())["token"]
+    eq(f.call("GET", "/orgs/other-org/actions/runner-groups", token=org_token)[0], 200, "org groups")
+    eq(f.call("POST", "/repos/other-org/tool/actions/runners/registration-token", token=org_token)[0], 201, "repo")
+    eq(f.call("GET", "/orgs/octo-org/actions/runners", token=org_token)[0], 403, "another org")
+    f.ok("POST", "/_fake/enterprises", {"slug": "acme"})
+    st, _, body = f.call("GET", "/enterprises/acme/actions/runners", token=org_token)
+    eq((st, body["message"]), (403, fg.INTEGRATION_MSG), "no App tokens on enterprise endpoints")
+    f.ok("POST", "/_fake/repos", {"full_name": "ro-org/x"})
+    ro = f.ok("POST", "/_fake/installations", {"app_id": 7, "account": "ro-org/x",
+                                               "permissions": {"administration": "read"}})["id"]
+    ro_token = f.ok("POST", "/app/installations/%d/access_tokens" % ro, token=jwt())["token"]
+    eq(f.call("GET", "/repos/ro-org/x/actions/runners", token=ro_token)[0], 200, "read")
+    eq(f.call("POST", "/repos/ro-org/x/actions/runners/registration-token", token=ro_token)[0], 403, "write")
+    # Expiry on the fake clock (the JWT still checks against real time); Date follows it.
+    f.ok("POST", "/_fake/clock", {"advance_sec": 3601})
+    st, h, body = f.call("GET", "/repos/octo-org/octo-repo/actions/runners", token=token)
+    eq((st, body["message"]), (401, "Bad credentials"), "expired installation token")
+    from email.utils import parsedate_to_datetime
+    skew = parsedate_to_datetime(h["Date"]).timestamp() - time.time()
+    check(3590 < skew < 3610, "Date follows the fake clock (%.0f s ahead)" % skew)
+    f.ok("POST", "/_fake/apps/token_ttl", {"seconds": 5})
+    body = f.ok("POST", "/app/installations/%d/access_tokens" % repo_inst, token=jwt())
+    eq(f.call("GET", "/repos/octo-org/octo-repo/actions/runners", token=body["token"])[0], 200, "fresh token")
+    f.ok("POST", "/_fake/clock", {"advance_sec": 6})
+    eq(f.call("GET", "/repos/octo-org/octo-repo/actions/runners", token=body["token"])[0], 401, "short TTL")
+    log = f.ok("GET", "/_fake/requests?path_contains=/actions/runners")
+    check(all("ghs_" not in json.dumps(e) for e in log), "token values in the request log")
+    eq([e.get("auth") for e in log if e["status"] == 401][-1], "ghs#4", "log names the token by serial")
+    check(any(e.get("auth") == "jwt:7" for e in f.ok("GET", "/_fake/requests?path_contains=installation")), "jwt in log")
+
+
 # =========================================================================== main
 def main():
     global VERBOSE

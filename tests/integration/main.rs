@@ -1,6 +1,7 @@
 //! Integration tests: the real `ci-runner` binary against the fake GitHub API and the fake
 //! runner (tests/fakes), as a real PID 1 in a new PID namespace, and as a port forwarder.
 
+mod app;
 mod autoscale;
 mod docker;
 mod forward;
