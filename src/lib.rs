@@ -11,6 +11,7 @@
 //! - [`github`]: the REST API (registration tokens, find and delete runners) with retries.
 //! - [`runner`]: `config.sh` and `run.sh` as processes, their output lines, their files.
 //! - [`supervisor`]: the life cycle: register, supervise, drain, de-register; the exit table.
+//! - [`fleet`]: the pool's runners on GitHub: the start-up sweep, `list`, `remove`, `prune`.
 //! - [`hooks`]: the boot hooks, `entrypoint.*.sh` sourced as root, then as the runner user.
 //! - [`prewarm`]: the work dir loaded from the newest ci-storage slot over SSH before the first job.
 //! - [`lock`]: the hardware lock: one job at a time on a shared device, in arrival order.
@@ -25,6 +26,7 @@ pub mod autoscale;
 pub mod aws;
 pub mod config;
 pub mod error;
+pub mod fleet;
 pub mod forward;
 pub mod github;
 pub mod hooks;
