@@ -371,7 +371,9 @@ pub fn render_list(scope: &Scope, pool: &Pool, runners: &[RunnerInfo], local: Op
         let text = format!("{mark} {:<w0$}  {:>w1$}  {:<w2$}  {:<w3$}  {}", c[0], c[1], c[2], c[3], c[4]);
         format!("{}\n", text.trim_end())
     };
-    out.push_str(&line(" ", header));
+    if !rows.is_empty() {
+        out.push_str(&line(" ", header));
+    }
     for (r, c) in rows.iter().zip(&cells) {
         out.push_str(&line(if r.local { "*" } else { " " }, [&c[0], &c[1], &c[2], &c[3], &c[4]]));
     }
@@ -689,7 +691,7 @@ mod tests {
         assert!(json["runners"][1]["registered_at"].is_null());
 
         let text = render_list(&scope, &pool(), &[], None, false);
-        assert!(text.contains("0 runners of pool") && text.contains("no runner in this container"), "{text}");
+        assert!(text.starts_with("0 runners of pool") && text.contains("no runner in this container"), "{text}");
     }
 
     #[test]
