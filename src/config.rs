@@ -211,6 +211,9 @@ pub struct Config {
     pub autoscale: AutoscaleSettings,
     /// `RUNNER_INSTANCE_LABELS`: labels added per instance of a pool.
     pub instance_labels: Option<crate::instance::InstanceLabels>,
+    /// `RUNNER_SWEEP_OFFLINE_SEC`: before registering, remove the pool's runners that are
+    /// offline and were registered at least this long ago (README "Fleet hygiene").
+    pub sweep_offline: Option<Duration>,
 }
 
 /// What the autoscaling signals need (README "Autoscaling").
@@ -250,6 +253,9 @@ pub const DEFAULT_STORAGE_TIMEOUT_SEC: u64 = 300;
 pub const DEFAULT_STORAGE_CONNECT_TIMEOUT_SEC: u64 = 10;
 pub const DEFAULT_STORAGE_STALL_TIMEOUT_SEC: u64 = 30;
 pub const DEFAULT_ZONEINFO: &str = "/usr/share/zoneinfo";
+/// The shortest `RUNNER_SWEEP_OFFLINE_SEC`: a peer registers before it is online, and must
+/// never be swept in between (README "Fleet hygiene").
+pub const MIN_SWEEP_OFFLINE_SEC: u64 = 60;
 
 /// One bad variable: its name, the value shown (None for secrets) and what was expected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -540,55 +546,7 @@ impl Config {
 
         let credentials = c.credentials();
 
-        let repo = c.get("GH_REPOSITORY");
-        let org = c.get("GH_ORGANIZATION");
-        let enterprise = c.get("GH_ENTERPRISE");
-        let scope = match (repo, org, enterprise) {
-            (Some(r), None, None) => {
-                let scope = repository_scope(&r);
-                if scope.is_none() {
-                    c.bad("GH_REPOSITORY", Some(&r), "owner/repo, e.g. octo-org/octo-repo");
-                }
-                scope
-            }
-            (None, Some(o), None) => {
-                if valid_github_name(&o) {
-                    Some(Scope::Organization(o))
-                } else {
-                    c.bad("GH_ORGANIZATION", Some(&o), "an organization login, e.g. octo-org");
-                    None
-                }
-            }
-            (None, None, Some(e)) => {
-                if valid_github_name(&e) {
-                    Some(Scope::Enterprise(e))
-                } else {
-                    c.bad("GH_ENTERPRISE", Some(&e), "an enterprise slug, e.g. octo-corp");
-                    None
-                }
-            }
-            (None, None, None) => {
-                c.bad(
-                    "GH_REPOSITORY",
-                    None,
-                    "owner/repo for a repository runner (or set GH_ORGANIZATION for an organization runner, GH_ENTERPRISE for an enterprise runner)",
-                );
-                None
-            }
-            (r, o, e) => {
-                // Named by the first one set, with its value.
-                let (var, value) = [("GH_REPOSITORY", r), ("GH_ORGANIZATION", o), ("GH_ENTERPRISE", e)]
-                    .into_iter()
-                    .find_map(|(var, v)| Some((var, v?)))
-                    .expect("at least two are set");
-                c.bad(
-                    var,
-                    Some(&value),
-                    "exactly one of GH_REPOSITORY (owner/repo), GH_ORGANIZATION (org) or GH_ENTERPRISE (enterprise slug)",
-                );
-                None
-            }
-        };
+        let scope = c.scope();
         if let (Some(Credentials::App { app_id, .. }), Some(Scope::Enterprise(_))) = (&credentials, &scope) {
             // §8.4: App installation tokens do not work on the enterprise runner endpoints.
             let id = app_id.to_string();
@@ -625,26 +583,7 @@ impl Config {
             }
         };
 
-        let name = match (c.get("RUNNER_NAME"), c.get("RUNNER_NAME_PREFIX")) {
-            (Some(n), None) => {
-                if !valid_runner_name(&n) {
-                    c.bad("RUNNER_NAME", Some(&n), "1-64 characters of A-Z a-z 0-9 . _ - (not starting with a dot)");
-                }
-                RunnerName::Exact(n)
-            }
-            (None, p) => {
-                let p = p.unwrap_or_else(|| DEFAULT_NAME_PREFIX.to_string());
-                // The generated suffix adds 23 characters.
-                if !valid_runner_name(&p) || p.len() > 40 {
-                    c.bad("RUNNER_NAME_PREFIX", Some(&p), "1-40 characters of A-Z a-z 0-9 . _ -");
-                }
-                RunnerName::Prefix(p)
-            }
-            (Some(n), Some(_)) => {
-                c.bad("RUNNER_NAME", Some(&n), "either RUNNER_NAME or RUNNER_NAME_PREFIX, not both");
-                RunnerName::Exact(n)
-            }
-        };
+        let name = c.runner_name();
 
         let group = c.get("RUNNER_GROUP");
         if let (Some(g), Some(Scope::Repository { .. })) = (&group, &scope) {
@@ -663,14 +602,7 @@ impl Config {
             c.bad("RUNNER_WORKDIR", Some(&work_dir), "a directory path");
         }
 
-        let server_url = strip_slash(&c.get("GH_SERVER_URL").unwrap_or_else(|| "https://github.com".to_string()));
-        if !valid_http_url(&server_url) {
-            c.bad("GH_SERVER_URL", Some(&server_url), "an http(s) URL, e.g. https://github.com");
-        }
-        let api_url = strip_slash(&c.get("GH_API_URL").unwrap_or_else(|| default_api_url(&server_url)));
-        if !valid_http_url(&api_url) {
-            c.bad("GH_API_URL", Some(&api_url), "an http(s) URL, e.g. https://api.github.com");
-        }
+        let (server_url, api_url) = c.urls();
 
         let runner_dir = PathBuf::from(c.get("RUNNER_DIR").unwrap_or_else(|| DEFAULT_RUNNER_DIR.to_string()));
         if !(host.runner_dir_ok)(&runner_dir) {
@@ -738,6 +670,7 @@ impl Config {
             None
         });
         let autoscale = autoscale_settings(&mut c, scope.as_ref());
+        let sweep_offline = sweep_setting(&mut c, credentials.as_ref(), &name);
         let tz = c.get("TZ");
         let zoneinfo = PathBuf::from(c.get("TZDIR").unwrap_or_else(|| DEFAULT_ZONEINFO.into()));
         if let Some(tz) = &tz {
@@ -782,6 +715,7 @@ impl Config {
             forwards,
             autoscale,
             instance_labels,
+            sweep_offline,
         })
     }
 
@@ -1142,6 +1076,175 @@ pub fn status_addr(env: &dyn EnvSource) -> Result<Option<SocketAddr>, Problem> {
                 expected: "ip:port to serve /health on, e.g. 0.0.0.0:8080, or off".into(),
             })
         }
+    }
+}
+
+/// `RUNNER_SWEEP_OFFLINE_SEC` (unset: no sweep). Listing and deleting need the PAT, so a
+/// registration token alone cannot sweep; and the age comes from generated names, so a fixed
+/// `RUNNER_NAME` (re-used with `--replace` anyway) has nothing to sweep.
+fn sweep_setting(c: &mut Collector<'_>, credentials: Option<&Credentials>, name: &RunnerName) -> Option<Duration> {
+    let raw = c.get("RUNNER_SWEEP_OFFLINE_SEC")?;
+    let secs = match raw.parse::<u64>() {
+        Ok(n) if n >= MIN_SWEEP_OFFLINE_SEC => n,
+        _ => {
+            c.bad(
+                "RUNNER_SWEEP_OFFLINE_SEC",
+                Some(&raw),
+                format!("a whole number of seconds, at least {MIN_SWEEP_OFFLINE_SEC}, e.g. 86400 (unset: no sweep)"),
+            );
+            return None;
+        }
+    };
+    if let Some(Credentials::RegistrationToken(_)) = credentials {
+        c.bad(
+            "RUNNER_SWEEP_OFFLINE_SEC",
+            Some(&raw),
+            "GH_TOKEN with it: a registration token (GH_RUNNER_TOKEN) cannot list or remove runners",
+        );
+        return None;
+    }
+    if let RunnerName::Exact(_) = name {
+        c.bad(
+            "RUNNER_SWEEP_OFFLINE_SEC",
+            Some(&raw),
+            "RUNNER_NAME_PREFIX, not RUNNER_NAME: a runner's age is read from its generated name (<prefix>-<YYYYmmdd-HHMMSS>-<random>)",
+        );
+        return None;
+    }
+    Some(Duration::from_secs(secs))
+}
+
+/// What `ci-runner list`, `remove` and `prune` need, and nothing of the supervisor's own
+/// settings (no labels, runner dir or runner user): a PAT, the scope, the API, the pool's
+/// naming and `STATUS_ADDR` (to mark the runner of this container).
+#[derive(Debug, Clone)]
+pub struct OpsConfig {
+    /// A PAT or a GitHub App (a registration token cannot list or remove runners).
+    pub credentials: Credentials,
+    pub scope: Scope,
+    pub api_url: String,
+    pub name: RunnerName,
+    pub status_addr: Option<SocketAddr>,
+}
+
+/// Reads the credentials (`GH_TOKEN` or a GitHub App, variables or secret files), the scope,
+/// `GH_SERVER_URL`, `GH_API_URL`, `RUNNER_NAME`/`RUNNER_NAME_PREFIX` and `STATUS_ADDR` as the
+/// supervisor reads them, with the same messages; every problem at once.
+pub fn ops_config(env: &dyn EnvSource) -> Result<OpsConfig, ConfigError> {
+    let mut c = Collector::new(env);
+    let credentials = match c.credentials() {
+        Some(Credentials::RegistrationToken(_)) => {
+            c.bad(
+                "GH_TOKEN",
+                None,
+                "a personal access token with admin rights on the repository or organization, or a GitHub App (a registration token cannot list or remove runners)",
+            );
+            None
+        }
+        other => other,
+    };
+    let scope = c.scope();
+    let name = c.runner_name();
+    let (_, api_url) = c.urls();
+    let status_addr = status_addr(env).unwrap_or_else(|p| {
+        c.problems.push(p);
+        None
+    });
+    match (credentials, scope) {
+        (Some(credentials), Some(scope)) if c.problems.is_empty() => {
+            Ok(OpsConfig { credentials, scope, api_url, name, status_addr })
+        }
+        _ => Err(ConfigError(c.problems)),
+    }
+}
+
+impl Collector<'_> {
+    /// `GH_REPOSITORY`, `GH_ORGANIZATION` or `GH_ENTERPRISE`, exactly one.
+    fn scope(&mut self) -> Option<Scope> {
+        let (repo, org, enterprise) =
+            (self.get("GH_REPOSITORY"), self.get("GH_ORGANIZATION"), self.get("GH_ENTERPRISE"));
+        match (repo, org, enterprise) {
+            (Some(r), None, None) => {
+                let scope = repository_scope(&r);
+                if scope.is_none() {
+                    self.bad("GH_REPOSITORY", Some(&r), "owner/repo, e.g. octo-org/octo-repo");
+                }
+                scope
+            }
+            (None, Some(o), None) => {
+                if valid_github_name(&o) {
+                    Some(Scope::Organization(o))
+                } else {
+                    self.bad("GH_ORGANIZATION", Some(&o), "an organization login, e.g. octo-org");
+                    None
+                }
+            }
+            (None, None, Some(e)) => {
+                if valid_github_name(&e) {
+                    Some(Scope::Enterprise(e))
+                } else {
+                    self.bad("GH_ENTERPRISE", Some(&e), "an enterprise slug, e.g. octo-corp");
+                    None
+                }
+            }
+            (None, None, None) => {
+                self.bad(
+                    "GH_REPOSITORY",
+                    None,
+                    "owner/repo for a repository runner (or set GH_ORGANIZATION for an organization runner, GH_ENTERPRISE for an enterprise runner)",
+                );
+                None
+            }
+            (r, o, e) => {
+                // Named by the first one set, with its value.
+                let (var, value) = [("GH_REPOSITORY", r), ("GH_ORGANIZATION", o), ("GH_ENTERPRISE", e)]
+                    .into_iter()
+                    .find_map(|(var, v)| Some((var, v?)))
+                    .expect("at least two are set");
+                self.bad(
+                    var,
+                    Some(&value),
+                    "exactly one of GH_REPOSITORY (owner/repo), GH_ORGANIZATION (org) or GH_ENTERPRISE (enterprise slug)",
+                );
+                None
+            }
+        }
+    }
+
+    /// `RUNNER_NAME` or `RUNNER_NAME_PREFIX` (the generated suffix adds 23 characters).
+    fn runner_name(&mut self) -> RunnerName {
+        match (self.get("RUNNER_NAME"), self.get("RUNNER_NAME_PREFIX")) {
+            (Some(n), None) => {
+                if !valid_runner_name(&n) {
+                    self.bad("RUNNER_NAME", Some(&n), "1-64 characters of A-Z a-z 0-9 . _ - (not starting with a dot)");
+                }
+                RunnerName::Exact(n)
+            }
+            (None, p) => {
+                let p = p.unwrap_or_else(|| DEFAULT_NAME_PREFIX.to_string());
+                if !valid_runner_name(&p) || p.len() > 40 {
+                    self.bad("RUNNER_NAME_PREFIX", Some(&p), "1-40 characters of A-Z a-z 0-9 . _ -");
+                }
+                RunnerName::Prefix(p)
+            }
+            (Some(n), Some(_)) => {
+                self.bad("RUNNER_NAME", Some(&n), "either RUNNER_NAME or RUNNER_NAME_PREFIX, not both");
+                RunnerName::Exact(n)
+            }
+        }
+    }
+
+    /// `GH_SERVER_URL` and `GH_API_URL`, the latter by default derived from the former.
+    fn urls(&mut self) -> (String, String) {
+        let server_url = strip_slash(&self.get("GH_SERVER_URL").unwrap_or_else(|| "https://github.com".to_string()));
+        if !valid_http_url(&server_url) {
+            self.bad("GH_SERVER_URL", Some(&server_url), "an http(s) URL, e.g. https://github.com");
+        }
+        let api_url = strip_slash(&self.get("GH_API_URL").unwrap_or_else(|| default_api_url(&server_url)));
+        if !valid_http_url(&api_url) {
+            self.bad("GH_API_URL", Some(&api_url), "an http(s) URL, e.g. https://api.github.com");
+        }
+        (server_url, api_url)
     }
 }
 
@@ -1555,6 +1658,64 @@ c2VjcmV0LWJ5dGVz
             assert_eq!(vars_of(&e), vec!["TZ"], "{bad}");
             assert!(e.0[0].to_string().contains("a time zone in"), "{}", e.0[0]);
         }
+    }
+
+    #[test]
+    fn sweep_threshold_is_checked_and_needs_a_pat_and_generated_names() {
+        assert_eq!(load(GOOD, false).unwrap().sweep_offline, None);
+        let cfg = load(&[GOOD, &[("RUNNER_SWEEP_OFFLINE_SEC", "86400")]].concat(), false).unwrap();
+        assert_eq!(cfg.sweep_offline, Some(Duration::from_secs(86_400)));
+        for bad in ["0", "59", "1d", "-5"] {
+            let e = load(&[GOOD, &[("RUNNER_SWEEP_OFFLINE_SEC", bad)]].concat(), false).unwrap_err();
+            assert_eq!(vars_of(&e), vec!["RUNNER_SWEEP_OFFLINE_SEC"], "{bad}");
+            assert!(e.0[0].to_string().contains("at least 60"), "{}", e.0[0]);
+        }
+        let reg = [("GH_RUNNER_TOKEN", "AABB"), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "x")];
+        let e = load(&[&reg[..], &[("RUNNER_SWEEP_OFFLINE_SEC", "3600")]].concat(), false).unwrap_err();
+        assert_eq!(vars_of(&e), vec!["RUNNER_SWEEP_OFFLINE_SEC"]);
+        assert!(e.0[0].to_string().contains("GH_TOKEN"), "{}", e.0[0]);
+        let e = load(&[GOOD, &[("RUNNER_SWEEP_OFFLINE_SEC", "3600"), ("RUNNER_NAME", "build-01")]].concat(), false)
+            .unwrap_err();
+        assert_eq!(vars_of(&e), vec!["RUNNER_SWEEP_OFFLINE_SEC"]);
+    }
+
+    #[test]
+    fn ops_commands_need_only_the_token_scope_and_names() {
+        let e = env(&[
+            ("GH_TOKEN", "ghp_secret"),
+            ("GH_ORGANIZATION", "octo-org"),
+            ("GH_SERVER_URL", "https://ghes.example/"),
+            ("RUNNER_NAME_PREFIX", "gpu"),
+            ("STATUS_ADDR", "127.0.0.1:9"),
+            ("SECRETS_DIR", "/nonexistent"),
+            // The supervisor's own settings are not read: a RUNNER_DIR without scripts is fine.
+            ("RUNNER_DIR", "/nonexistent"),
+            ("RUNNER_USER", "nobody-here"),
+        ]);
+        let cfg = ops_config(&e).unwrap();
+        assert_eq!(cfg.scope, Scope::Organization("octo-org".into()));
+        assert_eq!(cfg.api_url, "https://ghes.example/api/v3");
+        assert_eq!(cfg.name, RunnerName::Prefix("gpu".into()));
+        assert_eq!(cfg.status_addr, Some("127.0.0.1:9".parse().unwrap()));
+        assert!(matches!(&cfg.credentials, Credentials::Pat(t) if t.expose() == "ghp_secret"));
+        let cfg =
+            ops_config(&env(&[("GH_TOKEN", "t"), ("GH_REPOSITORY", "a/b"), ("SECRETS_DIR", "/nonexistent")])).unwrap();
+        assert_eq!(cfg.name, RunnerName::Prefix(DEFAULT_NAME_PREFIX.into()));
+        assert_eq!(cfg.api_url, "https://api.github.com");
+
+        let err = ops_config(&env(&[
+            ("GH_RUNNER_TOKEN", "AABBCC"),
+            ("GH_REPOSITORY", "no-slash"),
+            ("RUNNER_NAME_PREFIX", "bad prefix"),
+            ("GH_API_URL", "ftp://x"),
+            ("STATUS_ADDR", "nope"),
+            ("SECRETS_DIR", "/nonexistent"),
+        ]))
+        .unwrap_err();
+        assert_eq!(vars_of(&err), ["GH_TOKEN", "GH_REPOSITORY", "RUNNER_NAME_PREFIX", "GH_API_URL", "STATUS_ADDR"]);
+        let text: String = err.0.iter().map(|p| p.to_string()).collect();
+        assert!(!text.contains("AABBCC"), "{text}");
+        assert!(text.contains("a registration token cannot list or remove runners"), "{text}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The GitHub REST API, as far as a runner's life needs it: registration tokens, finding a
-//! runner by name, deleting it, resolving a runner group's name to its id.
+//! The GitHub REST API, as far as a runner's life needs it: registration tokens, listing
+//! runners and finding one by name, deleting them, resolving a runner group's name to its id.
 //!
 //! Requests carry a PAT, or a GitHub App's installation token ([`Auth`]): minted with the
 //! App's JWT, cached, renewed [`REFRESH_EARLY`] before it expires and again on a 401, so a
@@ -160,6 +160,14 @@ pub struct RunnerInfo {
     pub status: String,
     #[serde(default)]
     pub busy: bool,
+    #[serde(default)]
+    pub labels: Vec<RunnerLabel>,
+}
+
+/// One of a runner's labels (`read-only` defaults such as `self-hosted`, or `custom`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunnerLabel {
+    pub name: String,
 }
 
 #[derive(Deserialize)]
@@ -215,10 +223,15 @@ pub enum Auth {
 impl Auth {
     /// The API credentials of a configuration: `None` for a bare registration token.
     pub fn for_config(cfg: &Config) -> Option<Auth> {
-        match &cfg.credentials {
+        Self::new(&cfg.credentials, &cfg.scope)
+    }
+
+    /// The API credentials for `scope`: `None` for a bare registration token.
+    pub fn new(credentials: &Credentials, scope: &Scope) -> Option<Auth> {
+        match credentials {
             Credentials::Pat(token) => Some(Auth::Pat(token.clone())),
             Credentials::App { app_id, key, installation_id } => {
-                Some(Auth::App(AppAuth::new(*app_id, key.clone(), *installation_id, cfg.scope.clone())))
+                Some(Auth::App(AppAuth::new(*app_id, key.clone(), *installation_id, scope.clone())))
             }
             Credentials::RegistrationToken(_) => None,
         }
@@ -515,6 +528,27 @@ impl Github {
         self.token(scope, "registration-token", budget, cancel).await
     }
 
+    /// One page of `GET /{scope}/actions/runners…`, and the next page's URL from `Link`.
+    async fn runner_page(
+        &self,
+        scope: &Scope,
+        path: &str,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<(Vec<RunnerInfo>, Option<String>), GithubError> {
+        let (status, headers, body) = self.call(Method::GET, path, budget, cancel).await?;
+        if !status.is_success() {
+            return Err(Self::refusal(status, &body, &Method::GET, path, scope));
+        }
+        let list: RunnerList = serde_json::from_str(&body).map_err(|_| GithubError::Status {
+            status: status.as_u16(),
+            method: Method::GET,
+            path: path.split('?').next().unwrap_or(path).to_string(),
+            message: "the answer is not a runner list".into(),
+        })?;
+        Ok((list.runners, next_link(&headers)))
+    }
+
     /// Finds runners by exact name, following pagination.
     pub async fn find_runner(
         &self,
@@ -525,20 +559,11 @@ impl Github {
     ) -> Result<Option<RunnerInfo>, GithubError> {
         let mut path = format!("{}/actions/runners?per_page=100&name={name}", scope.api_path());
         loop {
-            let (status, headers, body) = self.call(Method::GET, &path, budget, cancel).await?;
-            if !status.is_success() {
-                return Err(Self::refusal(status, &body, &Method::GET, &path, scope));
-            }
-            let list: RunnerList = serde_json::from_str(&body).map_err(|_| GithubError::Status {
-                status: status.as_u16(),
-                method: Method::GET,
-                path: path.clone(),
-                message: "the answer is not a runner list".into(),
-            })?;
-            if let Some(r) = list.runners.into_iter().find(|r| r.name == name) {
+            let (runners, next) = self.runner_page(scope, &path, budget, cancel).await?;
+            if let Some(r) = runners.into_iter().find(|r| r.name == name) {
                 return Ok(Some(r));
             }
-            match next_link(&headers) {
+            match next {
                 Some(next) => path = next,
                 None => return Ok(None),
             }
@@ -583,6 +608,25 @@ impl Github {
                         existing,
                     })
                 }
+            }
+        }
+    }
+
+    /// Every runner of the scope, 100 a page, following `Link: rel="next"` to the end.
+    pub async fn list_runners(
+        &self,
+        scope: &Scope,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<RunnerInfo>, GithubError> {
+        let mut path = format!("{}/actions/runners?per_page=100", scope.api_path());
+        let mut all = Vec::new();
+        loop {
+            let (runners, next) = self.runner_page(scope, &path, budget, cancel).await?;
+            all.extend(runners);
+            match next {
+                Some(next) => path = next,
+                None => return Ok(all),
             }
         }
     }

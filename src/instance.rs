@@ -65,8 +65,8 @@ pub fn parse_table(v: &str) -> Option<Vec<(String, Vec<String>)>> {
 }
 
 impl InstanceLabels {
-    fn entry(&self, key: &str) -> Option<&Vec<String>> {
-        self.table.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, l)| l)
+    fn entry(&self, key: &str) -> Option<&(String, Vec<String>)> {
+        self.table.iter().find(|(k, _)| k.eq_ignore_ascii_case(key))
     }
 
     fn keys(&self) -> String {
@@ -77,11 +77,11 @@ impl InstanceLabels {
     /// to that.
     pub fn resolve(&self, hostname: &str) -> Result<Resolved, InstanceError> {
         if let Some(key) = &self.explicit {
-            let labels = self.entry(key).ok_or_else(|| InstanceError::UnknownKey(key.clone(), self.keys()))?;
+            let (key, labels) = self.entry(key).ok_or_else(|| InstanceError::UnknownKey(key.clone(), self.keys()))?;
             return Ok(Resolved { key: key.clone(), labels: labels.clone(), claim: None });
         }
-        if let Some(labels) = self.entry(hostname) {
-            return Ok(Resolved { key: hostname.to_string(), labels: labels.clone(), claim: None });
+        if let Some((key, labels)) = self.entry(hostname) {
+            return Ok(Resolved { key: key.clone(), labels: labels.clone(), claim: None });
         }
         let dir = self.dir.join("instances");
         let io = |source| InstanceError::Claim { path: dir.clone(), source };

@@ -14,6 +14,7 @@
 //! - [`app`]: GitHub App authentication: the private key, the RS256 JWT, token lifetimes.
 //! - [`runner`]: `config.sh` and `run.sh` as processes, their output lines, their files.
 //! - [`supervisor`]: the life cycle: register, supervise, drain, de-register; the exit table.
+//! - [`fleet`]: the pool's runners on GitHub: the start-up sweep, `list`, `remove`, `prune`.
 //! - [`hooks`]: the boot hooks, `entrypoint.*.sh` sourced as root, then as the runner user.
 //! - [`prewarm`]: the work dir loaded from the newest ci-storage slot over SSH before the first job.
 //! - [`instance`]: per-instance labels in a pool (`RUNNER_INSTANCE_LABELS`), by key or claimed index.
@@ -30,6 +31,7 @@ pub mod autoscale;
 pub mod aws;
 pub mod config;
 pub mod error;
+pub mod fleet;
 pub mod forward;
 pub mod github;
 pub mod hooks;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use ci_runner::autoscale::Autoscale;
 use ci_runner::config::{self, Config, ConfigError, Host, LogFormat, ProcessEnv, SystemUsers};
 use ci_runner::error::{chain, ExitCode};
+use ci_runner::fleet::{self, OpsExit};
 use ci_runner::forward;
 use ci_runner::pid1;
 use ci_runner::status::{self, StatusHandle};
@@ -22,6 +23,12 @@ const USAGE: &str = "usage: ci-runner            run the supervisor (configured 
                             be PID 1 for COMMAND only: reap zombies, forward signals, pass its exit code
        ci-runner prewarm    load the work dir from ci-storage now, as the boot does (CI_STORAGE_* variables)
        ci-runner forward    only the port forwards (FORWARD_HOST, FORWARD_PORTS), until SIGTERM or SIGINT
+       ci-runner list [--json]
+                            this pool's runners on GitHub; * marks this container's
+       ci-runner remove [--yes] NAME...
+                            remove these runners from GitHub (asks first unless --yes)
+       ci-runner prune [--yes] [--older-than SEC]
+                            remove the pool's offline runners (asks first unless --yes)
        ci-runner hook job-started|job-completed
                             the runner's job hooks for the hardware lock (set up by the supervisor)
        ci-runner --version";
@@ -37,6 +44,7 @@ fn main() {
         Some("status") => status_command(),
         Some("prewarm") => prewarm_command(),
         Some("forward") => forward_command(),
+        Some(cmd @ ("list" | "remove" | "prune")) => fleet_command(cmd, &args[1..]),
         Some("hook") => {
             let kind = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
             std::process::exit(ci_runner::lock::hook(kind))
@@ -72,6 +80,43 @@ fn status_command() {
             std::process::exit(1);
         }
     }
+}
+
+/// `ci-runner list|remove|prune`: the pool's runners on GitHub (README "Fleet hygiene"),
+/// configured like the supervisor but needing only the PAT, the scope and the name prefix.
+fn fleet_command(name: &str, args: &[OsString]) -> ! {
+    let args: Option<Vec<String>> = args.iter().map(|a| a.to_str().map(str::to_string)).collect();
+    let cmd = match args.ok_or_else(|| "arguments must be UTF-8".to_string()).and_then(|a| fleet::parse_args(name, &a))
+    {
+        Ok(cmd) => cmd,
+        Err(e) => {
+            eprintln!("ci-runner {name}: {e}\n{USAGE}");
+            std::process::exit(OpsExit::Usage.code());
+        }
+    };
+    let cfg = match config::ops_config(&ProcessEnv) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("ci-runner {name}: {e}:");
+            for p in &e.0 {
+                eprintln!("ci-runner {name}:   {p}");
+            }
+            std::process::exit(OpsExit::Config.code());
+        }
+    };
+    // GitHub's retries are WARNs on stderr; the results go to stdout.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ci-runner {name}: failed to start the runtime: {e}");
+            std::process::exit(ExitCode::Internal.code());
+        }
+    };
+    std::process::exit(fleet::run(&runtime, cmd, &cfg).code())
 }
 
 /// `ci-runner forward`: the port forwards alone, in the foreground, until SIGTERM or SIGINT.

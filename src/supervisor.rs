@@ -520,6 +520,10 @@ impl Supervisor {
             Err(Err(e)) => return Err(e),
         }
         self.clean_stale_registration().await;
+        if let (Some(older_than), Some(gh)) = (self.cfg.sweep_offline, &self.github) {
+            let pool = crate::fleet::Pool::of(&self.cfg.name);
+            crate::fleet::sweep(gh, &self.cfg.scope, &pool, older_than, &self.cancel).await;
+        }
         runner::prepare_root(&self.cfg)
             .map_err(|source| Error::Prepare { path: self.cfg.runner_dir.clone(), source })?;
         let mut failures = 0u32;

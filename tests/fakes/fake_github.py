@@ -1260,6 +1260,8 @@ class FakeGitHub:
             raise not_found()
         if parts == ["runners"] and method == "GET":
             return 200, [st.control_runner_json(st.runners[k]) for k in sorted(st.runners)], {}
+        if parts == ["runners"] and method == "POST":
+            return self.control_add_runner(req)
         if len(parts) >= 2 and parts[0] == "runners":
             r = st.runners.get(int_or_404(parts[1]))
             if not r:
@@ -1275,6 +1277,38 @@ class FakeGitHub:
                 return 200, st.control_runner_json(r), {}
             raise not_found()
         raise not_found()
+
+    def control_add_runner(self, req):
+        """A runner registered as if by an earlier container, with no Listener behind it:
+        `{"scope", "name", "status": "online"|"offline", "busy", "labels"}`. "online" gives it a
+        session that nothing polls; "busy" makes DELETE answer 422 until it is cleared."""
+        st = self.state
+        body = req_json(req)
+        scope = st.scope_from_display(body.get("scope", "octo-org/octo-repo"))
+        if scope is None:
+            raise not_found()
+        name = str(body.get("name") or "").strip()
+        status = body.get("status", "offline")
+        labels = body.get("labels")
+        if labels is None:
+            labels = []
+        if not name or status not in ("online", "offline") or not isinstance(labels, list):
+            raise HttpError(422, 'name is required, status is "online" or "offline", labels a list')
+        if st.find_runner_by_name(scope, name):
+            raise HttpError(409, "A runner exists with the same name %s." % name)
+        lbs = [{"name": n, "type": "read-only"} for n in DEFAULT_LABELS]
+        have = {n.lower() for n in DEFAULT_LABELS}
+        for n in dedupe_labels(labels):
+            if n.lower() not in have:
+                lbs.append({"name": n, "type": "custom"})
+                have.add(n.lower())
+        r = st.create_runner(scope, name, lbs, 1)
+        r["busy"] = bool(body.get("busy"))
+        if status == "online":
+            sid = "seeded-" + str(uuid.uuid4())
+            st.sessions[sid] = r["id"]
+            r["session"] = sid
+        return 201, st.control_runner_json(r), {}
 
     def control_enqueue(self, req):
         st = self.state
