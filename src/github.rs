@@ -195,6 +195,18 @@ impl Github {
         budget: Budget,
         cancel: &CancellationToken,
     ) -> Result<(StatusCode, HeaderMap, String), GithubError> {
+        self.call_with_body(method, path, None, budget, cancel).await
+    }
+
+    /// `call` with a JSON body (sent again on every retry).
+    async fn call_with_body(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<(StatusCode, HeaderMap, String), GithubError> {
         let url = if path.starts_with("http") { path.to_string() } else { format!("{}/{}", self.api_url, path) };
         let shown = path.split('?').next().unwrap_or(path).to_string();
         let mut attempt = 0u32;
@@ -207,7 +219,7 @@ impl Github {
                 .header(USER_AGENT, concat!("ci-runner/", env!("CARGO_PKG_VERSION")))
                 .header(AUTHORIZATION, format!("Bearer {}", self.token.expose()));
             let result = tokio::select! {
-                r = request.send() => r,
+                r = with_body(request, body).send() => r,
                 () = cancel.cancelled() => return Err(GithubError::Cancelled { path: shown }),
             };
             let (err, wait) = match result {
@@ -341,6 +353,108 @@ impl Github {
             404 => Ok(Deleted::AlreadyGone),
             422 => Err(GithubError::Busy { id }),
             _ => Err(Self::refusal(status, &body, &Method::DELETE, &path, scope)),
+        }
+    }
+}
+
+fn with_body(request: reqwest::RequestBuilder, body: Option<&serde_json::Value>) -> reqwest::RequestBuilder {
+    match body {
+        Some(b) => request.json(b),
+        None => request,
+    }
+}
+
+/// A JIT configuration: GitHub registers the runner when it mints one (issue #7).
+pub struct JitConfig {
+    /// The registration, `offline` until the Listener connects.
+    pub runner: RunnerInfo,
+    /// `encoded_jit_config`: the runner's credentials, for `ACTIONS_RUNNER_INPUT_JITCONFIG` only.
+    pub encoded: Secret,
+}
+
+#[derive(Deserialize)]
+struct JitAnswer {
+    runner: RunnerInfo,
+    encoded_jit_config: String,
+}
+
+#[derive(Deserialize)]
+struct RunnerGroup {
+    id: u64,
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct RunnerGroupList {
+    runner_groups: Vec<RunnerGroup>,
+}
+
+/// The id of the runner group every organization has (and the one repository runners use).
+pub const DEFAULT_RUNNER_GROUP_ID: u64 = 1;
+
+/// Ephemeral and JIT registration (issue #7).
+impl Github {
+    /// `POST /{scope}/actions/runners/generate-jitconfig`: registers runner `name` and returns
+    /// its single-use configuration. 409 when the name is taken.
+    #[expect(clippy::too_many_arguments, reason = "the endpoint's four fields plus the call's budget")]
+    pub async fn generate_jitconfig(
+        &self,
+        scope: &Scope,
+        name: &str,
+        runner_group_id: u64,
+        labels: &[String],
+        work_folder: &str,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<JitConfig, GithubError> {
+        let path = format!("{}/actions/runners/generate-jitconfig", scope.api_path());
+        let body = serde_json::json!({
+            "name": name,
+            "runner_group_id": runner_group_id,
+            "labels": labels,
+            "work_folder": work_folder,
+        });
+        let (status, _, text) = self.call_with_body(Method::POST, &path, Some(&body), budget, cancel).await?;
+        if !status.is_success() {
+            return Err(Self::refusal(status, &text, &Method::POST, &path, scope));
+        }
+        let answer: JitAnswer = serde_json::from_str(&text).map_err(|_| GithubError::Status {
+            status: status.as_u16(),
+            method: Method::POST,
+            path: path.clone(),
+            message: "the answer has no runner or encoded_jit_config".into(),
+        })?;
+        Ok(JitConfig { runner: answer.runner, encoded: Secret::new(answer.encoded_jit_config) })
+    }
+
+    /// A runner group's id by name (case-insensitive), from `GET /{scope}/actions/runner-groups`;
+    /// `None` when the scope has no such group.
+    pub async fn find_runner_group_id(
+        &self,
+        scope: &Scope,
+        name: &str,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<Option<u64>, GithubError> {
+        let mut path = format!("{}/actions/runner-groups?per_page=100", scope.api_path());
+        loop {
+            let (status, headers, body) = self.call(Method::GET, &path, budget, cancel).await?;
+            if !status.is_success() {
+                return Err(Self::refusal(status, &body, &Method::GET, &path, scope));
+            }
+            let list: RunnerGroupList = serde_json::from_str(&body).map_err(|_| GithubError::Status {
+                status: status.as_u16(),
+                method: Method::GET,
+                path: path.clone(),
+                message: "the answer is not a runner group list".into(),
+            })?;
+            if let Some(g) = list.runner_groups.iter().find(|g| g.name.eq_ignore_ascii_case(name)) {
+                return Ok(Some(g.id));
+            }
+            match next_link(&headers) {
+                Some(next) => path = next,
+                None => return Ok(None),
+            }
         }
     }
 }
