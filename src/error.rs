@@ -65,6 +65,8 @@ pub enum Error {
     Forward(#[from] crate::forward::ForwardError),
     #[error("the runner failed for good: {0}")]
     RunnerGaveUp(String),
+    #[error("runner group {group:?} (RUNNER_GROUP) not found in the {scope}")]
+    RunnerGroupNotFound { group: String, scope: String },
 }
 
 impl Error {
@@ -73,6 +75,7 @@ impl Error {
             // A port already taken is the operator's to fix, like a bad variable.
             Error::Config(_) | Error::Forward(_) => ExitCode::Config,
             Error::Github(e) if e.is_permanent() => ExitCode::GithubRefused,
+            Error::RunnerGroupNotFound { .. } => ExitCode::GithubRefused,
             Error::Github(_) => ExitCode::GithubUnavailable,
             Error::Runner(_) | Error::RunnerGaveUp(_) | Error::Prepare { .. } | Error::Lock(_) => {
                 ExitCode::RunnerFailed
