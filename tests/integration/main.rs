@@ -3,6 +3,7 @@
 
 mod autoscale;
 mod docker;
+mod ephemeral;
 mod forward;
 mod harness;
 mod hooks;
