@@ -8,7 +8,8 @@
 //! # Layout
 //! - [`pid1`]: the tiny synchronous parent: fork, forward signals, reap, pass the exit code.
 //! - [`config`]: the only reader of the environment; typed, validated all at once.
-//! - [`github`]: the REST API (registration tokens, find and delete runners) with retries.
+//! - [`github`]: the REST API (registration tokens, JIT configurations, runner groups, find and
+//!   delete runners) with retries.
 //! - [`runner`]: `config.sh` and `run.sh` as processes, their output lines, their files.
 //! - [`supervisor`]: the life cycle: register, supervise, drain, de-register; the exit table.
 //! - [`hooks`]: the boot hooks, `entrypoint.*.sh` sourced as root, then as the runner user.

@@ -545,7 +545,6 @@ impl Supervisor {
         self.clean_stale_registration().await;
         runner::prepare_root(&self.cfg)
             .map_err(|source| Error::Prepare { path: self.cfg.runner_dir.clone(), source })?;
-        self.check_version().await?;
         let mut failures = 0u32;
         let mut config_failures = 0u32;
         'register: loop {
@@ -707,6 +706,8 @@ impl Supervisor {
             (Credentials::RegistrationToken(t), _) => t.clone(),
             (Credentials::Pat(_), None) => unreachable!("a PAT always has a client"),
         };
+        // The token registers nothing; config.sh does.
+        self.check_version().await?;
         info!(runner = %self.name, url = %self.cfg.runner_url(), "Registering the runner.");
         let reg = Registration { name: &self.name, token: &token };
         let configure = runner::configure(&self.cfg, reg, CONFIG_TIMEOUT);
@@ -772,6 +773,8 @@ impl Supervisor {
                 id
             }
         };
+        // Minting registers the runner.
+        self.check_version().await?;
         let name = self.name.clone();
         info!(runner = %name, url = %self.cfg.runner_url(), runner_group_id = group_id, "Registering the runner (JIT configuration).");
         // Recorded before the call: GitHub registers the runner as it mints the configuration,
@@ -820,7 +823,8 @@ impl Supervisor {
     }
 
     /// With updates disabled (`RUNNER_DISABLE_UPDATE`), the version is learnt while the boot
-    /// goes on; `check_version` judges it before anything is registered.
+    /// and the registration's first calls go on (the real Listener takes a fraction of a
+    /// second to start); `check_version` judges it just before anything is registered.
     fn start_version_check(&mut self) {
         if !self.cfg.disable_update {
             return;
@@ -830,12 +834,20 @@ impl Supervisor {
     }
 
     /// A runner that may not update itself and is older than GitHub's minimum would register
-    /// (or fail to) and never get a job: refuse it, saying what to do.
-    async fn check_version(&mut self) -> Result<(), Error> {
+    /// (or fail to) and never get a job: refuse it, saying what to do. Once per process; a
+    /// signal meanwhile stops the boot.
+    async fn check_version(&mut self) -> Result<(), Result<Interrupted, Error>> {
         let Some(task) = self.version.take() else { return Ok(()) };
         let min = self.cfg.min_version;
-        match task.await.ok().flatten() {
-            Some(found) if found < min => Err(Error::Runner(runner::RunnerError::TooOld { found, min })),
+        let found = tokio::select! {
+            r = task => r.ok().flatten(),
+            Some(sig) = self.signals.recv() => {
+                info!(signal = ?sig, "Signal received during registration.");
+                return Err(Ok(Interrupted));
+            }
+        };
+        match found {
+            Some(found) if found < min => Err(Err(Error::Runner(runner::RunnerError::TooOld { found, min }))),
             Some(found) => {
                 info!(version = %found, min = %min, "Runner version checked.");
                 Ok(())
