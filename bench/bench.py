@@ -93,6 +93,10 @@ def runner_copy(instant_config=False, stamp=None):
         # "a config.sh that returns at once": writes the registration file and exits.
         with open(os.path.join(d, "config.sh"), "w") as f:
             f.write('#!/bin/bash\nprintf \'{"agentId": 1, "agentName": "bench"}\' > "$(dirname "$0")/.runner"\n')
+        # Likewise the runner's own `bin/Runner.Listener --version` (the minimum-version check,
+        # issue #7, run during the boot): answered at once, as config.sh is.
+        with open(os.path.join(d, "bin", "Runner.Listener"), "w") as f:
+            f.write('#!/bin/bash\n[ "$1" = --version ] && echo 2.336.0\n')
     if stamp:
         # run.sh records when it started (a bash builtin: no fork), then idles.
         with open(os.path.join(d, "run.sh"), "w") as f:

@@ -179,8 +179,16 @@ pub struct Config {
     pub name: RunnerName,
     pub group: Option<String>,
     pub ephemeral: bool,
+    /// `RUNNER_EPHEMERAL_RESTART`: after an ephemeral runner's job, register a fresh one in the
+    /// same container instead of exiting.
+    pub ephemeral_restart: bool,
+    /// Register through `generate-jitconfig` and `ACTIONS_RUNNER_INPUT_JITCONFIG` instead of
+    /// config.sh (`RUNNER_JIT`; the default for ephemeral runners when the API can mint one).
+    pub jit: bool,
     pub no_default_labels: bool,
     pub disable_update: bool,
+    /// `RUNNER_MIN_VERSION`: with updates disabled, an older runner is refused at start.
+    pub min_version: crate::runner::RunnerVersion,
     pub work_dir: String,
     pub server_url: String,
     pub api_url: String,
@@ -244,6 +252,8 @@ pub const DEFAULT_SPOT_POLL_SEC: u64 = 2;
 pub const DEFAULT_RUNNER_DIR: &str = "/home/guest/actions-runner";
 pub const DEFAULT_STATUS_ADDR: &str = "127.0.0.1:8080";
 pub const DEFAULT_DRAIN_TIMEOUT_SEC: u64 = 600;
+/// GitHub's minimum runner version for a registration in 2026 (anchors.md §1.4).
+pub const DEFAULT_MIN_RUNNER_VERSION: crate::runner::RunnerVersion = crate::runner::RunnerVersion(2, 329, 0);
 pub const DEFAULT_NAME_PREFIX: &str = "ci-storage";
 pub const DEFAULT_LOCK_DIR: &str = "/tmp/github-runner-locks";
 pub const DEFAULT_SECRETS_DIR: &str = "/run/secrets";
@@ -597,6 +607,22 @@ impl Config {
         let ephemeral = c.bool("RUNNER_EPHEMERAL", false);
         let no_default_labels = c.bool("RUNNER_NO_DEFAULT_LABELS", false);
         let disable_update = c.bool("RUNNER_DISABLE_UPDATE", true);
+        let ephemeral_restart = c.bool("RUNNER_EPHEMERAL_RESTART", false);
+        if let (true, false, Some(raw)) = (ephemeral_restart, ephemeral, c.get("RUNNER_EPHEMERAL_RESTART")) {
+            c.bad(
+                "RUNNER_EPHEMERAL_RESTART",
+                Some(&raw),
+                "RUNNER_EPHEMERAL=true with it (it registers a fresh ephemeral runner after each job)",
+            );
+        }
+        let jit = jit_setting(&mut c, ephemeral, credentials.as_ref());
+        let min_version = match c.get("RUNNER_MIN_VERSION") {
+            None => DEFAULT_MIN_RUNNER_VERSION,
+            Some(v) => crate::runner::RunnerVersion::parse(&v).unwrap_or_else(|| {
+                c.bad("RUNNER_MIN_VERSION", Some(&v), "a runner version, e.g. 2.329.0");
+                DEFAULT_MIN_RUNNER_VERSION
+            }),
+        };
         let work_dir = c.get("RUNNER_WORKDIR").unwrap_or_else(|| "_work".to_string());
         if work_dir.contains('\n') {
             c.bad("RUNNER_WORKDIR", Some(&work_dir), "a directory path");
@@ -693,8 +719,11 @@ impl Config {
             name,
             group,
             ephemeral,
+            ephemeral_restart,
+            jit,
             no_default_labels,
             disable_update,
+            min_version,
             work_dir,
             server_url,
             api_url,
@@ -733,12 +762,14 @@ impl Config {
             Credentials::App { app_id, installation_id: None, .. } => format!("app:{app_id}"),
         };
         format!(
-            "scope={} labels={} credentials={} group={} ephemeral={} runner_dir={} work_dir={} api={} drain_timeout={}s user={}",
+            "scope={} labels={} credentials={} group={} ephemeral={} ephemeral_restart={} jit={} runner_dir={} work_dir={} api={} drain_timeout={}s user={}",
             self.scope,
             self.labels.join(","),
             creds,
             self.group.as_deref().unwrap_or("(default)"),
             self.ephemeral,
+            self.ephemeral_restart,
+            self.jit,
             self.runner_dir.display(),
             self.work_dir,
             self.api_url,
@@ -746,6 +777,28 @@ impl Config {
             self.runner_user.as_ref().map(|u| u.name.as_str()).unwrap_or("(self)"),
         )
     }
+}
+
+/// `RUNNER_JIT`: unset, JIT for ephemeral runners whenever the credentials can mint a JIT
+/// configuration (a ready registration token cannot); `true` where that is impossible is an
+/// error, as is `true` without `RUNNER_EPHEMERAL` (a JIT runner takes one job).
+fn jit_setting(c: &mut Collector<'_>, ephemeral: bool, credentials: Option<&Credentials>) -> bool {
+    let can_mint = !matches!(credentials, Some(Credentials::RegistrationToken(_)));
+    let Some(raw) = c.get("RUNNER_JIT") else { return ephemeral && can_mint };
+    if !c.bool("RUNNER_JIT", false) {
+        return false;
+    }
+    if !can_mint {
+        c.bad(
+            "RUNNER_JIT",
+            Some(&raw),
+            "GH_TOKEN or a GitHub App with it: a registration token (GH_RUNNER_TOKEN) cannot mint a JIT configuration",
+        );
+    }
+    if !ephemeral {
+        c.bad("RUNNER_JIT", Some(&raw), "RUNNER_EPHEMERAL=true with it (a JIT runner takes one job)");
+    }
+    can_mint && ephemeral
 }
 
 /// The supervisor's environment minus every secret and every variable that would change how
@@ -1625,6 +1678,51 @@ c2VjcmV0LWJ5dGVz
             vars,
             ["FORWARD_PORTS", "FORWARD_HOST", "FORWARD_BIND", "FORWARD_CONNECT_TIMEOUT_SEC", "FORWARD_UDP_IDLE_SEC"]
         );
+    }
+
+    #[test]
+    fn ephemeral_runners_default_to_jit_when_the_token_can_mint_one() {
+        let with = |extra: &[(&'static str, &'static str)]| [GOOD, extra].concat();
+        let cfg = load(&with(&[("RUNNER_EPHEMERAL", "true")]), false).unwrap();
+        assert!(cfg.jit && !cfg.ephemeral_restart);
+        assert!(!load(GOOD, false).unwrap().jit, "a persistent runner went JIT");
+        let forced_off = load(&with(&[("RUNNER_EPHEMERAL", "yes"), ("RUNNER_JIT", "0")]), false).unwrap();
+        assert!(!forced_off.jit);
+        let restart = load(&with(&[("RUNNER_EPHEMERAL", "1"), ("RUNNER_EPHEMERAL_RESTART", "true")]), false).unwrap();
+        assert!(restart.ephemeral_restart && restart.jit);
+        // A ready registration token cannot mint a JIT configuration: config.sh, silently by
+        // default, an error when forced.
+        let reg =
+            [("GH_RUNNER_TOKEN", "AABB"), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "x"), ("RUNNER_EPHEMERAL", "true")];
+        assert!(!load(&reg, false).unwrap().jit);
+        let e = load(&[&reg[..], &[("RUNNER_JIT", "true")]].concat(), false).unwrap_err();
+        assert_eq!(vars_of(&e), ["RUNNER_JIT"]);
+        assert!(e.0[0].to_string().contains("GH_RUNNER_TOKEN") && !e.0[0].to_string().contains("AABB"), "{}", e.0[0]);
+    }
+
+    #[test]
+    fn restart_and_jit_need_an_ephemeral_runner_and_strict_booleans() {
+        let e =
+            load(&[GOOD, &[("RUNNER_EPHEMERAL_RESTART", "true"), ("RUNNER_JIT", "true")]].concat(), false).unwrap_err();
+        assert_eq!(vars_of(&e), ["RUNNER_EPHEMERAL_RESTART", "RUNNER_JIT"]);
+        let text = e.0[0].to_string();
+        assert!(text.contains("RUNNER_EPHEMERAL_RESTART") && text.contains("RUNNER_EPHEMERAL=true"), "{text}");
+        let e =
+            load(&[GOOD, &[("RUNNER_EPHEMERAL", "true"), ("RUNNER_EPHEMERAL_RESTART", "sometimes")]].concat(), false)
+                .unwrap_err();
+        assert_eq!(vars_of(&e), ["RUNNER_EPHEMERAL_RESTART"]);
+        // Off is off: no complaint about RUNNER_EPHEMERAL.
+        assert!(!load(&[GOOD, &[("RUNNER_EPHEMERAL_RESTART", "0")]].concat(), false).unwrap().ephemeral_restart);
+    }
+
+    #[test]
+    fn min_version_has_github_s_default_and_is_checked() {
+        use crate::runner::RunnerVersion;
+        assert_eq!(load(GOOD, false).unwrap().min_version, RunnerVersion(2, 329, 0));
+        let cfg = load(&[GOOD, &[("RUNNER_MIN_VERSION", "2.340.1")]].concat(), false).unwrap();
+        assert_eq!(cfg.min_version, RunnerVersion(2, 340, 1));
+        let e = load(&[GOOD, &[("RUNNER_MIN_VERSION", "latest")]].concat(), false).unwrap_err();
+        assert_eq!(vars_of(&e), ["RUNNER_MIN_VERSION"]);
     }
 
     #[test]

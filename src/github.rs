@@ -319,10 +319,22 @@ impl Github {
         budget: Budget,
         cancel: &CancellationToken,
     ) -> Result<(StatusCode, HeaderMap, String), GithubError> {
+        self.call_with_body(method, path, None, budget, cancel).await
+    }
+
+    /// `call` with a JSON body (sent again on every retry, and after a renewed App token).
+    async fn call_with_body(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<(StatusCode, HeaderMap, String), GithubError> {
         let mut renewed = false;
         loop {
             let bearer = self.bearer(budget, cancel).await?;
-            let answer = self.send(method.clone(), path, &bearer, budget, cancel).await?;
+            let answer = self.send(method.clone(), path, &bearer, body, budget, cancel).await?;
             match &self.auth {
                 Auth::App(app) if answer.0 == StatusCode::UNAUTHORIZED && !renewed => {
                     let shown = path.split('?').next().unwrap_or(path);
@@ -361,7 +373,7 @@ impl Github {
             }
         };
         let path = format!("app/installations/{installation_id}/access_tokens");
-        let (status, headers, body) = self.send(Method::POST, &path, &jwt, budget, cancel).await?;
+        let (status, headers, body) = self.send(Method::POST, &path, &jwt, None, budget, cancel).await?;
         if !status.is_success() {
             return Err(match status.as_u16() {
                 404 => GithubError::InstallationNotFound { app_id: app.app_id, installation_id },
@@ -394,7 +406,7 @@ impl Github {
             return Err(GithubError::AppUnsupported { scope: app.scope.to_string() });
         }
         let path = format!("{}/installation", app.scope.api_path());
-        let (status, _, body) = self.send(Method::GET, &path, jwt, budget, cancel).await?;
+        let (status, _, body) = self.send(Method::GET, &path, jwt, None, budget, cancel).await?;
         if !status.is_success() {
             return Err(match status.as_u16() {
                 404 => GithubError::AppNotInstalled { app_id: app.app_id, scope: app.scope.to_string() },
@@ -424,6 +436,7 @@ impl Github {
         method: Method,
         path: &str,
         bearer: &Secret,
+        body: Option<&serde_json::Value>,
         budget: Budget,
         cancel: &CancellationToken,
     ) -> Result<(StatusCode, HeaderMap, String), GithubError> {
@@ -439,7 +452,7 @@ impl Github {
                 .header(USER_AGENT, concat!("ci-runner/", env!("CARGO_PKG_VERSION")))
                 .header(AUTHORIZATION, format!("Bearer {}", bearer.expose()));
             let result = tokio::select! {
-                r = request.send() => r,
+                r = with_body(request, body).send() => r,
                 () = cancel.cancelled() => return Err(GithubError::Cancelled { path: shown }),
             };
             let (err, wait) = match result {
@@ -647,6 +660,66 @@ impl Github {
             422 => Err(GithubError::Busy { id }),
             _ => Err(Self::refusal(status, &body, &Method::DELETE, &path, scope)),
         }
+    }
+}
+
+fn with_body(request: reqwest::RequestBuilder, body: Option<&serde_json::Value>) -> reqwest::RequestBuilder {
+    match body {
+        Some(b) => request.json(b),
+        None => request,
+    }
+}
+
+/// A JIT configuration: GitHub registers the runner when it mints one (issue #7).
+pub struct JitConfig {
+    /// The registration, `offline` until the Listener connects.
+    pub runner: RunnerInfo,
+    /// `encoded_jit_config`: the runner's credentials, for `ACTIONS_RUNNER_INPUT_JITCONFIG` only.
+    pub encoded: Secret,
+}
+
+#[derive(Deserialize)]
+struct JitAnswer {
+    runner: RunnerInfo,
+    encoded_jit_config: String,
+}
+
+/// The id of the runner group every organization has (and the one repository runners use).
+pub const DEFAULT_RUNNER_GROUP_ID: u64 = 1;
+
+/// Ephemeral and JIT registration (issue #7).
+impl Github {
+    /// `POST /{scope}/actions/runners/generate-jitconfig`: registers runner `name` and returns
+    /// its single-use configuration. 409 when the name is taken.
+    #[expect(clippy::too_many_arguments, reason = "the endpoint's four fields plus the call's budget")]
+    pub async fn generate_jitconfig(
+        &self,
+        scope: &Scope,
+        name: &str,
+        runner_group_id: u64,
+        labels: &[String],
+        work_folder: &str,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<JitConfig, GithubError> {
+        let path = format!("{}/actions/runners/generate-jitconfig", scope.api_path());
+        let body = serde_json::json!({
+            "name": name,
+            "runner_group_id": runner_group_id,
+            "labels": labels,
+            "work_folder": work_folder,
+        });
+        let (status, _, text) = self.call_with_body(Method::POST, &path, Some(&body), budget, cancel).await?;
+        if !status.is_success() {
+            return Err(Self::refusal(status, &text, &Method::POST, &path, scope));
+        }
+        let answer: JitAnswer = serde_json::from_str(&text).map_err(|_| GithubError::Status {
+            status: status.as_u16(),
+            method: Method::POST,
+            path: path.clone(),
+            message: "the answer has no runner or encoded_jit_config".into(),
+        })?;
+        Ok(JitConfig { runner: answer.runner, encoded: Secret::new(answer.encoded_jit_config) })
     }
 }
 

@@ -9,8 +9,8 @@
 //! # Layout
 //! - [`pid1`]: the tiny synchronous parent: fork, forward signals, reap, pass the exit code.
 //! - [`config`]: the only reader of the environment; typed, validated all at once.
-//! - [`github`]: the REST API (registration tokens, find and delete runners, runner groups)
-//!   with retries, authenticated by a PAT or a GitHub App's installation tokens.
+//! - [`github`]: the REST API (registration tokens, JIT configurations, runner groups, find and
+//!   delete runners) with retries, authenticated by a PAT or a GitHub App's installation tokens.
 //! - [`app`]: GitHub App authentication: the private key, the RS256 JWT, token lifetimes.
 //! - [`runner`]: `config.sh` and `run.sh` as processes, their output lines, their files.
 //! - [`supervisor`]: the life cycle: register, supervise, drain, de-register; the exit table.

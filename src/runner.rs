@@ -156,6 +156,69 @@ pub enum RunnerError {
         #[source]
         source: io::Error,
     },
+    #[error("the runner in RUNNER_DIR is version {found}, older than RUNNER_MIN_VERSION {min} (GitHub's minimum to register), and it may not update itself (RUNNER_DISABLE_UPDATE=true): rebuild the image with a newer runner")]
+    TooOld { found: RunnerVersion, min: RunnerVersion },
+}
+
+/// A runner version, `2.336.0`; ordered as versions are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RunnerVersion(pub u32, pub u32, pub u32);
+
+impl RunnerVersion {
+    /// `2.336.0` or `v2.336.0`, nothing else.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        let s = s.strip_prefix('v').unwrap_or(s);
+        let number = |p: &str| {
+            (!p.is_empty() && p.len() <= 9 && p.bytes().all(|b| b.is_ascii_digit())).then(|| p.parse::<u32>().ok())?
+        };
+        let mut parts = s.split('.').map(number);
+        let v = RunnerVersion(parts.next()??, parts.next()??, parts.next()??);
+        parts.next().is_none().then_some(v)
+    }
+}
+
+impl std::fmt::Display for RunnerVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
+
+/// The installed runner's version, from `bin/Runner.Listener --version` run as the runner
+/// user (it writes its `_diag` trace like any run). `None` when it cannot be learnt in time.
+pub async fn installed_version(cfg: &Config, timeout: Duration) -> Option<RunnerVersion> {
+    let program = cfg.runner_dir.join("bin").join("Runner.Listener");
+    let mut cmd = command(cfg, &program, &[]);
+    cmd.arg("--version").kill_on_drop(true);
+    let out = tokio::time::timeout(timeout, cmd.output()).await.ok()?.ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(RunnerVersion::parse)
+}
+
+/// Whether config.sh's last error line is GitHub refusing the runner's version, which no
+/// retry cures.
+pub fn version_refused(last_error: &str) -> bool {
+    let e = last_error.to_ascii_lowercase();
+    e.contains("runner version") && (e.contains("deprecated") || e.contains("too old") || e.contains("minimum"))
+}
+
+/// The labels a JIT registration asks for. The API registers exactly the labels it is given,
+/// so config.sh's defaults (`self-hosted`, the OS, the architecture) are added here, unless
+/// `RUNNER_NO_DEFAULT_LABELS`.
+pub fn jit_labels(custom: &[String], no_default_labels: bool) -> Vec<String> {
+    let arch = match std::env::consts::ARCH {
+        "aarch64" => "ARM64",
+        "arm" => "ARM",
+        "x86" => "X86",
+        _ => "X64",
+    };
+    let mut labels: Vec<String> =
+        if no_default_labels { Vec::new() } else { vec!["self-hosted".into(), "Linux".into(), arch.into()] };
+    for l in custom {
+        if !labels.iter().any(|x| x.eq_ignore_ascii_case(l)) {
+            labels.push(l.clone());
+        }
+    }
+    labels
 }
 
 /// The user's uid, gid and supplementary groups, resolved before fork (getgrouplist reads
@@ -343,9 +406,13 @@ pub type Lines = mpsc::UnboundedReceiver<(Stream, String)>;
 
 impl RunnerProcess {
     /// Starts `run.sh` from the runner root (so `update.finished` lands where run-helper looks).
-    pub fn spawn(cfg: &Config) -> Result<(Self, Lines), RunnerError> {
+    /// A JIT configuration goes in `ACTIONS_RUNNER_INPUT_JITCONFIG`, never in argv (where
+    /// `/proc/*/cmdline` shows it to every user); the Listener deletes it from its own
+    /// environment once read, so the Worker and the job never see it.
+    pub fn spawn(cfg: &Config, jit: Option<&Secret>) -> Result<(Self, Lines), RunnerError> {
         let program = cfg.runner_dir.join("run.sh");
-        let mut child = command(cfg, &program, &[])
+        let jit_env = jit.map(|j| ("ACTIONS_RUNNER_INPUT_JITCONFIG", j.expose()));
+        let mut child = command(cfg, &program, jit_env.as_slice())
             .spawn()
             .map_err(|source| RunnerError::Spawn { path: program.clone(), source })?;
         let pgid = Pid::from_raw(child.id().unwrap_or(0) as i32);
@@ -518,6 +585,40 @@ mod tests {
     #[test]
     fn ansi_is_stripped() {
         assert_eq!(strip_ansi("\u{1b}[32m√\u{1b}[0m Connected to GitHub"), "√ Connected to GitHub");
+    }
+
+    #[test]
+    fn versions_parse_and_compare_as_versions() {
+        assert_eq!(RunnerVersion::parse("2.336.0"), Some(RunnerVersion(2, 336, 0)));
+        assert_eq!(RunnerVersion::parse(" v2.329.0\n"), Some(RunnerVersion(2, 329, 0)));
+        for bad in ["", "2.336", "2.336.0.1", "2.x.0", "+2.1.0", "2..0", "version 2.1.0"] {
+            assert_eq!(RunnerVersion::parse(bad), None, "{bad}");
+        }
+        assert!(RunnerVersion(2, 329, 0) < RunnerVersion(2, 336, 0));
+        // Numerically, not as strings.
+        assert!(RunnerVersion(2, 99, 9) < RunnerVersion(2, 100, 0));
+        assert_eq!(RunnerVersion(2, 329, 0).to_string(), "2.329.0");
+    }
+
+    #[test]
+    fn a_refused_version_is_recognised_in_config_sh_errors() {
+        assert!(version_refused(
+            "An error occurred: Runner version v2.300.0 is deprecated and cannot receive messages."
+        ));
+        assert!(version_refused("Runner version 2.300.0 is too old to register."));
+        assert!(!version_refused(
+            "Http response code: NotFound from 'POST https://api.github.com/actions/runner-registration'"
+        ));
+    }
+
+    #[test]
+    fn jit_labels_carry_config_sh_defaults_unless_disabled() {
+        let custom = vec!["gpu".to_string(), "linux".to_string()];
+        let labels = jit_labels(&custom, false);
+        assert_eq!(&labels[..2], ["self-hosted", "Linux"]);
+        assert_eq!(labels.len(), 4, "{labels:?}");
+        assert_eq!(labels[3], "gpu");
+        assert_eq!(jit_labels(&custom, true), custom);
     }
 
     #[test]

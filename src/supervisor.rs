@@ -17,14 +17,14 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, Credentials, RunnerName, Scope};
+use crate::config::{Config, Credentials, RunnerName, Scope, Secret};
 use crate::error::{chain, Error, ExitCode};
-use crate::github::{backoff, Auth, Budget, Deleted, Github, GithubError};
+use crate::github::{backoff, Auth, Budget, Deleted, Github, GithubError, DEFAULT_RUNNER_GROUP_ID};
 use crate::hooks;
 use crate::lock;
 use crate::metrics::{self, JobResult};
 use crate::prewarm;
-use crate::runner::{self, describe, parse_line, LineEvent, Registration, RunnerProcess};
+use crate::runner::{self, describe, parse_line, LineEvent, Registration, RunnerProcess, RunnerVersion};
 use crate::status::{DrainOutcome, State, StatusHandle};
 
 /// The signals the supervisor acts on; the caller (main, or a test) feeds them in.
@@ -61,6 +61,8 @@ const MAX_FAILURES: u32 = 10;
 const CONFIG_RETRIES: u32 = 2;
 /// A run this long (or one that completed a job) resets the failure count.
 const STABLE_RUN: Duration = Duration::from_secs(600);
+/// `bin/Runner.Listener --version` starts the .NET runtime once: well under a second.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Everything known about one exit of `run.sh`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,18 +76,48 @@ pub struct ExitInfo {
     pub still_configured: bool,
 }
 
+/// How long one registration lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifetime {
+    /// Until the container stops.
+    Persistent,
+    /// One job, then the supervisor exits and the orchestrator recreates the container.
+    Ephemeral,
+    /// One job, then a fresh ephemeral registration in the same container
+    /// (`RUNNER_EPHEMERAL_RESTART`).
+    EphemeralRestart,
+}
+
+impl Lifetime {
+    pub fn of(cfg: &Config) -> Self {
+        match (cfg.ephemeral, cfg.ephemeral_restart) {
+            (false, _) => Lifetime::Persistent,
+            (true, false) => Lifetime::Ephemeral,
+            (true, true) => Lifetime::EphemeralRestart,
+        }
+    }
+}
+
 /// What to do after `run.sh` exits by itself (no drain in progress).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Start `run.sh` again after the delay, with the same registration.
     Restart(Duration),
+    /// The runner was updating itself when run.sh ended: start `run.sh` again at once.
+    Updated,
     /// Register afresh (new token, `config.sh`) after the delay.
     Reregister(Duration),
     /// The runner's work is over (an ephemeral runner ran its job): de-register, exit 0.
     Done,
+    /// An ephemeral runner ran its job and `RUNNER_EPHEMERAL_RESTART` is on: remove whatever
+    /// lingers of it, register a fresh runner (new name) at once and go on.
+    Renew,
     /// Give up: de-register, exit with `RunnerFailed`.
     Fatal(String),
 }
+
+/// The fatal verdict on a runner GitHub no longer accepts.
+const DEPRECATED: &str = "GitHub refuses this runner version (deprecated): rebuild the image with a newer runner";
 
 /// Restart delay after `failures` consecutive failed runs: 1 s, 2 s, 4 s … 60 s.
 pub fn restart_delay(failures: u32) -> Duration {
@@ -93,22 +125,34 @@ pub fn restart_delay(failures: u32) -> Duration {
 }
 
 /// The table in the README ("What each exit of run.sh means").
-pub fn decide(info: &ExitInfo, ephemeral: bool, failures: u32) -> Decision {
+pub fn decide(info: &ExitInfo, lifetime: Lifetime, failures: u32) -> Decision {
     let delay = restart_delay(failures);
-    if ephemeral && info.jobs_completed > 0 {
-        return Decision::Done;
+    if info.jobs_completed > 0 {
+        match lifetime {
+            Lifetime::Persistent => {}
+            Lifetime::Ephemeral => return Decision::Done,
+            Lifetime::EphemeralRestart => return Decision::Renew,
+        }
     }
     if info.deprecated || info.listener_rc == Some(7) {
         // GitHub has sent this for the current version during an outage (actions/runner#4613):
         // retry a few times before believing it.
         return if failures >= 2 {
-            Decision::Fatal("the runner version is deprecated: rebuild the image with a newer runner".into())
+            Decision::Fatal(DEPRECATED.into())
         } else {
             Decision::Restart(delay.max(Duration::from_secs(5)))
         };
     }
     if info.registration_gone || !info.still_configured {
         return Decision::Reregister(delay);
+    }
+    // A self-update (Listener rc 3, or 4 when ephemeral) never ends run.sh: run-helper waits
+    // for `update.finished` and returns 2, and run.sh starts the new version (reference §3.2,
+    // §4.8). Seeing it here means run.sh stopped in between (killed, or a run.sh that does
+    // not loop): the update is done or will be redone, so start again at once. It still
+    // counts as a failure, so a run.sh that dies at every update cannot loop hot.
+    if matches!(info.listener_rc, Some(3 | 4)) && failures < MAX_FAILURES {
+        return Decision::Updated;
     }
     // A conflicting session, or a Listener that died without deleting its session (killed by a
     // signal: OOM, SIGKILL), means the server holds a stale session for minutes; the Listener
@@ -180,6 +224,10 @@ pub struct Supervisor {
     instance_claim: Option<std::fs::File>,
     /// `RUNNER_GROUP` resolved to its id at start (a JIT configuration needs the id).
     runner_group_id: Option<u64>,
+    /// The current JIT registration's configuration, for run.sh's environment only.
+    jit: Option<Secret>,
+    /// `bin/Runner.Listener --version`, learnt while the boot goes on.
+    version: Option<tokio::task::JoinHandle<Option<RunnerVersion>>>,
 }
 
 /// A pre-warm running on its own thread (not `spawn_blocking`: a hung one must not hold up
@@ -265,6 +313,8 @@ impl Supervisor {
             started,
             instance_claim: None,
             runner_group_id: None,
+            jit: None,
+            version: None,
         })
     }
 
@@ -503,6 +553,7 @@ impl Supervisor {
         // After the root hooks (they may bring up what reaches the storage host), before the
         // guest hooks and registration, which go on while it loads.
         self.start_prewarm();
+        self.start_version_check();
         if !self.run_hooks(true).await? {
             if let Some(task) = self.prewarm.take() {
                 task.gate.cancel();
@@ -539,6 +590,12 @@ impl Supervisor {
                 Err(Ok(Interrupted)) => return self.stop_before_listening().await,
                 // config.sh gives up after three tries of its own; a fresh token and a pause
                 // often cure what it hit (an expired token looks like a 404, GitHub hiccups).
+                Err(Err(Error::Runner(runner::RunnerError::ConfigFailed { last_error, .. })))
+                    if runner::version_refused(&last_error) =>
+                {
+                    error!(error = %last_error, "config.sh: GitHub refuses this runner version.");
+                    return Err(Error::RunnerGaveUp(DEPRECATED.into()));
+                }
                 Err(Err(Error::Runner(e @ runner::RunnerError::ConfigFailed { .. })))
                     if config_failures < CONFIG_RETRIES =>
                 {
@@ -567,12 +624,24 @@ impl Supervisor {
                 if info.jobs_completed > 0 || started.elapsed() >= STABLE_RUN {
                     failures = 0;
                 }
-                let decision = decide(&info, self.cfg.ephemeral, failures);
+                let decision = decide(&info, Lifetime::of(&self.cfg), failures);
                 info!(status = %info.status, listener_rc = ?info.listener_rc, decision = ?decision, "Runner exited.");
                 match decision {
                     Decision::Done => {
                         self.deregister(Budget::until(Instant::now() + DEREGISTER_GRACE)).await?;
                         return Ok(ExitCode::Ok);
+                    }
+                    Decision::Renew => {
+                        // GitHub removes an ephemeral runner after its job; whatever lingers
+                        // (a job that never completed on the server's side) goes now.
+                        self.deregister(Budget::until(Instant::now() + DEREGISTER_GRACE)).await?;
+                        self.new_name();
+                        info!(runner = %self.name, "Registering a fresh ephemeral runner.");
+                        continue 'register;
+                    }
+                    Decision::Updated => {
+                        failures += 1;
+                        self.status.update(|s| s.restarts += 1);
                     }
                     Decision::Fatal(msg) => return Err(Error::RunnerGaveUp(msg)),
                     Decision::Restart(delay) => {
@@ -588,6 +657,10 @@ impl Supervisor {
                         // The old registration may linger on the server: remove it first.
                         if let Err(e) = self.deregister(Budget::attempts(3)).await {
                             warn!(error = %chain(&e), "Failed to remove the old registration.");
+                        }
+                        if self.cfg.jit {
+                            // A JIT name is only free once its registration is gone.
+                            self.new_name();
                         }
                         if self.pause(delay).await.is_err() {
                             return self.stop_before_listening().await;
@@ -670,6 +743,10 @@ impl Supervisor {
         let began = Instant::now();
         self.status.set_state(State::Registering);
         runner::remove_local_files(&self.cfg.runner_dir);
+        self.jit = None;
+        if self.cfg.jit {
+            return self.register_jit(began).await;
+        }
         let token = match (&self.cfg.credentials, &self.github) {
             (Credentials::RegistrationToken(t), _) => t.clone(),
             (_, Some(gh)) => {
@@ -684,6 +761,8 @@ impl Supervisor {
             }
             (_, None) => unreachable!("a PAT or an App always has a client"),
         };
+        // The token registers nothing; config.sh does.
+        self.check_version().await?;
         info!(runner = %self.name, url = %self.cfg.runner_url(), "Registering the runner.");
         let reg = Registration { name: &self.name, token: &token };
         let configure = runner::configure(&self.cfg, reg, CONFIG_TIMEOUT);
@@ -726,6 +805,100 @@ impl Supervisor {
             s.boot.registration_seconds.get_or_insert(seconds);
         });
         Ok(())
+    }
+
+    /// A JIT registration: `generate-jitconfig` registers the runner and returns its
+    /// configuration, which run.sh gets in its environment; no registration token, no config.sh,
+    /// no `.credentials` beyond the runner's own run. A signal aborts the call at once.
+    async fn register_jit(&mut self, began: Instant) -> Result<(), Result<Interrupted, Error>> {
+        let gh = self.github.clone().expect("RUNNER_JIT is only on with an API token (config checks it)");
+        let scope = self.cfg.scope.clone();
+        // Resolved at start (`resolve_group`) when RUNNER_GROUP is set.
+        let group_id = self.runner_group_id.unwrap_or(DEFAULT_RUNNER_GROUP_ID);
+        // Minting registers the runner.
+        self.check_version().await?;
+        let name = self.name.clone();
+        info!(runner = %name, url = %self.cfg.runner_url(), runner_group_id = group_id, "Registering the runner (JIT configuration).");
+        // Recorded before the call: GitHub registers the runner as it mints the configuration,
+        // and an answer lost to a signal or a timeout must not leave it behind (it is then
+        // found by name).
+        self.set_registered(Registered { name: name.clone(), id: None });
+        let labels = runner::jit_labels(&self.cfg.labels, self.cfg.no_default_labels);
+        let mint = gh.generate_jitconfig(
+            &scope,
+            &name,
+            group_id,
+            &labels,
+            &self.cfg.work_dir,
+            Budget::attempts(8),
+            &self.cancel,
+        );
+        let jit = tokio::select! {
+            r = mint => r.map_err(|e| Err(Error::Github(e)))?,
+            Some(sig) = self.signals.recv() => {
+                info!(signal = ?sig, "Signal received during registration.");
+                return Err(Ok(Interrupted));
+            }
+        };
+        let id = jit.runner.id;
+        self.set_registered(Registered { name: name.clone(), id: Some(id) });
+        self.jit = Some(jit.encoded);
+        let seconds = began.elapsed().as_secs_f64();
+        info!(runner = %name, runner_id = id, seconds = format!("{seconds:.2}"), "Runner registered.");
+        self.status.update(|s| {
+            s.boot.registration_seconds.get_or_insert(seconds);
+        });
+        Ok(())
+    }
+
+    fn set_registered(&self, reg: Registered) {
+        let id = reg.id;
+        *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = Some(reg);
+        self.status.update(|s| s.runner_id = id);
+    }
+
+    /// A fresh name for the next registration (the same one when `RUNNER_NAME` fixes it).
+    fn new_name(&mut self) {
+        self.name = runner_name(&self.cfg.name);
+        let name = self.name.clone();
+        self.status.update(|s| s.runner_name = Some(name));
+    }
+
+    /// With updates disabled (`RUNNER_DISABLE_UPDATE`), the version is learnt while the boot
+    /// and the registration's first calls go on (the real Listener takes a fraction of a
+    /// second to start); `check_version` judges it just before anything is registered.
+    fn start_version_check(&mut self) {
+        if !self.cfg.disable_update {
+            return;
+        }
+        let cfg = self.cfg.clone();
+        self.version = Some(tokio::spawn(async move { runner::installed_version(&cfg, VERSION_TIMEOUT).await }));
+    }
+
+    /// A runner that may not update itself and is older than GitHub's minimum would register
+    /// (or fail to) and never get a job: refuse it, saying what to do. Once per process; a
+    /// signal meanwhile stops the boot.
+    async fn check_version(&mut self) -> Result<(), Result<Interrupted, Error>> {
+        let Some(task) = self.version.take() else { return Ok(()) };
+        let min = self.cfg.min_version;
+        let found = tokio::select! {
+            r = task => r.ok().flatten(),
+            Some(sig) = self.signals.recv() => {
+                info!(signal = ?sig, "Signal received during registration.");
+                return Err(Ok(Interrupted));
+            }
+        };
+        match found {
+            Some(found) if found < min => Err(Err(Error::Runner(runner::RunnerError::TooOld { found, min }))),
+            Some(found) => {
+                info!(version = %found, min = %min, "Runner version checked.");
+                Ok(())
+            }
+            None => {
+                warn!(min = %min, "Failed to learn the runner's version (bin/Runner.Listener --version); going on, GitHub's answer decides.");
+                Ok(())
+            }
+        }
     }
 
     /// Removes the registration from GitHub and the local files; retries a busy answer (the
@@ -796,7 +969,7 @@ impl Supervisor {
 
     /// One run of `run.sh`, until it exits.
     async fn supervise_once(&mut self) -> Result<Outcome, Error> {
-        let (mut proc, mut lines) = RunnerProcess::spawn(&self.cfg)?;
+        let (mut proc, mut lines) = RunnerProcess::spawn(&self.cfg, self.jit.as_ref())?;
         info!(pid = proc.pid(), "Runner started.");
         self.status.set_state(State::Starting);
         let mut info = ExitInfo::default();
@@ -1118,27 +1291,82 @@ mod tests {
     #[test]
     fn ephemeral_runner_is_done_after_its_job() {
         let i = ExitInfo { jobs_completed: 1, ..info() };
-        assert_eq!(decide(&i, true, 0), Decision::Done);
-        assert_eq!(decide(&i, false, 0), Decision::Restart(Duration::from_secs(1)));
+        assert_eq!(decide(&i, Lifetime::Ephemeral, 0), Decision::Done);
+        assert_eq!(decide(&i, Lifetime::Persistent, 0), Decision::Restart(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn restart_mode_renews_the_registration_after_the_job() {
+        let done = ExitInfo { jobs_completed: 1, ..info() };
+        assert_eq!(decide(&done, Lifetime::EphemeralRestart, 0), Decision::Renew);
+        // Even when the Listener removed its files (still_configured false) or the server had
+        // already removed the registration: the job ran, so a fresh runner, not a re-register.
+        let gone = ExitInfo { jobs_completed: 1, still_configured: false, registration_gone: true, ..info() };
+        assert_eq!(decide(&gone, Lifetime::EphemeralRestart, 3), Decision::Renew);
+        assert_eq!(decide(&gone, Lifetime::Ephemeral, 3), Decision::Done);
+        // No job yet: an ephemeral runner's crash is handled like any other.
+        let crashed = ExitInfo { status: "signal 9".into(), ..info() };
+        assert_eq!(decide(&crashed, Lifetime::EphemeralRestart, 0), Decision::Restart(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn lifetime_follows_the_configuration() {
+        struct NoUsers;
+        impl crate::config::UserDb for NoUsers {
+            fn lookup(&self, _: &str) -> Option<crate::config::RunnerUser> {
+                None
+            }
+        }
+        let lifetime = |extra: &[(&str, &str)]| {
+            let base =
+                [("GH_TOKEN", "t"), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "x"), ("SECRETS_DIR", "/nonexistent")];
+            let env: std::collections::BTreeMap<String, String> =
+                base.iter().chain(extra).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let ok = |_: &std::path::Path| true;
+            let host = crate::config::Host { is_root: false, users: &NoUsers, runner_dir_ok: &ok };
+            Lifetime::of(&Config::from_env(&env, &host).unwrap())
+        };
+        assert_eq!(lifetime(&[]), Lifetime::Persistent);
+        assert_eq!(lifetime(&[("RUNNER_EPHEMERAL", "true")]), Lifetime::Ephemeral);
+        assert_eq!(
+            lifetime(&[("RUNNER_EPHEMERAL", "true"), ("RUNNER_EPHEMERAL_RESTART", "yes")]),
+            Lifetime::EphemeralRestart
+        );
+    }
+
+    #[test]
+    fn a_self_update_exit_restarts_at_once_and_never_ends_the_container() {
+        for rc in [3, 4] {
+            let i = ExitInfo { listener_rc: Some(rc), ..info() };
+            for lifetime in [Lifetime::Persistent, Lifetime::Ephemeral, Lifetime::EphemeralRestart] {
+                assert_eq!(decide(&i, lifetime, 0), Decision::Updated, "rc {rc} {lifetime:?}");
+                assert_eq!(decide(&i, lifetime, MAX_FAILURES - 1), Decision::Updated);
+            }
+            // A run.sh that dies at every update gives up like any crash loop.
+            assert!(matches!(decide(&i, Lifetime::Persistent, MAX_FAILURES), Decision::Fatal(_)));
+            // An update whose Listener also lost its files re-registers.
+            let unconfigured = ExitInfo { still_configured: false, ..i };
+            assert_eq!(decide(&unconfigured, Lifetime::Persistent, 0), Decision::Reregister(Duration::from_secs(1)));
+        }
     }
 
     #[test]
     fn crashes_restart_with_growing_backoff_then_give_up() {
         let i = ExitInfo { status: "signal 9".into(), ..info() };
-        assert_eq!(decide(&i, false, 0), Decision::Restart(Duration::from_secs(1)));
-        assert_eq!(decide(&i, false, 3), Decision::Restart(Duration::from_secs(8)));
-        assert_eq!(decide(&i, false, 9), Decision::Restart(Duration::from_secs(60)));
-        assert!(matches!(decide(&i, false, MAX_FAILURES), Decision::Fatal(_)));
+        assert_eq!(decide(&i, Lifetime::Persistent, 0), Decision::Restart(Duration::from_secs(1)));
+        assert_eq!(decide(&i, Lifetime::Persistent, 3), Decision::Restart(Duration::from_secs(8)));
+        assert_eq!(decide(&i, Lifetime::Persistent, 9), Decision::Restart(Duration::from_secs(60)));
+        assert!(matches!(decide(&i, Lifetime::Persistent, MAX_FAILURES), Decision::Fatal(_)));
     }
 
     #[test]
     fn lost_registration_reregisters() {
         assert_eq!(
-            decide(&ExitInfo { registration_gone: true, ..info() }, false, 0),
+            decide(&ExitInfo { registration_gone: true, ..info() }, Lifetime::Persistent, 0),
             Decision::Reregister(Duration::from_secs(1))
         );
         assert_eq!(
-            decide(&ExitInfo { still_configured: false, ..info() }, false, 1),
+            decide(&ExitInfo { still_configured: false, ..info() }, Lifetime::Persistent, 1),
             Decision::Reregister(Duration::from_secs(2))
         );
     }
@@ -1146,20 +1374,23 @@ mod tests {
     #[test]
     fn stale_sessions_reregister_at_once() {
         let i = ExitInfo { listener_rc: Some(5), ..info() };
-        assert_eq!(decide(&i, false, 0), Decision::Reregister(Duration::from_secs(1)));
+        assert_eq!(decide(&i, Lifetime::Persistent, 0), Decision::Reregister(Duration::from_secs(1)));
         let i = ExitInfo { session_conflict: true, ..info() };
-        assert_eq!(decide(&i, false, 2), Decision::Reregister(Duration::from_secs(4)));
+        assert_eq!(decide(&i, Lifetime::Persistent, 2), Decision::Reregister(Duration::from_secs(4)));
         let killed = ExitInfo { listener_rc: Some(137), ..info() };
-        assert_eq!(decide(&killed, false, 0), Decision::Reregister(Duration::from_secs(1)));
+        assert_eq!(decide(&killed, Lifetime::Persistent, 0), Decision::Reregister(Duration::from_secs(1)));
         let clean = ExitInfo { listener_rc: Some(0), ..info() };
-        assert_eq!(decide(&clean, false, 0), Decision::Restart(Duration::from_secs(1)));
+        assert_eq!(decide(&clean, Lifetime::Persistent, 0), Decision::Restart(Duration::from_secs(1)));
     }
 
     #[test]
     fn deprecated_is_retried_before_it_is_fatal() {
         let i = ExitInfo { listener_rc: Some(7), ..info() };
-        assert_eq!(decide(&i, false, 0), Decision::Restart(Duration::from_secs(5)));
-        assert!(matches!(decide(&i, false, 2), Decision::Fatal(_)));
+        assert_eq!(decide(&i, Lifetime::Persistent, 0), Decision::Restart(Duration::from_secs(5)));
+        let Decision::Fatal(msg) = decide(&i, Lifetime::Persistent, 2) else { panic!("not fatal") };
+        assert!(msg.contains("rebuild the image with a newer runner"), "{msg}");
+        let line = ExitInfo { deprecated: true, listener_rc: Some(1), ..info() };
+        assert!(matches!(decide(&line, Lifetime::EphemeralRestart, 2), Decision::Fatal(_)));
     }
 
     #[test]

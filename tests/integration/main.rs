@@ -4,6 +4,7 @@
 mod app;
 mod autoscale;
 mod docker;
+mod ephemeral;
 mod fleet;
 mod forward;
 mod harness;
