@@ -223,7 +223,7 @@ fn a_jit_runner_joins_the_configured_group_and_a_missing_group_is_a_clear_error(
     let mut sup = Supervisor::start(&env_with(&gh, &runner, &missing));
     assert_eq!(sup.wait_exit(BOOT).code(), Some(4), "{}", sup.log());
     assert!(
-        sup.log_has("(RUNNER_GROUP) not found in the organization octo-org") && sup.log_has("nope"),
+        sup.log_has("runner group \"nope\" not found in the organization octo-org") && sup.log_has("Default, gpu"),
         "{}",
         sup.log()
     );
