@@ -1152,7 +1152,7 @@ fn sweep_setting(c: &mut Collector<'_>, credentials: Option<&Credentials>, name:
         c.bad(
             "RUNNER_SWEEP_OFFLINE_SEC",
             Some(&raw),
-            "GH_TOKEN with it: a registration token (GH_RUNNER_TOKEN) cannot list or remove runners",
+            "GH_TOKEN or a GitHub App with it: a registration token (GH_RUNNER_TOKEN) cannot list or remove runners",
         );
         return None;
     }
