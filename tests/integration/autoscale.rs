@@ -261,7 +261,11 @@ fn cloudwatch_down_leaves_the_runner_alone_and_catches_up() {
         if changes(&values) == [0.0, 100.0, 0.0] {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the datapoints kept through the outage: {seen:?}\n{}", sup.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the datapoints kept through the outage: {seen:?}\n{}",
+            sup.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(sup.count("Failed to publish to CloudWatch"), 1, "one warning per outage:\n{}", sup.log());
