@@ -331,14 +331,15 @@ fn compose_scales_to_three_distinct_runners_and_down_leaves_none() {
     let img = image();
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(repo_root().join("compose.yaml"), dir.path().join("compose.yaml")).unwrap();
+    // The PAT as a secret file, as the compose file advises, not in .env.
     std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
-    std::fs::write(dir.path().join("secrets/CI_STORAGE_PRIVATE_KEY"), "").unwrap();
+    std::fs::write(dir.path().join("secrets/GH_TOKEN"), format!("{PAT}\n")).unwrap();
     // Host networking so the containers reach the fake GitHub on loopback; three containers
     // on one network namespace cannot share a status port, so it is off.
     std::fs::write(
         dir.path().join(".env"),
         format!(
-            "GH_TOKEN={PAT}\nGH_REPOSITORY={REPO}\nGH_LABELS=ci-test,compose\nGH_SERVER_URL={url}\n\
+            "GH_REPOSITORY={REPO}\nGH_LABELS=ci-test,compose\nGH_SERVER_URL={url}\n\
              GH_API_URL={url}/api/v3\nCI_RUNNER_IMAGE={img}\nCI_RUNNER_NETWORK_MODE=host\nSTATUS_ADDR=off\n\
              STOP_GRACE_PERIOD=60s\nDRAIN_TIMEOUT_SEC=30\nAWS_EC2_METADATA_DISABLED=true\n",
             url = gh.url()
