@@ -175,6 +175,23 @@ struct RunnerList {
     runners: Vec<RunnerInfo>,
 }
 
+/// A successful answer's JSON body as `T`; an answer of another shape is an error saying
+/// what it lacks.
+fn parse_answer<T: serde::de::DeserializeOwned>(
+    status: StatusCode,
+    body: &str,
+    method: Method,
+    path: &str,
+    lacks: &str,
+) -> Result<T, GithubError> {
+    serde_json::from_str(body).map_err(|_| GithubError::Status {
+        status: status.as_u16(),
+        method,
+        path: path.to_string(),
+        message: lacks.to_string(),
+    })
+}
+
 #[derive(Deserialize)]
 struct TokenAnswer {
     token: String,
@@ -380,12 +397,7 @@ impl Github {
                 _ => self.app_refusal(app, status, &body, &Method::POST, &path),
             });
         }
-        let answer: TokenAnswer = serde_json::from_str(&body).map_err(|_| GithubError::Status {
-            status: status.as_u16(),
-            method: Method::POST,
-            path: path.clone(),
-            message: "the answer has no token".into(),
-        })?;
+        let answer: TokenAnswer = parse_answer(status, &body, Method::POST, &path, "the answer has no token")?;
         let date = headers.get(reqwest::header::DATE).and_then(|d| d.to_str().ok());
         let usable = crate::app::usable_for(&answer.expires_at, date, SystemTime::now());
         info!(installation_id, expires_at = %answer.expires_at, renew_in_sec = usable.as_secs(), "Minted a GitHub App installation token.");
@@ -413,12 +425,8 @@ impl Github {
                 _ => self.app_refusal(app, status, &body, &Method::GET, &path),
             });
         }
-        serde_json::from_str::<InstallationAnswer>(&body).map(|i| i.id).map_err(|_| GithubError::Status {
-            status: status.as_u16(),
-            method: Method::GET,
-            path,
-            message: "the answer is not an installation".into(),
-        })
+        parse_answer::<InstallationAnswer>(status, &body, Method::GET, &path, "the answer is not an installation")
+            .map(|i| i.id)
     }
 
     fn app_refusal(&self, app: &AppAuth, status: StatusCode, body: &str, method: &Method, path: &str) -> GithubError {
@@ -522,12 +530,7 @@ impl Github {
         if !status.is_success() {
             return Err(Self::refusal(status, &body, &Method::POST, &path, scope));
         }
-        let answer: TokenAnswer = serde_json::from_str(&body).map_err(|_| GithubError::Status {
-            status: status.as_u16(),
-            method: Method::POST,
-            path: path.clone(),
-            message: "the answer has no token".into(),
-        })?;
+        let answer: TokenAnswer = parse_answer(status, &body, Method::POST, &path, "the answer has no token")?;
         Ok(Secret::new(answer.token))
     }
 
@@ -553,12 +556,8 @@ impl Github {
         if !status.is_success() {
             return Err(Self::refusal(status, &body, &Method::GET, path, scope));
         }
-        let list: RunnerList = serde_json::from_str(&body).map_err(|_| GithubError::Status {
-            status: status.as_u16(),
-            method: Method::GET,
-            path: path.split('?').next().unwrap_or(path).to_string(),
-            message: "the answer is not a runner list".into(),
-        })?;
+        let shown = path.split('?').next().unwrap_or(path);
+        let list: RunnerList = parse_answer(status, &body, Method::GET, shown, "the answer is not a runner list")?;
         Ok((list.runners, next_link(&headers)))
     }
 
@@ -600,12 +599,8 @@ impl Github {
             if !status.is_success() {
                 return Err(Self::refusal(status, &body, &Method::GET, &path, scope));
             }
-            let list: GroupList = serde_json::from_str(&body).map_err(|_| GithubError::Status {
-                status: status.as_u16(),
-                method: Method::GET,
-                path: path.clone(),
-                message: "the answer is not a runner group list".into(),
-            })?;
+            let list: GroupList =
+                parse_answer(status, &body, Method::GET, &path, "the answer is not a runner group list")?;
             for g in list.runner_groups {
                 if g.name.to_lowercase() == name.to_lowercase() {
                     return Ok(g.id);
@@ -713,12 +708,8 @@ impl Github {
         if !status.is_success() {
             return Err(Self::refusal(status, &text, &Method::POST, &path, scope));
         }
-        let answer: JitAnswer = serde_json::from_str(&text).map_err(|_| GithubError::Status {
-            status: status.as_u16(),
-            method: Method::POST,
-            path: path.clone(),
-            message: "the answer has no runner or encoded_jit_config".into(),
-        })?;
+        let answer: JitAnswer =
+            parse_answer(status, &text, Method::POST, &path, "the answer has no runner or encoded_jit_config")?;
         Ok(JitConfig { runner: answer.runner, encoded: Secret::new(answer.encoded_jit_config) })
     }
 }
