@@ -456,10 +456,7 @@ fn spot_notice_drains_the_runner_and_no_new_job_starts() {
     let runner = RunnerDir::new();
     let notice = Arc::new(Mutex::new(None));
     let imds = fake_imds(notice.clone());
-    let mut env = base_env(&gh, &runner);
-    env.retain(|(k, _)| k != "AWS_EC2_METADATA_DISABLED");
-    env.push(("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), imds.url()));
-    env.push(("SPOT_POLL_SEC".into(), "1".into()));
+    let mut env = imds_env(&gh, &runner, &imds);
     env.push(("CLOUDWATCH_ENABLED".into(), "false".into()));
     let mut sup = Supervisor::start(&env);
     sup.wait_state("idle", Duration::from_secs(30));
@@ -490,10 +487,7 @@ fn spot_notice_cancels_a_job_that_cannot_finish_in_time() {
     let runner = RunnerDir::new();
     let notice = Arc::new(Mutex::new(None));
     let imds = fake_imds(notice.clone());
-    let mut env = base_env(&gh, &runner);
-    env.retain(|(k, _)| k != "AWS_EC2_METADATA_DISABLED");
-    env.push(("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), imds.url()));
-    env.push(("SPOT_POLL_SEC".into(), "1".into()));
+    let mut env = imds_env(&gh, &runner, &imds);
     // Region and credentials from the instance metadata; CloudWatch nowhere (the port is
     // closed), which must not matter.
     env.push(("AWS_ENDPOINT_URL_CLOUDWATCH".into(), format!("http://127.0.0.1:{}", free_port())));
@@ -508,6 +502,15 @@ fn spot_notice_cancels_a_job_that_cannot_finish_in_time() {
     assert_eq!(sup.wait_exit(Duration::from_secs(60)).code(), Some(7), "{}", sup.log());
     assert_eq!(gh.job(job)["result"], "Canceled");
     assert!(gh.runners().is_empty(), "the runner was left registered");
+}
+
+/// The supervisor's environment on "EC2": the fake instance metadata, polled every second.
+fn imds_env(gh: &FakeGithub, runner: &RunnerDir, imds: &FakeHttp) -> Vec<(String, String)> {
+    let mut env = base_env(gh, runner);
+    env.retain(|(k, _)| k != "AWS_EC2_METADATA_DISABLED");
+    env.push(("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), imds.url()));
+    env.push(("SPOT_POLL_SEC".into(), "1".into()));
+    env
 }
 
 fn time_in(secs: u64) -> String {
