@@ -118,20 +118,13 @@ fn now() -> f64 {
 }
 
 fn aws_env(gh: &FakeGithub, runner: &RunnerDir, cloudwatch: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut env = base_env(gh, runner);
-    for (k, v) in [
+    let aws = [
         ("AWS_REGION", "us-east-1"),
         ("AWS_ACCESS_KEY_ID", "AKIDTEST"),
         ("AWS_SECRET_ACCESS_KEY", "secret-test-key"),
         ("AWS_ENDPOINT_URL_CLOUDWATCH", cloudwatch),
-    ]
-    .iter()
-    .chain(extra)
-    {
-        env.retain(|(name, _)| name != k);
-        env.push((k.to_string(), v.to_string()));
-    }
-    env
+    ];
+    env_with(gh, runner, &[&aws[..], extra].concat())
 }
 
 /// Drops consecutive repeats: heartbeats repeat the value they carry.

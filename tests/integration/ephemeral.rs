@@ -17,15 +17,6 @@ const JIT_PREFIX: &str = "eyIucnVubmVyIjoi";
 /// The runner's local registration files.
 const LOCAL_FILES: [&str; 3] = [".runner", ".credentials", ".credentials_rsaparams"];
 
-fn env_with(gh: &FakeGithub, runner: &RunnerDir, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut env = base_env(gh, runner);
-    for (k, v) in extra {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.to_string(), v.to_string()));
-    }
-    env
-}
-
 const EPHEMERAL: (&str, &str) = ("RUNNER_EPHEMERAL", "true");
 const RESTART: (&str, &str) = ("RUNNER_EPHEMERAL_RESTART", "true");
 const NO_JIT: (&str, &str) = ("RUNNER_JIT", "false");

@@ -303,6 +303,16 @@ pub fn base_env(gh: &FakeGithub, runner: &RunnerDir) -> Vec<(String, String)> {
     env
 }
 
+/// [`base_env`] with `extra` set over it.
+pub fn env_with(gh: &FakeGithub, runner: &RunnerDir, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = base_env(gh, runner);
+    for (k, v) in extra {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
+}
+
 impl Supervisor {
     pub fn start(env: &[(String, String)]) -> Self {
         let mut cmd = Command::new(bin());

@@ -13,15 +13,6 @@ const LONG: Duration = Duration::from_secs(60);
 /// Listener polls again; the fake answers on loopback, so model that with a short pause.
 const COOLDOWN_MS: u64 = 50;
 
-fn env_with(gh: &FakeGithub, runner: &RunnerDir, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut env = base_env(gh, runner);
-    for (k, v) in extra {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.to_string(), v.to_string()));
-    }
-    env
-}
-
 /// Starts a supervisor and waits until its runner is online and idle.
 fn start_idle(gh: &FakeGithub, runner: &RunnerDir, extra: &[(&str, &str)]) -> (Supervisor, String) {
     let sup = Supervisor::start(&env_with(gh, runner, extra));
