@@ -88,11 +88,14 @@ impl Sshd {
         )
     }
 
-    /// `rsync -a` of a remote dir, the way ci-storage loads (its excludes included). Run twice:
-    /// rsync 3.5 now and then leaves the top directory's mtime at the time of its last write
-    /// into it (seen here about one run in five, the source unchanged); the second run, which
-    /// transfers nothing, puts it right.
+    /// `rsync -a` of a remote dir, the way ci-storage loads (its excludes included). rsync 3.5
+    /// now and then leaves the top directory's mtime at the time of its last write into it
+    /// (seen here about one run in five, the source unchanged, and once even after a second
+    /// run): the top directory's mtime is then taken from the source itself, which is on this
+    /// machine, so the comparison is with the slot and not with rsync's slip.
     pub fn rsync(&self, remote: &Path, local: &Path) {
+        use nix::sys::stat::{utimensat, UtimensatFlags};
+        use nix::sys::time::TimeSpec;
         for _ in 0..2 {
             let ok = Command::new("rsync")
                 .args(["-a", "--exclude=.ci-storage.meta", "-e", &self.ssh_command()])
@@ -103,6 +106,16 @@ impl Sshd {
                 .success();
             assert!(ok, "rsync failed");
         }
+        let src = std::fs::metadata(remote).unwrap();
+        let dst = std::fs::metadata(local).unwrap();
+        utimensat(
+            None,
+            local,
+            &TimeSpec::new(dst.atime(), dst.atime_nsec()),
+            &TimeSpec::new(src.mtime(), src.mtime_nsec()),
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
     }
 }
 
