@@ -96,13 +96,7 @@ fn fleet_command(name: &str, args: &[OsString]) -> ! {
     };
     let cfg = match config::ops_config(&ProcessEnv) {
         Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("ci-runner {name}: {e}:");
-            for p in &e.0 {
-                eprintln!("ci-runner {name}:   {p}");
-            }
-            std::process::exit(OpsExit::Config.code());
-        }
+        Err(e) => exit_bad_config(&format!("ci-runner {name}"), &e),
     };
     // GitHub's retries are WARNs on stderr; the results go to stdout.
     let _ = tracing_subscriber::fmt()
@@ -132,13 +126,7 @@ fn forward_command() -> ! {
             eprintln!("ci-runner forward: nothing to forward: set FORWARD_HOST and FORWARD_PORTS");
             std::process::exit(ExitCode::Config.code());
         }
-        Err(problems) => {
-            eprintln!("ci-runner forward: {}:", ConfigError(problems.clone()));
-            for p in &problems {
-                eprintln!("ci-runner forward:   {p}");
-            }
-            std::process::exit(ExitCode::Config.code());
-        }
+        Err(problems) => exit_bad_config("ci-runner forward", &ConfigError(problems)),
     };
     init_tracing(format, &filter);
     // Blocked before the forwarding thread starts, so that it inherits the mask and the signals
@@ -182,13 +170,7 @@ fn prewarm_command() {
             eprintln!("ci-runner prewarm: CI_STORAGE_HOST is not set");
             std::process::exit(ExitCode::Config.code());
         }
-        Err(e) => {
-            eprintln!("ci-runner prewarm: {e}:");
-            for p in &e.0 {
-                eprintln!("ci-runner prewarm:   {p}");
-            }
-            std::process::exit(ExitCode::Config.code());
-        }
+        Err(e) => exit_bad_config("ci-runner prewarm", &e),
     };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
@@ -235,13 +217,7 @@ fn supervise() -> ! {
     let host = Host { is_root, users: &SystemUsers, runner_dir_ok: &config::runner_dir_has_scripts };
     let cfg = match Config::from_env(&ProcessEnv, &host) {
         Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("ci-runner: {e}:");
-            for p in &e.0 {
-                eprintln!("ci-runner:   {p}");
-            }
-            std::process::exit(ExitCode::Config.code());
-        }
+        Err(e) => exit_bad_config("ci-runner", &e),
     };
     init_tracing(cfg.log_format, &cfg.log_filter);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -333,6 +309,16 @@ fn forward_signals(tx: mpsc::UnboundedSender<SignalKind>) -> std::io::Result<()>
         });
     }
     Ok(())
+}
+
+/// Prints every configuration problem, one per line under `prefix`, and exits 3 (the
+/// supervisor's and the fleet commands' code for a bad environment alike).
+fn exit_bad_config(prefix: &str, e: &ConfigError) -> ! {
+    eprintln!("{prefix}: {e}:");
+    for p in &e.0 {
+        eprintln!("{prefix}:   {p}");
+    }
+    std::process::exit(ExitCode::Config.code())
 }
 
 fn init_tracing(format: LogFormat, filter: &str) {
