@@ -331,6 +331,18 @@ pub(crate) fn escape(value: &str) -> Cow<'_, str> {
     Cow::Owned(value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))
 }
 
+/// The families the registry renders (the status renders its own before them).
+#[cfg(test)]
+pub(crate) const FAMILIES: [&str; 7] = [
+    "ci_runner_jobs_started_total",
+    "ci_runner_jobs_completed_total",
+    "ci_runner_job_duration_seconds",
+    "ci_runner_github_api_requests_total",
+    "ci_runner_deregistration_failures_total",
+    "ci_runner_forward_connections_total",
+    "ci_runner_forward_host_failures_total",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,15 +381,7 @@ mod tests {
         m.forward(5432, Proto::Tcp, &["db\"1".into(), "db2".into()]);
         let mut out = String::new();
         m.render(&mut out);
-        for name in [
-            "ci_runner_jobs_started_total",
-            "ci_runner_jobs_completed_total",
-            "ci_runner_job_duration_seconds",
-            "ci_runner_github_api_requests_total",
-            "ci_runner_deregistration_failures_total",
-            "ci_runner_forward_connections_total",
-            "ci_runner_forward_host_failures_total",
-        ] {
+        for name in FAMILIES {
             assert!(
                 out.contains(&format!("\n# HELP {name} ")) || out.starts_with(&format!("# HELP {name} ")),
                 "{name}"

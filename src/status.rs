@@ -352,14 +352,10 @@ mod tests {
             "ci_runner_prewarm_outcome",
             "ci_runner_prewarm_seconds",
             "ci_runner_prewarm_bytes",
-            "ci_runner_jobs_started_total",
-            "ci_runner_jobs_completed_total",
-            "ci_runner_job_duration_seconds",
-            "ci_runner_github_api_requests_total",
-            "ci_runner_deregistration_failures_total",
-            "ci_runner_forward_connections_total",
-            "ci_runner_forward_host_failures_total",
-        ] {
+        ]
+        .into_iter()
+        .chain(crate::metrics::FAMILIES)
+        {
             assert_eq!(names.iter().filter(|n| *n == name).count(), 1, "{name} in\n{text}");
         }
         // Every sample belongs to the family whose TYPE came last.
