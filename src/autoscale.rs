@@ -192,7 +192,7 @@ impl Sender {
         }
     }
 
-    /// Sends what is pending (unless backing off); returns whether anything is left.
+    /// Sends what is pending, oldest first, unless backing off after a failure.
     async fn flush(&mut self) {
         if self.pending.is_empty() || self.retry_at.is_some_and(|t| Instant::now() < t) {
             return;
