@@ -105,6 +105,15 @@ struct RoleCredentials {
 }
 
 impl RoleCredentials {
+    /// The ECS agent's or IMDS's answer; the error names the source, never the body.
+    fn parse(body: &str, what: &'static str, url: &str) -> Result<Credentials, AwsError> {
+        serde_json::from_str::<Self>(body).map(Self::into_credentials).map_err(|e| AwsError::Invalid {
+            what,
+            url: url.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
     fn into_credentials(self) -> Credentials {
         let expires = self
             .expiration
@@ -268,12 +277,7 @@ impl CredentialChain {
                 source,
             })?;
             let body = text_or_status(resp, url).await?;
-            let role: RoleCredentials = serde_json::from_str(&body).map_err(|e| AwsError::Invalid {
-                what: "the task role's credentials",
-                url: url.clone(),
-                detail: e.to_string(),
-            })?;
-            return Ok(role.into_credentials());
+            return RoleCredentials::parse(&body, "the task role's credentials", url);
         }
         if let Some(imds) = &self.imds {
             let Some(roles) = imds.get("meta-data/iam/security-credentials/").await? else {
@@ -284,12 +288,8 @@ impl CredentialChain {
             };
             let path = format!("meta-data/iam/security-credentials/{role}");
             let Some(body) = imds.get(&path).await? else { return Err(AwsError::NoCredentials) };
-            let role: RoleCredentials = serde_json::from_str(&body).map_err(|e| AwsError::Invalid {
-                what: "the instance profile's credentials",
-                url: format!("{}/latest/{path}", imds.base),
-                detail: e.to_string(),
-            })?;
-            return Ok(role.into_credentials());
+            let url = format!("{}/latest/{path}", imds.base);
+            return RoleCredentials::parse(&body, "the instance profile's credentials", &url);
         }
         Err(AwsError::NoCredentials)
     }
