@@ -83,18 +83,6 @@ impl Autoscale {
 
 // ---- CloudWatch ----------------------------------------------------------------------------
 
-/// The busy share this container reports: `Some(100.0)` busy, `Some(0.0)` idle, `None` while
-/// it is not (yet) a runner that can take jobs.
-pub fn busy_share(s: &Status) -> Option<f64> {
-    match s.state {
-        State::Busy => Some(100.0),
-        State::Idle | State::Stopped | State::Failed => Some(0.0),
-        State::Draining => Some(if s.busy { 100.0 } else { 0.0 }),
-        State::Starting | State::Registering if s.busy => Some(100.0),
-        State::Starting | State::Registering => None,
-    }
-}
-
 /// What to publish, decided from the statuses seen; pure, so the rules are tested apart.
 pub struct Publisher {
     metric: String,
@@ -112,7 +100,7 @@ impl Publisher {
     /// and the boot phases once the runner first listens.
     pub fn on_status(&mut self, s: &Status, now: SystemTime) -> Vec<Datum> {
         let mut out = Vec::new();
-        if let Some(share) = busy_share(s) {
+        if let Some(share) = s.busy_share() {
             self.seen_listening |= matches!(s.state, State::Idle | State::Busy);
             // Nothing before the runner first listened: a booting container is not capacity.
             let draining_idle = matches!(s.state, State::Draining | State::Stopped | State::Failed) && share == 0.0;
@@ -266,7 +254,7 @@ async fn publish(
         heartbeat_s = settings.heartbeat.as_secs(),
         "Publishing the busy share to CloudWatch."
     );
-    let mut sender = Sender {
+    let sender = Sender {
         cw: CloudWatch {
             endpoint,
             region,
@@ -284,34 +272,67 @@ async fn publish(
         failures: 0,
         retry_at: None,
     };
+    // The sending runs apart: a slow or failing PutMetricData must not delay the next change's
+    // datapoint, which is stamped when the change is seen.
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sending = tokio::spawn(send(sender, rx));
     let mut publisher = Publisher::new(&settings.metric_name);
     let mut tick = next_tick(SystemTime::now(), settings.heartbeat);
     let mut status_open = true;
     loop {
-        let data = publisher.on_status(&status.borrow_and_update(), SystemTime::now());
-        sender.push(data);
-        sender.flush().await;
+        for d in publisher.on_status(&status.borrow_and_update(), SystemTime::now()) {
+            let _ = tx.send(d);
+        }
         let until_tick = tick.duration_since(SystemTime::now()).unwrap_or_default();
-        let retry = sender.retry_at.filter(|_| !sender.pending.is_empty());
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
             changed = status.changed(), if status_open => status_open = changed.is_ok(),
             () = tokio::time::sleep(until_tick) => {
-                sender.push(publisher.heartbeat(tick));
+                if let Some(d) = publisher.heartbeat(tick) {
+                    let _ = tx.send(d);
+                }
                 tick = next_tick(SystemTime::now().max(tick), settings.heartbeat);
             }
-            () = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {}
         }
     }
     // The container is going: the pool's average must not keep counting it busy.
-    let data = publisher.on_status(&status.borrow(), SystemTime::now());
-    sender.push(data);
-    sender.push(publisher.last_word(SystemTime::now()));
-    sender.retry_at = None;
-    if tokio::time::timeout(FLUSH_TIMEOUT, sender.flush()).await.is_err() || !sender.pending.is_empty() {
-        warn!(datapoints = sender.pending.len(), "The last datapoints could not be sent to CloudWatch.");
+    let last = publisher.on_status(&status.borrow(), SystemTime::now());
+    for d in last.into_iter().chain(publisher.last_word(SystemTime::now())) {
+        let _ = tx.send(d);
     }
+    drop(tx);
+    let unsent = match tokio::time::timeout(FLUSH_TIMEOUT, sending).await {
+        Ok(Ok(0)) => return,
+        Ok(Ok(n)) => Some(n),
+        _ => None,
+    };
+    warn!(datapoints = ?unsent, "The last datapoints could not be sent to CloudWatch.");
+}
+
+/// Sends what the publisher hands over, in order, backing off through an outage; once the
+/// publisher is done, one last try (even while backing off). Returns how many stayed unsent.
+async fn send(mut sender: Sender, mut rx: mpsc::UnboundedReceiver<Datum>) -> usize {
+    loop {
+        let retry = sender.retry_at.filter(|_| !sender.pending.is_empty());
+        tokio::select! {
+            biased;
+            d = rx.recv() => match d {
+                Some(d) => {
+                    sender.push([d]);
+                    while let Ok(d) = rx.try_recv() {
+                        sender.push([d]);
+                    }
+                }
+                None => break,
+            },
+            () = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {}
+        }
+        sender.flush().await;
+    }
+    sender.retry_at = None;
+    sender.flush().await;
+    sender.pending.len()
 }
 
 // ---- ECS task scale-in protection ----------------------------------------------------------
@@ -343,7 +364,7 @@ async fn protect(uri: String, expires_min: u32, mut status: watch::Receiver<Stat
     let mut status_open = true;
     info!(agent = %uri, expires_min, "ECS task: scale-in protection follows the runner's jobs.");
     loop {
-        let busy = busy_share(&status.borrow_and_update()).map(|s| s > 0.0);
+        let busy = status.borrow_and_update().busy_share().map(|s| s > 0.0);
         let now = Instant::now();
         let action = protection_action(busy, current, expires, now).filter(|_| retry_at.is_none_or(|t| now >= t));
         if let Some(on) = action {

@@ -23,6 +23,8 @@ pub const SECRET_VARS: &[&str] = &[
     "ACTIONS_RUNNER_INPUT_TOKEN",
     "ACTIONS_RUNNER_INPUT_PAT",
     "ACTIONS_RUNNER_INPUT_JITCONFIG",
+    // A JIT configuration minted by `ci-runner controller` for this container (issue #9).
+    "RUNNER_JITCONFIG",
     // ci-runner's own AWS keys (CloudWatch); jobs get AWS access through the task role.
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -97,6 +99,9 @@ pub enum Credentials {
         /// `GH_APP_INSTALLATION_ID`; else found from the repository or organization.
         installation_id: Option<u64>,
     },
+    /// `RUNNER_JITCONFIG`: a JIT configuration minted elsewhere (by `ci-runner controller`,
+    /// issue #9), run as is; the container holds no token, so it cannot de-register itself.
+    Jit(Secret),
 }
 
 /// Where the runner is registered.
@@ -222,7 +227,28 @@ pub struct Config {
     /// `RUNNER_SWEEP_OFFLINE_SEC`: before registering, remove the pool's runners that are
     /// offline and were registered at least this long ago (README "Fleet hygiene").
     pub sweep_offline: Option<Duration>,
+    /// `RUNNER_COUNT`: how many runners of this scope and labels the container runs (README
+    /// "Several runners per container"); 0 only with the admin API, which adds them.
+    pub runner_count: u32,
+    /// `RUNNER_ROOTS_DIR`: where each runner's own root is made from the install in
+    /// `runner_dir` when the container runs more than the one runner in `runner_dir` itself.
+    pub roots_dir: PathBuf,
+    /// The admin API (`ADMIN_TOKEN`, `ADMIN_ADDR`), off without a token.
+    pub admin: Option<AdminSettings>,
+    /// `STATE_DIR`: where runners added over the admin API are kept across restarts.
+    pub state_dir: Option<PathBuf>,
 }
+
+/// The admin API's address and bearer token.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub addr: SocketAddr,
+    pub token: Secret,
+}
+
+/// Most runners one container may run (`RUNNER_COUNT`).
+pub const MAX_RUNNER_COUNT: u32 = 64;
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:8081";
 
 /// What the autoscaling signals need (README "Autoscaling").
 #[derive(Debug, Clone)]
@@ -294,14 +320,43 @@ pub trait UserDb {
     fn lookup(&self, name: &str) -> Option<RunnerUser>;
 }
 
-/// `getpwnam` through nix.
+/// The container's user database: `/etc/passwd` read directly (as runc does), so no NSS
+/// module is loaded into the supervisor; a name it lacks is asked of `getpwnam` (NSS).
 pub struct SystemUsers;
 
 impl UserDb for SystemUsers {
     fn lookup(&self, name: &str) -> Option<RunnerUser> {
+        if let Some(u) = std::fs::read_to_string("/etc/passwd").ok().and_then(|t| passwd_entry(&t, name)) {
+            return Some(u);
+        }
         let user = nix::unistd::User::from_name(name).ok()??;
         Some(RunnerUser { name: user.name, uid: user.uid.as_raw(), gid: user.gid.as_raw(), home: user.dir })
     }
+}
+
+/// `name`'s line of an `/etc/passwd` text (`name:x:uid:gid:gecos:home:shell`).
+pub fn passwd_entry(text: &str, name: &str) -> Option<RunnerUser> {
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 7 || f[0] != name {
+            return None;
+        }
+        Some(RunnerUser { name: name.to_string(), uid: f[2].parse().ok()?, gid: f[3].parse().ok()?, home: f[5].into() })
+    })
+}
+
+/// The groups of `name` in an `/etc/group` text (`name:x:gid:member,member`), after its
+/// primary group `gid`.
+pub fn member_groups(text: &str, name: &str, gid: u32) -> Vec<u32> {
+    let mut groups = vec![gid];
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        let Some(id) = f.get(2).and_then(|g| g.parse::<u32>().ok()) else { continue };
+        if f.len() >= 4 && f[3].split(',').any(|m| m.trim() == name) && !groups.contains(&id) {
+            groups.push(id);
+        }
+    }
+    groups
 }
 
 /// Facts about the running process that the configuration depends on.
@@ -339,6 +394,9 @@ impl<'a> Collector<'a> {
     /// `GH_TOKEN` (a PAT), `GH_RUNNER_TOKEN` (a registration token) or a GitHub App
     /// (`GH_APP_ID`, `GH_APP_PRIVATE_KEY`, `GH_APP_INSTALLATION_ID`): exactly one.
     fn credentials(&mut self) -> Option<Credentials> {
+        if let Some(jit) = self.secret("RUNNER_JITCONFIG") {
+            return self.jit_credentials(jit);
+        }
         let pat = self.secret("GH_TOKEN");
         let reg = self.secret("GH_RUNNER_TOKEN");
         let app_id = self.get("GH_APP_ID");
@@ -518,6 +576,30 @@ pub fn valid_runner_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.chars().all(is_name_char) && !s.starts_with('.')
 }
 
+/// A scope as the admin API takes it: `owner/repo` (a repository) or `org` (an organization).
+pub fn parse_scope(s: &str) -> Option<Scope> {
+    if s.contains('/') {
+        repository_scope(s)
+    } else {
+        valid_github_name(s).then(|| Scope::Organization(s.to_string()))
+    }
+}
+
+/// Labels as `GH_LABELS` takes them: each at most 256 characters, no control characters,
+/// duplicates (ignoring case) dropped; `None` when one is bad or none is left.
+pub fn parse_labels<'a>(raw: impl IntoIterator<Item = &'a str>) -> Option<Vec<String>> {
+    let mut labels: Vec<String> = Vec::new();
+    for l in raw.into_iter().map(str::trim).filter(|l| !l.is_empty()) {
+        if l.len() > 256 || l.chars().any(|ch| ch.is_control()) {
+            return None;
+        }
+        if !labels.iter().any(|x| x.eq_ignore_ascii_case(l)) {
+            labels.push(l.to_string());
+        }
+    }
+    (!labels.is_empty()).then_some(labels)
+}
+
 /// `owner/repo` as a repository scope, when both names are valid.
 fn repository_scope(r: &str) -> Option<Scope> {
     let (o, n) = r.split_once('/')?;
@@ -572,25 +654,14 @@ impl Config {
                 c.bad("GH_LABELS", None, "comma-separated runner labels, e.g. linux,docker");
                 Vec::new()
             }
-            Some(raw) => {
-                let mut labels: Vec<String> = Vec::new();
-                let mut ok = true;
-                for l in raw.split(',').map(str::trim).filter(|l| !l.is_empty()) {
-                    if l.len() > 256 || l.chars().any(|ch| ch.is_control()) {
-                        ok = false;
-                    } else if !labels.iter().any(|x| x.eq_ignore_ascii_case(l)) {
-                        labels.push(l.to_string());
-                    }
-                }
-                if !ok || labels.is_empty() {
-                    c.bad(
-                        "GH_LABELS",
-                        Some(&raw),
-                        "comma-separated labels of at most 256 characters each, e.g. linux,docker",
-                    );
-                }
-                labels
-            }
+            Some(raw) => parse_labels(raw.split(',')).unwrap_or_else(|| {
+                c.bad(
+                    "GH_LABELS",
+                    Some(&raw),
+                    "comma-separated labels of at most 256 characters each, e.g. linux,docker",
+                );
+                Vec::new()
+            }),
         };
 
         let name = c.runner_name();
@@ -697,6 +768,26 @@ impl Config {
         });
         let autoscale = autoscale_settings(&mut c, scope.as_ref());
         let sweep_offline = sweep_setting(&mut c, credentials.as_ref(), &name);
+        let (runner_count, roots_dir, admin, state_dir) = several_runners(&mut c, &runner_dir);
+        if let Some(Credentials::Jit(_)) = &credentials {
+            // One JIT configuration registers one runner, once.
+            if runner_count != 1 {
+                c.bad(
+                    "RUNNER_COUNT",
+                    Some(&runner_count.to_string()),
+                    "1 with RUNNER_JITCONFIG (the configuration registers one runner)",
+                );
+            }
+            if admin.is_some() {
+                c.bad("ADMIN_TOKEN", None, "unset with RUNNER_JITCONFIG (a runner started with a JIT configuration has no credentials to add runners with)");
+            }
+        }
+        if runner_count > 1 {
+            if let Some(l) = &lock {
+                let expected = format!("1 with RUNNER_RESOURCE_ID={}: the hardware lock lets one job at a time use the device, so more runners in one container would only wait on each other", l.resource);
+                c.bad("RUNNER_COUNT", Some(&runner_count.to_string()), expected);
+            }
+        }
         let tz = c.get("TZ");
         let zoneinfo = PathBuf::from(c.get("TZDIR").unwrap_or_else(|| DEFAULT_ZONEINFO.into()));
         if let Some(tz) = &tz {
@@ -745,6 +836,10 @@ impl Config {
             autoscale,
             instance_labels,
             sweep_offline,
+            runner_count,
+            roots_dir,
+            admin,
+            state_dir,
         })
     }
 
@@ -758,6 +853,7 @@ impl Config {
         let creds = match &self.credentials {
             Credentials::Pat(_) => "GH_TOKEN".to_string(),
             Credentials::RegistrationToken(_) => "GH_RUNNER_TOKEN".to_string(),
+            Credentials::Jit(_) => "RUNNER_JITCONFIG".to_string(),
             Credentials::App { app_id, installation_id: Some(i), .. } => format!("app:{app_id}/installation:{i}"),
             Credentials::App { app_id, installation_id: None, .. } => format!("app:{app_id}"),
         };
@@ -783,6 +879,12 @@ impl Config {
 /// configuration (a ready registration token cannot); `true` where that is impossible is an
 /// error, as is `true` without `RUNNER_EPHEMERAL` (a JIT runner takes one job).
 fn jit_setting(c: &mut Collector<'_>, ephemeral: bool, credentials: Option<&Credentials>) -> bool {
+    if let Some(Credentials::Jit(_)) = credentials {
+        if !ephemeral {
+            c.bad("RUNNER_EPHEMERAL", None, "true with RUNNER_JITCONFIG (a JIT runner takes one job)");
+        }
+        return true;
+    }
     let can_mint = !matches!(credentials, Some(Credentials::RegistrationToken(_)));
     let Some(raw) = c.get("RUNNER_JIT") else { return ephemeral && can_mint };
     if !c.bool("RUNNER_JIT", false) {
@@ -812,6 +914,71 @@ fn runner_env(env: &dyn EnvSource) -> Vec<(String, String)> {
                 && k != "RUNNER_MANUALLY_TRAP_SIG"
         })
         .collect()
+}
+
+/// `RUNNER_COUNT`, `RUNNER_ROOTS_DIR`, `ADMIN_TOKEN` with `ADMIN_ADDR`, and `STATE_DIR`.
+fn several_runners(
+    c: &mut Collector<'_>,
+    runner_dir: &std::path::Path,
+) -> (u32, PathBuf, Option<AdminSettings>, Option<PathBuf>) {
+    let token = c.secret("ADMIN_TOKEN");
+    let admin = match token {
+        None => None,
+        Some(t) if t.len() < 16 || t.chars().any(|ch| ch.is_whitespace() || ch.is_control()) => {
+            c.bad(
+                "ADMIN_TOKEN",
+                None,
+                "a bearer token of at least 16 characters, no spaces (e.g. from openssl rand -hex 32)",
+            );
+            None
+        }
+        Some(t) => {
+            let raw = c.get("ADMIN_ADDR").unwrap_or_else(|| DEFAULT_ADMIN_ADDR.to_string());
+            match raw.trim().parse::<SocketAddr>() {
+                Ok(addr) => Some(AdminSettings { addr, token: Secret::new(t) }),
+                Err(_) => {
+                    c.bad("ADMIN_ADDR", Some(&raw), "ip:port to serve the admin API on, e.g. 0.0.0.0:8081");
+                    None
+                }
+            }
+        }
+    };
+    let count = match c.get("RUNNER_COUNT") {
+        None => 1,
+        Some(raw) => match raw.trim().parse::<u32>() {
+            Ok(0) if admin.is_some() => 0,
+            Ok(n) if (1..=MAX_RUNNER_COUNT).contains(&n) => n,
+            _ => {
+                let expected = format!(
+                    "a number of runners from 1 to {MAX_RUNNER_COUNT} (0 only with ADMIN_TOKEN, to add them over the admin API)"
+                );
+                c.bad("RUNNER_COUNT", Some(&raw), expected);
+                1
+            }
+        },
+    };
+    let default_roots = runner_dir.parent().map(|p| p.join("runners")).unwrap_or_else(|| PathBuf::from("/runners"));
+    let roots = c.get("RUNNER_ROOTS_DIR").map(PathBuf::from).unwrap_or(default_roots);
+    if !roots.is_absolute() {
+        let shown = roots.display().to_string();
+        c.bad("RUNNER_ROOTS_DIR", Some(&shown), "an absolute directory path on the runner install's filesystem");
+    }
+    let state_dir = c.get("STATE_DIR").map(PathBuf::from);
+    if let Some(d) = &state_dir {
+        if !d.is_absolute() {
+            let shown = d.display().to_string();
+            c.bad("STATE_DIR", Some(&shown), "an absolute directory path (a mounted volume)");
+        }
+        if admin.is_none() {
+            let shown = d.display().to_string();
+            c.bad(
+                "STATE_DIR",
+                Some(&shown),
+                "set only with ADMIN_TOKEN: it keeps the runners added over the admin API",
+            );
+        }
+    }
+    (count, roots, admin, state_dir)
 }
 
 /// An `http://` or `https://` URL, or a problem.
@@ -1148,7 +1315,7 @@ fn sweep_setting(c: &mut Collector<'_>, credentials: Option<&Credentials>, name:
             return None;
         }
     };
-    if let Some(Credentials::RegistrationToken(_)) = credentials {
+    if let Some(Credentials::RegistrationToken(_) | Credentials::Jit(_)) = credentials {
         c.bad(
             "RUNNER_SWEEP_OFFLINE_SEC",
             Some(&raw),
@@ -1186,7 +1353,7 @@ pub struct OpsConfig {
 pub fn ops_config(env: &dyn EnvSource) -> Result<OpsConfig, ConfigError> {
     let mut c = Collector::new(env);
     let credentials = match c.credentials() {
-        Some(Credentials::RegistrationToken(_)) => {
+        Some(Credentials::RegistrationToken(_) | Credentials::Jit(_)) => {
             c.bad(
                 "GH_TOKEN",
                 None,
@@ -1345,8 +1512,34 @@ pub fn runner_dir_has_scripts(dir: &std::path::Path) -> bool {
     dir.join("config.sh").is_file() && dir.join("run.sh").is_file()
 }
 
+/// `RUNNER_JITCONFIG` (issue #9): alone, as no other credential may come with it.
+impl Collector<'_> {
+    fn jit_credentials(&mut self, jit: String) -> Option<Credentials> {
+        for var in ["GH_TOKEN", "GH_RUNNER_TOKEN", "GH_APP_ID"] {
+            if self.get(var).is_some() {
+                self.bad(
+                    var,
+                    None,
+                    "unset with RUNNER_JITCONFIG (a JIT configuration is the runner's only credential)",
+                );
+            }
+        }
+        if self.get("RUNNER_EPHEMERAL_RESTART").is_some_and(|v| parse_bool(&v) == Some(true)) {
+            self.bad(
+                "RUNNER_EPHEMERAL_RESTART",
+                None,
+                "false with RUNNER_JITCONFIG (the configuration registers one runner, once)",
+            );
+        }
+        Some(Credentials::Jit(Secret::new(jit)))
+    }
+}
+
+mod controller;
+pub use controller::*;
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     struct Users;
@@ -1365,7 +1558,7 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
-    fn load(pairs: &[(&str, &str)], is_root: bool) -> Result<Config, ConfigError> {
+    pub(crate) fn load(pairs: &[(&str, &str)], is_root: bool) -> Result<Config, ConfigError> {
         let ok = |_: &std::path::Path| true;
         let mut e = env(pairs);
         e.entry("SECRETS_DIR".into()).or_insert_with(|| "/nonexistent".into());
@@ -1626,6 +1819,65 @@ c2VjcmV0LWJ5dGVz
         e.extend([("RUNNER_RESOURCE_ID", "../x"), ("RUNNER_LOCK_TIMEOUT_SEC", "soon")]);
         let vars: Vec<_> = load(&e, false).unwrap_err().0.iter().map(|p| p.var).collect();
         assert_eq!(vars, ["RUNNER_LOCK_TIMEOUT_SEC", "RUNNER_RESOURCE_ID"]);
+    }
+
+    #[test]
+    fn several_runners_and_the_admin_api() {
+        let cfg = load(GOOD, false).unwrap();
+        assert_eq!((cfg.runner_count, cfg.admin.is_none(), cfg.state_dir.is_none()), (1, true, true));
+        assert_eq!(cfg.roots_dir, cfg.runner_dir.parent().unwrap().join("runners"));
+        let mut e = GOOD.to_vec();
+        let token = "0123456789abcdef-secret";
+        e.extend([("RUNNER_COUNT", "0"), ("ADMIN_TOKEN", token), ("STATE_DIR", "/state"), ("RUNNER_ROOTS_DIR", "/r")]);
+        let cfg = load(&e, false).unwrap();
+        let admin = cfg.admin.unwrap();
+        assert_eq!((cfg.runner_count, admin.addr.to_string().as_str()), (0, DEFAULT_ADMIN_ADDR));
+        assert_eq!(admin.token.expose(), token);
+        assert_eq!((cfg.state_dir.unwrap(), cfg.roots_dir), (PathBuf::from("/state"), PathBuf::from("/r")));
+        // 0 needs the admin API; a state dir keeps only what it adds; a short token is refused
+        // without being shown; a lock and several runners do not mix.
+        for (extra, var) in [
+            (vec![("RUNNER_COUNT", "0")], "RUNNER_COUNT"),
+            (vec![("RUNNER_COUNT", "65")], "RUNNER_COUNT"),
+            (vec![("RUNNER_COUNT", "two")], "RUNNER_COUNT"),
+            (vec![("STATE_DIR", "/state")], "STATE_DIR"),
+            (vec![("ADMIN_TOKEN", "short")], "ADMIN_TOKEN"),
+            (vec![("ADMIN_TOKEN", token), ("ADMIN_ADDR", "8081")], "ADMIN_ADDR"),
+            (vec![("RUNNER_ROOTS_DIR", "runners")], "RUNNER_ROOTS_DIR"),
+            (vec![("RUNNER_COUNT", "2"), ("RUNNER_RESOURCE_ID", "board-1")], "RUNNER_COUNT"),
+        ] {
+            let mut e = GOOD.to_vec();
+            e.extend(extra.iter().copied());
+            let problems = load(&e, false).unwrap_err().0;
+            assert_eq!(problems.iter().map(|p| p.var).collect::<Vec<_>>(), [var], "{extra:?}");
+            assert!(problems.iter().all(|p| !p.to_string().contains("short")), "{problems:?}");
+        }
+    }
+
+    #[test]
+    fn users_and_groups_come_from_the_files() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nbad line\nguest:x:1000:1000:,,,:/home/guest:/bin/bash\n";
+        let u = passwd_entry(passwd, "guest").unwrap();
+        assert_eq!((u.uid, u.gid, u.home), (1000, 1000, PathBuf::from("/home/guest")));
+        assert!(passwd_entry(passwd, "gues").is_none() && passwd_entry(passwd, "bad line").is_none());
+        let group = "root:x:0:\nguest:x:1000:\ndocker:x:998:guest\nkvm:x:105:other,guest\nvideo:x:44:guests\n";
+        assert_eq!(member_groups(group, "guest", 1000), [1000, 998, 105]);
+        assert_eq!(member_groups(group, "nobody", 65534), [65534]);
+    }
+
+    #[test]
+    fn a_jit_configuration_is_one_runner_without_the_admin_api() {
+        let base = [
+            ("RUNNER_JITCONFIG", "eyJqaXQiOiJ4In0="),
+            ("RUNNER_EPHEMERAL", "true"),
+            ("GH_REPOSITORY", "o/r"),
+            ("GH_LABELS", "x"),
+        ];
+        assert_eq!(load(&base, false).unwrap().runner_count, 1);
+        let mut e = base.to_vec();
+        e.extend([("RUNNER_COUNT", "2"), ("ADMIN_TOKEN", "0123456789abcdef-secret")]);
+        let vars: Vec<_> = load(&e, false).unwrap_err().0.iter().map(|p| p.var).collect();
+        assert_eq!(vars, ["RUNNER_COUNT", "ADMIN_TOKEN"]);
     }
 
     #[test]

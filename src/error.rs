@@ -49,6 +49,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to serve the admin API on {addr}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("failed to build the HTTP client")]
     Http(#[source] reqwest::Error),
     #[error("failed to prepare the runner directory {path}")]
@@ -79,7 +85,7 @@ impl Error {
             Error::Runner(_) | Error::RunnerGaveUp(_) | Error::Prepare { .. } | Error::Lock(_) => {
                 ExitCode::RunnerFailed
             }
-            Error::Status { .. } | Error::Http(_) => ExitCode::Internal,
+            Error::Status { .. } | Error::Admin { .. } | Error::Http(_) => ExitCode::Internal,
             Error::Hook(_) => ExitCode::Hook,
         }
     }

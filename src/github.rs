@@ -250,7 +250,7 @@ impl Auth {
             Credentials::App { app_id, key, installation_id } => {
                 Some(Auth::App(AppAuth::new(*app_id, key.clone(), *installation_id, scope.clone())))
             }
-            Credentials::RegistrationToken(_) => None,
+            Credentials::RegistrationToken(_) | Credentials::Jit(_) => None,
         }
     }
 }
@@ -711,6 +711,77 @@ impl Github {
         let answer: JitAnswer =
             parse_answer(status, &text, Method::POST, &path, "the answer has no runner or encoded_jit_config")?;
         Ok(JitConfig { runner: answer.runner, encoded: Secret::new(answer.encoded_jit_config) })
+    }
+}
+
+/// A repository's or organization's webhook, as far as `ci-runner controller` needs it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HookInfo {
+    pub id: u64,
+    #[serde(default)]
+    pub config: HookConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct HookConfig {
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct HookId {
+    id: u64,
+}
+
+/// Webhooks, for `ci-runner controller`'s `WEBHOOK_URL` (issue #9). The body carries the
+/// webhook's secret: it is sent, never logged.
+impl Github {
+    /// `GET /{scope}/hooks` (one page of 100: a scope has at most 20 webhooks per event).
+    pub async fn list_hooks(
+        &self,
+        scope: &Scope,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<HookInfo>, GithubError> {
+        let path = format!("{}/hooks?per_page=100", scope.api_path());
+        let (status, _, body) = self.call(Method::GET, &path, budget, cancel).await?;
+        if !status.is_success() {
+            return Err(Self::refusal(status, &body, &Method::GET, &path, scope));
+        }
+        parse_answer(status, &body, Method::GET, &path, "the answer is not a webhook list")
+    }
+
+    /// `POST /{scope}/hooks`: the new webhook's id.
+    pub async fn create_hook(
+        &self,
+        scope: &Scope,
+        body: &serde_json::Value,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<u64, GithubError> {
+        let path = format!("{}/hooks", scope.api_path());
+        let (status, _, text) = self.call_with_body(Method::POST, &path, Some(body), budget, cancel).await?;
+        if !status.is_success() {
+            return Err(Self::refusal(status, &text, &Method::POST, &path, scope));
+        }
+        parse_answer::<HookId>(status, &text, Method::POST, &path, "the answer has no id").map(|h| h.id)
+    }
+
+    /// `PATCH /{scope}/hooks/{id}`.
+    pub async fn update_hook(
+        &self,
+        scope: &Scope,
+        id: u64,
+        body: &serde_json::Value,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<(), GithubError> {
+        let path = format!("{}/hooks/{id}", scope.api_path());
+        let (status, _, text) = self.call_with_body(Method::PATCH, &path, Some(body), budget, cancel).await?;
+        if !status.is_success() {
+            return Err(Self::refusal(status, &text, &Method::PATCH, &path, scope));
+        }
+        Ok(())
     }
 }
 

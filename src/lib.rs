@@ -13,7 +13,9 @@
 //!   delete runners) with retries, authenticated by a PAT or a GitHub App's installation tokens.
 //! - [`app`]: GitHub App authentication: the private key, the RS256 JWT, token lifetimes.
 //! - [`runner`]: `config.sh` and `run.sh` as processes, their output lines, their files.
-//! - [`supervisor`]: the life cycle: register, supervise, drain, de-register; the exit table.
+//! - [`supervisor`]: one runner's life: register, supervise, drain, de-register; the exit table.
+//! - [`runners`]: the container's runners: the shared boot, one supervisor each, signals fanned out.
+//! - [`admin`]: the authenticated admin API: list, add and remove runners.
 //! - [`fleet`]: the pool's runners on GitHub: the start-up sweep, `list`, `remove`, `prune`.
 //! - [`hooks`]: the boot hooks, `entrypoint.*.sh` sourced as root, then as the runner user.
 //! - [`prewarm`]: the work dir loaded from the newest ci-storage slot over SSH before the first job.
@@ -25,11 +27,14 @@
 //! - [`status`]: the state machine's current state on `GET /health` and `ci-runner status`.
 //! - [`metrics`]: the process-wide counters (jobs, GitHub calls, forwards) for `GET /metrics`.
 //! - [`error`]: the top-level error and the exit codes.
+//! - [`controller`]: `ci-runner controller`, the webhook autoscaler: a runner container per queued job.
 
+pub mod admin;
 pub mod app;
 pub mod autoscale;
 pub mod aws;
 pub mod config;
+pub mod controller;
 pub mod error;
 pub mod fleet;
 pub mod forward;
@@ -41,5 +46,6 @@ pub mod metrics;
 pub mod pid1;
 pub mod prewarm;
 pub mod runner;
+pub mod runners;
 pub mod status;
 pub mod supervisor;

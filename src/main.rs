@@ -10,8 +10,9 @@ use ci_runner::error::{chain, ExitCode};
 use ci_runner::fleet::{self, OpsExit};
 use ci_runner::forward;
 use ci_runner::pid1;
+use ci_runner::runners::{Registry, Runners};
 use ci_runner::status::{self, StatusHandle};
-use ci_runner::supervisor::{self, RegistrationSlot, SignalKind, Supervisor};
+use ci_runner::supervisor::{self, SignalKind};
 use nix::sys::signal::{SigSet, Signal};
 use tokio::signal::unix::{signal, SignalKind as Sig};
 use tokio::sync::mpsc;
@@ -31,6 +32,7 @@ const USAGE: &str = "usage: ci-runner            run the supervisor (configured 
                             remove the pool's offline runners (asks first unless --yes)
        ci-runner hook job-started|job-completed
                             the runner's job hooks for the hardware lock (set up by the supervisor)
+       ci-runner controller the webhook autoscaler: a runner container per queued job (see README)
        ci-runner --version";
 
 fn main() {
@@ -49,6 +51,7 @@ fn main() {
             let kind = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
             std::process::exit(ci_runner::lock::hook(kind))
         }
+        Some("controller") => controller_command(),
         Some("--version" | "-V" | "version") => println!("ci-runner {}", env!("CARGO_PKG_VERSION")),
         Some("--help" | "-h" | "help") => println!("{USAGE}"),
         Some(other) => {
@@ -220,23 +223,19 @@ fn supervise() -> ! {
         Err(e) => exit_bad_config("ci-runner", &e),
     };
     init_tracing(cfg.log_format, &cfg.log_filter);
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "Failed to start the runtime.");
-            std::process::exit(ExitCode::Internal.code());
-        }
-    };
-    let slot: RegistrationSlot = Arc::new(Mutex::new(None));
-    let result =
-        std::panic::catch_unwind(AssertUnwindSafe(|| runtime.block_on(run(cfg.clone(), slot.clone(), started))));
+    let runtime = runtime_or_exit();
+    let registry: Registry = Arc::new(Mutex::new(Vec::new()));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| runtime.block_on(run(cfg, registry.clone(), started))));
     drop(runtime);
     let code = match result {
         Ok(code) => code,
         Err(_) => {
-            tracing::error!("The supervisor panicked; removing the registration.");
+            tracing::error!("The supervisor panicked; removing the registrations.");
+            let runners = registry.lock().unwrap_or_else(|p| p.into_inner()).clone();
             if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                rt.block_on(supervisor::emergency_deregister(&cfg, &slot));
+                for (cfg, slot) in &runners {
+                    rt.block_on(supervisor::emergency_deregister(cfg, slot));
+                }
             }
             ExitCode::Internal
         }
@@ -244,7 +243,7 @@ fn supervise() -> ! {
     std::process::exit(code.code())
 }
 
-async fn run(cfg: Config, slot: RegistrationSlot, started: std::time::Instant) -> ExitCode {
+async fn run(cfg: Config, registry: Registry, started: std::time::Instant) -> ExitCode {
     let (tx, rx) = mpsc::unbounded_channel();
     let drain = tx.clone();
     if let Err(e) = forward_signals(tx) {
@@ -259,7 +258,7 @@ async fn run(cfg: Config, slot: RegistrationSlot, started: std::time::Instant) -
     let cancel = CancellationToken::new();
     let autoscale = Autoscale::start(cfg.autoscale.clone(), status_rx.clone(), drain);
     if let Some(addr) = cfg.status_addr {
-        match status::serve(addr, status_rx, cancel.clone()).await {
+        match status::serve(addr, status_rx.clone(), cancel.clone()).await {
             Ok(bound) => tracing::info!(addr = %bound, "Serving /health and /metrics."),
             Err(source) => {
                 let e = ci_runner::error::Error::Status { addr, source };
@@ -268,13 +267,23 @@ async fn run(cfg: Config, slot: RegistrationSlot, started: std::time::Instant) -
             }
         }
     }
-    let code = match Supervisor::new(cfg, status, rx, slot, tokio::time::Instant::from_std(started)) {
-        Ok(s) => s.run().await,
-        Err(e) => {
-            tracing::error!(error = %chain(&e), "Failed to start.");
-            e.exit_code()
+    let commands = match &cfg.admin {
+        None => None,
+        Some(admin) => {
+            let (tx, commands) = mpsc::channel(16);
+            match ci_runner::admin::serve(admin, status_rx.clone(), tx, cancel.clone()).await {
+                Ok(bound) => tracing::info!(addr = %bound, "Serving the admin API."),
+                Err(source) => {
+                    let e = ci_runner::error::Error::Admin { addr: admin.addr, source };
+                    tracing::error!(error = %chain(&e), "Failed to start.");
+                    return e.exit_code();
+                }
+            }
+            Some(commands)
         }
     };
+    let runners = Runners::new(cfg, status, rx, commands, registry, tokio::time::Instant::from_std(started));
+    let code = runners.run().await;
     // The last datapoint and the protection's release, once the runner is gone.
     autoscale.shutdown().await;
     cancel.cancel();
@@ -321,6 +330,18 @@ fn exit_bad_config(prefix: &str, e: &ConfigError) -> ! {
     std::process::exit(ExitCode::Config.code())
 }
 
+/// The single-threaded runtime of the supervisor and the controller; without one, exit 1 (the
+/// internal error's code) with the reason logged.
+fn runtime_or_exit() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "Failed to start the runtime.");
+            std::process::exit(ExitCode::Internal.code());
+        }
+    }
+}
+
 fn init_tracing(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -328,4 +349,41 @@ fn init_tracing(format: LogFormat, filter: &str) {
         LogFormat::Json => builder.json().init(),
         LogFormat::Plain => builder.with_ansi(nix::unistd::isatty(2).unwrap_or(false)).init(),
     }
+}
+
+/// `ci-runner controller`: the webhook autoscaler (issue #9), until SIGTERM or SIGINT.
+fn controller_command() -> ! {
+    let cfg = match config::controller_config(&ProcessEnv) {
+        Ok(cfg) => cfg,
+        Err(e) => exit_bad_config("ci-runner controller", &e),
+    };
+    init_tracing(cfg.log_format, &cfg.log_filter);
+    let runtime = runtime_or_exit();
+    let code = runtime.block_on(async move {
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %cfg.summary(), "ci-runner controller starting.");
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        let (mut term, mut int) = match (signal(Sig::terminate()), signal(Sig::interrupt())) {
+            (Ok(t), Ok(i)) => (t, i),
+            _ => {
+                tracing::error!("Failed to install signal handlers.");
+                return ExitCode::Internal;
+            }
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!(signal = "SIGTERM", "Signal received; stopping."),
+                _ = int.recv() => tracing::info!(signal = "SIGINT", "Signal received; stopping."),
+            }
+            stop.cancel();
+        });
+        match ci_runner::controller::run(cfg, cancel).await {
+            Ok(()) => ExitCode::Ok,
+            Err(e) => {
+                tracing::error!(error = %chain(&e), "Failed to run the controller.");
+                ExitCode::Internal
+            }
+        }
+    });
+    std::process::exit(code.code())
 }

@@ -230,12 +230,23 @@ pub(crate) struct Identity {
     groups: Vec<u32>,
 }
 
+/// A user of `/etc/passwd` gets its groups from `/etc/group` (read again each time: a boot hook
+/// may have added the user to a group); any other from `getgrouplist` (NSS).
 pub(crate) fn identity(user: &RunnerUser) -> Identity {
-    let groups = CString::new(user.name.as_bytes())
+    let local = std::fs::read_to_string("/etc/passwd")
         .ok()
-        .and_then(|n| nix::unistd::getgrouplist(&n, Gid::from_raw(user.gid)).ok())
-        .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
-        .unwrap_or_else(|| vec![user.gid]);
+        .is_some_and(|t| crate::config::passwd_entry(&t, &user.name).is_some_and(|u| u.uid == user.uid));
+    let from_files = local
+        .then(|| std::fs::read_to_string("/etc/group").ok())
+        .flatten()
+        .map(|t| crate::config::member_groups(&t, &user.name, user.gid));
+    let groups = from_files.unwrap_or_else(|| {
+        CString::new(user.name.as_bytes())
+            .ok()
+            .and_then(|n| nix::unistd::getgrouplist(&n, Gid::from_raw(user.gid)).ok())
+            .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_else(|| vec![user.gid])
+    });
     Identity { uid: user.uid, gid: user.gid, groups }
 }
 
@@ -535,9 +546,113 @@ pub fn prepare_root(cfg: &Config) -> io::Result<()> {
     Ok(())
 }
 
+/// What making a runner root took: files hard-linked, and bytes copied where a link could not
+/// be made (another filesystem).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RootMade {
+    pub linked: u64,
+    pub copied_bytes: u64,
+}
+
+/// Makes a runner's own root at `root` from the runner installed in `install` (README "Several
+/// runners per container"). The runner takes the directory holding `bin/` as its root and
+/// writes its identity there (`.runner`, `.credentials`, `.env`, `_diag/`, `_work/`), so each
+/// runner needs its own directory, but not its own copy of the large read-only parts:
+/// - `bin*` and other directories: the tree again, each file hard-linked (the Listener's own
+///   path, which the runner resolves its root from, must lie in the root; a symlinked `bin`
+///   would resolve to the install). Across filesystems a file is copied instead;
+/// - `externals*`: a symlink to the install's (node and friends; their path does not matter);
+/// - top-level files (the scripts): copied, since `env.sh` and `config.sh` rewrite files in
+///   the root in place, and a linked inode would change every runner's;
+/// - dotfiles and `_*` (the installed runner's own state, if any): left out.
+///
+/// A root that already has `bin/` is left as it is (a restart of the same container).
+pub fn make_root(install: &Path, root: &Path) -> io::Result<RootMade> {
+    let mut made = RootMade::default();
+    if root.join("bin").exists() {
+        return Ok(made);
+    }
+    std::fs::create_dir_all(root)?;
+    for entry in std::fs::read_dir(install)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name_str = name.to_string_lossy();
+        if name_str.starts_with('.') || name_str.starts_with('_') {
+            continue;
+        }
+        let (from, to) = (entry.path(), root.join(&name));
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&from)?, &to)?;
+        } else if kind.is_dir() && name_str.starts_with("externals") {
+            std::os::unix::fs::symlink(&from, &to)?;
+        } else if kind.is_dir() {
+            link_tree(&from, &to, &mut made)?;
+        } else {
+            made.copied_bytes += std::fs::copy(&from, &to)?;
+        }
+    }
+    Ok(made)
+}
+
+/// `from`'s tree again at `to`: directories made, files hard-linked (copied across
+/// filesystems), symlinks recreated.
+fn link_tree(from: &Path, to: &Path, made: &mut RootMade) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir(to)?;
+    let mode = std::fs::metadata(from)?.permissions().mode();
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode))?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+        } else if kind.is_dir() {
+            link_tree(&src, &dst, made)?;
+        } else {
+            match std::fs::hard_link(&src, &dst) {
+                Ok(()) => made.linked += 1,
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => made.copied_bytes += std::fs::copy(&src, &dst)?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_root_shares_the_installs_files_and_keeps_its_state_apart() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let install = dir.path().join("install");
+        std::fs::create_dir_all(install.join("bin/sub")).unwrap();
+        std::fs::create_dir_all(install.join("externals/node20/bin")).unwrap();
+        std::fs::create_dir_all(install.join("_diag")).unwrap();
+        std::fs::write(install.join("bin/Runner.Listener"), "listener").unwrap();
+        std::fs::write(install.join("bin/sub/x.dll"), "dll").unwrap();
+        std::fs::write(install.join("externals/node20/bin/node"), "node").unwrap();
+        std::fs::write(install.join("run.sh"), "#!/bin/bash\n").unwrap();
+        std::fs::write(install.join(".runner"), "{}").unwrap();
+        std::os::unix::fs::symlink("bin", install.join("bin.current")).unwrap();
+        let root = dir.path().join("roots/1");
+        let made = make_root(&install, &root).unwrap();
+        assert_eq!(made.linked, 2, "{made:?}");
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(ino(&root.join("bin/Runner.Listener")), ino(&install.join("bin/Runner.Listener")));
+        assert_eq!(ino(&root.join("bin/sub/x.dll")), ino(&install.join("bin/sub/x.dll")));
+        assert!(std::fs::symlink_metadata(root.join("bin")).unwrap().is_dir(), "bin is a real directory");
+        assert_eq!(std::fs::read_link(root.join("externals")).unwrap(), install.join("externals"));
+        assert_ne!(ino(&root.join("run.sh")), ino(&install.join("run.sh")), "scripts are copies");
+        assert_eq!(std::fs::read_link(root.join("bin.current")).unwrap(), Path::new("bin"));
+        assert!(!root.join(".runner").exists() && !root.join("_diag").exists(), "no state is carried over");
+        // Again on the same root: nothing to do.
+        assert_eq!(make_root(&install, &root).unwrap(), RootMade::default());
+    }
 
     #[test]
     fn job_lines_are_parsed() {

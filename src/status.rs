@@ -57,6 +57,128 @@ pub struct Status {
     pub boot: BootTimes,
     /// How the drain ended, once it has.
     pub drain: Option<DrainOutcome>,
+    /// The runner's scope (`owner/repo`, an organization or an enterprise) and labels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// The pid of the runner's `run.sh` while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Unix seconds when the supervisor started this runner.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    /// Added over the admin API (not one of `RUNNER_COUNT`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub added: bool,
+    /// Every runner of the container, each with the fields above; at the top level the same
+    /// fields describe the whole container (for one runner: that runner).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runners: Vec<Status>,
+    /// Runners that count for the container's state and busy share: those not yet removed
+    /// over the admin API.
+    pub runner_count: usize,
+    pub busy_runners: usize,
+    /// The key of a runner's entry in `runners` (internal).
+    #[serde(skip)]
+    pub(crate) key: u64,
+    /// Removed over the admin API: still listed, no longer counted.
+    #[serde(skip)]
+    pub retired: bool,
+}
+
+impl Status {
+    /// The share of the container's runners that run a job, in percent: busy/N. `None` while
+    /// every runner is still starting (nothing to tell the autoscaler yet).
+    pub fn busy_share(&self) -> Option<f64> {
+        if self.runners.len() <= 1 && self.runner_count <= 1 {
+            return single_busy_share(self);
+        }
+        let live: Vec<&Status> = self.runners.iter().filter(|r| !r.retired).collect();
+        if live.is_empty() {
+            return Some(0.0);
+        }
+        let shares: Vec<Option<f64>> = live.iter().map(|r| single_busy_share(r)).collect();
+        if shares.iter().all(Option::is_none) {
+            return None;
+        }
+        Some(shares.iter().map(|s| s.unwrap_or(0.0)).sum::<f64>() / live.len() as f64)
+    }
+}
+
+/// One runner's busy share: 100 running a job, 0 listening or gone, `None` while it starts.
+fn single_busy_share(s: &Status) -> Option<f64> {
+    match s.state {
+        State::Busy => Some(100.0),
+        State::Idle | State::Stopped | State::Failed => Some(0.0),
+        State::Draining => Some(if s.busy { 100.0 } else { 0.0 }),
+        State::Starting | State::Registering if s.busy => Some(100.0),
+        State::Starting | State::Registering => None,
+    }
+}
+
+/// The container's state from its runners': alive ones first (a drain, then a job, then
+/// listening, then the boot), then failed, then stopped.
+fn aggregate_state(states: impl Iterator<Item = State>) -> Option<State> {
+    let rank = |s: State| match s {
+        State::Draining => 7,
+        State::Busy => 6,
+        State::Idle => 5,
+        State::Registering => 4,
+        State::Starting => 3,
+        State::Failed => 2,
+        State::Stopped => 1,
+    };
+    states.max_by_key(|s| rank(*s))
+}
+
+/// The top-level fields from `runners`: a copy of the one runner's, or a summary of many.
+fn aggregate(top: &mut Status) {
+    let live: Vec<Status> = top.runners.iter().filter(|r| !r.retired).cloned().collect();
+    top.runner_count = live.len();
+    top.busy_runners = live.iter().filter(|r| r.busy).count();
+    if top.runners.len() == 1 && live.len() == 1 {
+        let one = &live[0];
+        let keep_runners = std::mem::take(&mut top.runners);
+        *top = Status { runners: keep_runners, runner_count: 1, busy_runners: usize::from(one.busy), ..one.clone() };
+        top.key = 0;
+        top.added = false;
+        return;
+    }
+    let state = aggregate_state(live.iter().map(|r| r.state)).unwrap_or(State::Idle);
+    if top.state != state {
+        top.state = state;
+        top.since = now();
+    }
+    top.busy = top.busy_runners > 0;
+    top.job = None;
+    top.runner_name = None;
+    top.runner_id = None;
+    top.pid = None;
+    top.scope = None;
+    top.labels = Vec::new();
+    top.jobs_completed = top.runners.iter().map(|r| r.jobs_completed).sum();
+    top.restarts = top.runners.iter().map(|r| r.restarts).sum();
+    top.last_error = top.runners.iter().rev().find_map(|r| r.last_error.clone());
+    top.lock = None;
+    top.prewarm = None;
+    // The container's boot is over when every runner's is.
+    let all = |f: fn(&Status) -> Option<f64>| -> Option<f64> {
+        let v: Vec<Option<f64>> = live.iter().map(f).collect();
+        (!v.is_empty() && v.iter().all(Option::is_some)).then(|| v.iter().flatten().fold(0.0_f64, |a, b| a.max(*b)))
+    };
+    top.boot.registration_seconds = all(|r| r.boot.registration_seconds);
+    top.boot.listening_seconds = all(|r| r.boot.listening_seconds);
+    let drains: Vec<Option<DrainOutcome>> = live.iter().map(|r| r.drain).collect();
+    top.drain = if !drains.is_empty() && drains.iter().all(Option::is_some) {
+        drains.iter().flatten().copied().max_by_key(|d| match d {
+            DrainOutcome::Idle => 0,
+            DrainOutcome::Finished => 1,
+            DrainOutcome::Cancelled => 2,
+        })
+    } else {
+        None
+    };
 }
 
 /// Durations of the boot's phases, once each is over.
@@ -132,22 +254,50 @@ impl Default for Status {
             prewarm: None,
             boot: BootTimes::default(),
             drain: None,
+            scope: None,
+            labels: Vec::new(),
+            pid: None,
+            started_at: None,
+            added: false,
+            runners: Vec::new(),
+            runner_count: 0,
+            busy_runners: 0,
+            key: 0,
+            retired: false,
         }
     }
 }
 
-/// The writer side, owned by the supervisor.
+/// The writer side: the container's (held by main and the boot) or one runner's (held by its
+/// supervisor), which writes that runner's entry and then the container's summary.
 #[derive(Clone)]
-pub struct StatusHandle(watch::Sender<Status>);
+pub struct StatusHandle {
+    tx: watch::Sender<Status>,
+    /// The runner's key in `runners`; `None` for the container's handle.
+    runner: Option<u64>,
+}
 
 impl StatusHandle {
     pub fn new() -> (Self, watch::Receiver<Status>) {
         let (tx, rx) = watch::channel(Status::default());
-        (Self(tx), rx)
+        (Self { tx, runner: None }, rx)
+    }
+
+    /// A handle for a new runner's entry, listed from now on.
+    pub fn add_runner(&self, init: impl FnOnce(&mut Status)) -> StatusHandle {
+        let mut key = 0;
+        self.tx.send_modify(|top| {
+            key = top.runners.iter().map(|r| r.key).max().unwrap_or(0) + 1;
+            let mut entry = Status { key, started_at: Some(now()), ..Status::default() };
+            init(&mut entry);
+            top.runners.push(entry);
+            aggregate(top);
+        });
+        StatusHandle { tx: self.tx.clone(), runner: Some(key) }
     }
 
     pub fn set_state(&self, state: State) {
-        self.0.send_modify(|s| {
+        self.update(|s| {
             if s.state != state {
                 s.state = state;
                 s.since = now();
@@ -156,11 +306,24 @@ impl StatusHandle {
     }
 
     pub fn update(&self, f: impl FnOnce(&mut Status)) {
-        self.0.send_modify(f);
+        match self.runner {
+            None => self.tx.send_modify(f),
+            Some(key) => self.tx.send_modify(|top| {
+                if let Some(entry) = top.runners.iter_mut().find(|r| r.key == key) {
+                    f(entry);
+                }
+                aggregate(top);
+            }),
+        }
     }
 
+    /// This handle's view: the runner's entry, or the container's summary.
     pub fn get(&self) -> Status {
-        self.0.borrow().clone()
+        let top = self.tx.borrow();
+        match self.runner {
+            None => top.clone(),
+            Some(key) => top.runners.iter().find(|r| r.key == key).cloned().unwrap_or_default(),
+        }
     }
 }
 
@@ -181,8 +344,19 @@ pub fn render_metrics(s: &Status, m: &Metrics) -> String {
         let name = serde_json::to_value(st).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         let _ = writeln!(out, "ci_runner_state{{state=\"{name}\"}} {}", u8::from(s.state == st));
     }
-    family(&mut out, "ci_runner_busy", "gauge", "Whether a job runs now.");
+    family(&mut out, "ci_runner_busy", "gauge", "Whether a job runs now (on any of the container's runners).");
     let _ = writeln!(out, "ci_runner_busy {}", u8::from(s.busy));
+    family(
+        &mut out,
+        "ci_runner_runners",
+        "gauge",
+        "The container's runners (RUNNER_COUNT and those added over the admin API, not those removed) by state.",
+    );
+    for st in states {
+        let name = serde_json::to_value(st).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let n = s.runners.iter().filter(|r| !r.retired && r.state == st).count();
+        let _ = writeln!(out, "ci_runner_runners{{state=\"{name}\"}} {n}");
+    }
     family(&mut out, "ci_runner_restarts_total", "counter", "Restarts of run.sh.");
     let _ = writeln!(out, "ci_runner_restarts_total {}", s.restarts);
     family(
@@ -344,6 +518,7 @@ mod tests {
         for name in [
             "ci_runner_state",
             "ci_runner_busy",
+            "ci_runner_runners",
             "ci_runner_restarts_total",
             "ci_runner_boot_phase_seconds",
             "ci_runner_drain_outcome",
@@ -404,6 +579,35 @@ mod tests {
         assert!(text.contains("ci_runner_drain_outcome{outcome=\"idle\"} 0\n"), "{text}");
         assert!(text.contains("ci_runner_drain_outcome{outcome=\"cancelled\"} 0\n"), "{text}");
         assert_eq!(serde_json::to_value(&s).unwrap()["drain"], "finished");
+    }
+
+    #[test]
+    fn one_runner_is_the_container_and_many_sum_up_to_busy_over_n() {
+        let (top, rx) = StatusHandle::new();
+        assert_eq!(rx.borrow().busy_share(), None, "nothing to say while booting");
+        let a = top.add_runner(|s| s.runner_name = Some("a".into()));
+        a.update(|s| s.busy = true);
+        a.set_state(State::Busy);
+        let h = rx.borrow().clone();
+        assert_eq!((h.state, h.runner_name.as_deref(), h.busy_share()), (State::Busy, Some("a"), Some(100.0)));
+        assert_eq!((h.runner_count, h.busy_runners, h.runners.len()), (1, 1, 1));
+        let b = top.add_runner(|s| s.runner_name = Some("b".into()));
+        let c = top.add_runner(|s| s.runner_name = Some("c".into()));
+        b.set_state(State::Idle);
+        c.set_state(State::Idle);
+        let h = rx.borrow().clone();
+        assert_eq!((h.state, h.runner_name.as_deref(), h.busy), (State::Busy, None, true));
+        assert_eq!((h.runner_count, h.busy_runners), (3, 1));
+        assert!((h.busy_share().unwrap() - 100.0 / 3.0).abs() < 1e-9, "{:?}", h.busy_share());
+        assert_eq!(c.get().runner_name.as_deref(), Some("c"), "a runner's handle reads its own entry");
+        c.update(|s| s.retired = true);
+        assert_eq!(rx.borrow().busy_share(), Some(50.0), "a removed runner no longer counts");
+        b.set_state(State::Draining);
+        assert_eq!(rx.borrow().state, State::Draining);
+        let text = render_metrics(&rx.borrow(), &Metrics::new());
+        assert!(text.contains("ci_runner_runners{state=\"busy\"} 1\n"), "{text}");
+        assert!(text.contains("ci_runner_runners{state=\"draining\"} 1\n"), "{text}");
+        assert!(text.contains("ci_runner_runners{state=\"idle\"} 0\n"), "the removed one is not counted: {text}");
     }
 
     #[tokio::test]

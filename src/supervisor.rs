@@ -8,7 +8,6 @@
 //! wait; past it (or on a second signal) the Listener gets SIGINT and cancels the job, so
 //! GitHub records it as cancelled rather than lost. A third signal kills the runner.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +19,6 @@ use tracing::{error, info, warn};
 use crate::config::{Config, Credentials, RunnerName, Scope, Secret};
 use crate::error::{chain, Error, ExitCode};
 use crate::github::{backoff, Auth, Budget, Deleted, Github, GithubError, DEFAULT_RUNNER_GROUP_ID};
-use crate::hooks;
 use crate::lock;
 use crate::metrics::{self, JobResult};
 use crate::prewarm;
@@ -215,13 +213,9 @@ pub struct Supervisor {
     name: String,
     cancel: CancellationToken,
     lock: Option<mpsc::UnboundedSender<lock::Request>>,
-    daemons: hooks::Daemons,
     prewarm: Option<PrewarmTask>,
-    forwarder: Option<crate::forward::Forwarder>,
     /// When the process started, for the boot's `listening_seconds`.
     started: Instant,
-    /// The replica index claimed for `RUNNER_INSTANCE_LABELS`, held while the supervisor lives.
-    instance_claim: Option<std::fs::File>,
     /// `RUNNER_GROUP` resolved to its id at start (a JIT configuration needs the id).
     runner_group_id: Option<u64>,
     /// The current JIT registration's configuration, for run.sh's environment only.
@@ -237,29 +231,6 @@ struct PrewarmTask {
     gate: Arc<prewarm::Gate>,
     started: Instant,
     deadline: Instant,
-}
-
-/// `TZ` for the whole container: hooks and the runner get it in their environment; as the
-/// container's PID 1 (our parent is PID 1) and root, `/etc/localtime` and `/etc/timezone`
-/// follow it too, for programs that ignore `TZ`.
-fn apply_tz(cfg: &Config) {
-    let Some(tz) = cfg.tz.as_deref().map(|t| t.trim_start_matches(':')) else { return };
-    if std::os::unix::process::parent_id() != 1 || !nix::unistd::geteuid().is_root() || tz.starts_with('/') {
-        return;
-    }
-    // The file the configuration checked, so /etc/localtime never points at another database.
-    let target = cfg.zoneinfo.join(tz);
-    let tmp = PathBuf::from("/etc/.localtime.ci-runner");
-    let _ = std::fs::remove_file(&tmp);
-    let res = std::os::unix::fs::symlink(&target, &tmp)
-        .and_then(|()| std::fs::rename(&tmp, "/etc/localtime"))
-        .and_then(|()| std::fs::write("/etc/timezone", format!("{tz}\n")));
-    match res {
-        Ok(()) => info!(tz = %tz, "Time zone set."),
-        Err(e) => {
-            warn!(tz = %tz, error = %e, "Failed to set /etc/localtime; TZ is still in every process's environment.")
-        }
-    }
 }
 
 /// Writes a job hook script (0755) that runs `ci-runner hook <kind>`, chained with the
@@ -287,15 +258,16 @@ fn write_hook(
 
 impl Supervisor {
     /// `started` is when the process started (main takes it first thing), for the boot times.
+    /// `github` is the API client for `cfg`'s credentials (`None` for a bare registration
+    /// token); the container's runners share one, and with it a GitHub App's tokens.
     pub fn new(
         cfg: Config,
+        github: Option<Github>,
         status: StatusHandle,
         signals: mpsc::UnboundedReceiver<SignalKind>,
         registration: RegistrationSlot,
         started: Instant,
     ) -> Result<Self, Error> {
-        let github =
-            Auth::for_config(&cfg).map(|auth| Github::new(&cfg.api_url, auth)).transpose().map_err(Error::Http)?;
         let name = runner_name(&cfg.name);
         status.update(|s| s.runner_name = Some(name.clone()));
         Ok(Self {
@@ -307,11 +279,8 @@ impl Supervisor {
             name,
             cancel: CancellationToken::new(),
             lock: None,
-            daemons: hooks::Daemons::default(),
             prewarm: None,
-            forwarder: None,
             started,
-            instance_claim: None,
             runner_group_id: None,
             jit: None,
             version: None,
@@ -333,12 +302,6 @@ impl Supervisor {
                 e.exit_code()
             }
         };
-        // After the runner: what the boot hooks started (dockerd, a VPN …), then the forwards
-        // (the runner's de-registration and the daemons may have used them).
-        self.daemons.stop(Duration::from_secs(10)).await;
-        if let Some(f) = self.forwarder.take() {
-            let _ = tokio::task::spawn_blocking(move || f.stop()).await;
-        }
         if code == ExitCode::Ok || code == ExitCode::DrainTimeout {
             self.status.set_state(State::Stopped);
         }
@@ -389,76 +352,15 @@ impl Supervisor {
     }
 
     /// The job is over (or never will be): the lock goes to the next waiter.
-    /// This instance's entry of `RUNNER_INSTANCE_LABELS`: its labels join `GH_LABELS`, its key
-    /// is `RUNNER_INSTANCE` for the hooks and jobs; a claimed replica index is held for life.
-    fn resolve_instance(&mut self) -> Result<(), Error> {
-        let Some(table) = self.cfg.instance_labels.clone() else { return Ok(()) };
-        let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
-        let resolved = table.resolve(&host)?;
-        for l in &resolved.labels {
-            if !self.cfg.labels.iter().any(|x| x.eq_ignore_ascii_case(l)) {
-                self.cfg.labels.push(l.clone());
-            }
-        }
-        self.cfg.runner_env.retain(|(k, _)| k != "RUNNER_INSTANCE");
-        self.cfg.runner_env.push(("RUNNER_INSTANCE".into(), resolved.key.clone()));
-        info!(instance = %resolved.key, claimed = resolved.claim.is_some(), labels = %self.cfg.labels.join(","), "Instance labels added.");
-        self.instance_claim = resolved.claim;
-        Ok(())
-    }
-
     fn release_lock(&self) {
         if let Some(tx) = &self.lock {
             let _ = tx.send(lock::Request::Release);
         }
     }
 
-    /// One phase of the boot hooks (`root`, then `guest`); what they export (and do not
-    /// unset) becomes the runner's environment. Returns false when a signal stopped them.
-    async fn run_hooks(&mut self, guest: bool) -> Result<bool, Error> {
-        let dir = if guest { &self.cfg.guest_hooks_dir } else { &self.cfg.root_hooks_dir };
-        let found = hooks::discover(dir);
-        if found.is_empty() {
-            return Ok(true);
-        }
-        self.status.set_state(State::Starting);
-        let phase = if guest {
-            hooks::Phase {
-                name: "guest",
-                hooks: found,
-                user: self.cfg.runner_user.as_ref(),
-                cwd: self
-                    .cfg
-                    .runner_user
-                    .as_ref()
-                    .map(|u| u.home.clone())
-                    .filter(|h| h.is_dir())
-                    .unwrap_or_else(|| "/".into()),
-            }
-        } else {
-            hooks::Phase { name: "root", hooks: found, user: None, cwd: "/".into() }
-        };
-        let signals = &mut self.signals;
-        let interrupt = async {
-            if let Some(sig) = signals.recv().await {
-                info!(signal = ?sig, "Signal received during boot.");
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        match hooks::run_phase(&phase, &self.cfg.runner_env, &mut self.daemons, interrupt).await? {
-            hooks::Outcome::Done(exported) => {
-                // The runner's HOME/USER/LOGNAME are set again when it starts.
-                self.cfg.runner_env = exported;
-                Ok(true)
-            }
-            hooks::Outcome::Interrupted => Ok(false),
-        }
-    }
-
     /// Starts loading the work dir from ci-storage in the background; registration goes on
     /// meanwhile, and run.sh waits for it (`await_prewarm`).
-    fn start_prewarm(&mut self) {
+    pub fn start_prewarm(&mut self) {
         let Some(settings) = self.cfg.prewarm.clone() else { return };
         let gate = Arc::new(prewarm::Gate::default());
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -539,42 +441,15 @@ impl Supervisor {
     }
 
     async fn run_inner(&mut self) -> Result<ExitCode, Error> {
-        apply_tz(&self.cfg);
-        self.resolve_instance()?;
-        // First of all: the hooks and the pre-warm may need them (CI_STORAGE_HOST is often a
-        // forwarded port). A port already taken stops the boot before anything is registered.
-        if let Some((forwards, opts)) = self.cfg.forwards.clone() {
-            self.forwarder = Some(crate::forward::start(forwards, opts)?);
+        // The boot (README "Boot sequence") started both already for the container's runners.
+        if self.prewarm.is_none() {
+            self.start_prewarm();
         }
-        if !self.run_hooks(false).await? {
-            info!("Stopped during boot: nothing was registered.");
-            return Ok(ExitCode::Ok);
-        }
-        // After the root hooks (they may bring up what reaches the storage host), before the
-        // guest hooks and registration, which go on while it loads.
-        self.start_prewarm();
-        self.start_version_check();
-        if !self.run_hooks(true).await? {
-            if let Some(task) = self.prewarm.take() {
-                task.gate.cancel();
-            }
-            info!("Stopped during boot: nothing was registered.");
-            return Ok(ExitCode::Ok);
+        if self.version.is_none() {
+            self.start_version_check();
         }
         self.start_lock()?;
-        match self.resolve_group().await {
-            Ok(()) => {}
-            Err(Ok(Interrupted)) => {
-                info!("Stopped during boot: nothing was registered.");
-                return Ok(ExitCode::Ok);
-            }
-            Err(Err(e)) => return Err(e),
-        }
         self.clean_stale_registration().await;
-        if let (Some(older_than), Some(gh)) = (self.cfg.sweep_offline, &self.github) {
-            let pool = crate::fleet::Pool::of(&self.cfg.name);
-            crate::fleet::sweep(gh, &self.cfg.scope, &pool, older_than, &self.cancel).await;
-        }
         runner::prepare_root(&self.cfg)
             .map_err(|source| Error::Prepare { path: self.cfg.runner_dir.clone(), source })?;
         let mut failures = 0u32;
@@ -685,27 +560,21 @@ impl Supervisor {
         }
     }
 
-    /// `RUNNER_GROUP` to its id, before anything is registered: a group that does not exist
-    /// stops the boot with the groups that do (config.sh would only say it found none).
-    /// Without API credentials (a bare registration token) config.sh resolves the name itself.
-    async fn resolve_group(&mut self) -> Result<(), Result<Interrupted, Error>> {
-        let (Some(name), Some(gh)) = (self.cfg.group.clone(), self.github.clone()) else { return Ok(()) };
-        let lookup = gh.runner_group_id(&self.cfg.scope, &name, Budget::attempts(8), &self.cancel);
-        let id = tokio::select! {
-            id = lookup => id.map_err(|e| Err(Error::Github(e)))?,
-            Some(sig) = self.signals.recv() => {
-                info!(signal = ?sig, "Signal received while resolving the runner group.");
-                return Err(Ok(Interrupted));
-            }
-        };
-        info!(group = %name, group_id = id, "Runner group found.");
-        self.runner_group_id = Some(id);
-        Ok(())
+    /// The id of `RUNNER_GROUP`, resolved by the boot.
+    pub fn set_runner_group_id(&mut self, id: Option<u64>) {
+        self.runner_group_id = id;
     }
 
-    /// The id of `RUNNER_GROUP`, once resolved at start.
-    pub fn runner_group_id(&self) -> Option<u64> {
-        self.runner_group_id
+    /// What the boot hooks exported: the runner's environment from now on.
+    pub fn set_runner_env(&mut self, env: Vec<(String, String)>) {
+        self.cfg.runner_env = env;
+    }
+
+    /// Stops a pre-warm the boot started (a signal ended the boot).
+    pub fn cancel_prewarm(&mut self) {
+        if let Some(task) = self.prewarm.take() {
+            task.gate.cancel();
+        }
     }
 
     /// A signal came before the Listener ran: remove whatever was registered, exit 0.
@@ -744,6 +613,12 @@ impl Supervisor {
         self.status.set_state(State::Registering);
         runner::remove_local_files(&self.cfg.runner_dir);
         self.jit = None;
+        if let Credentials::Jit(encoded) = &self.cfg.credentials {
+            // Minted by `ci-runner controller` (issue #9): the registration exists already.
+            info!(runner = %self.name, "Running the JIT configuration given in RUNNER_JITCONFIG.");
+            self.jit = Some(encoded.clone());
+            return Ok(());
+        }
         if self.cfg.jit {
             return self.register_jit(began).await;
         }
@@ -867,7 +742,7 @@ impl Supervisor {
     /// With updates disabled (`RUNNER_DISABLE_UPDATE`), the version is learnt while the boot
     /// and the registration's first calls go on (the real Listener takes a fraction of a
     /// second to start); `check_version` judges it just before anything is registered.
-    fn start_version_check(&mut self) {
+    pub fn start_version_check(&mut self) {
         if !self.cfg.disable_update {
             return;
         }
@@ -971,6 +846,8 @@ impl Supervisor {
     async fn supervise_once(&mut self) -> Result<Outcome, Error> {
         let (mut proc, mut lines) = RunnerProcess::spawn(&self.cfg, self.jit.as_ref())?;
         info!(pid = proc.pid(), "Runner started.");
+        let pid = proc.pid();
+        self.status.update(|s| s.pid = Some(pid));
         self.status.set_state(State::Starting);
         let mut info = ExitInfo::default();
         let mut busy: Option<String> = None;
@@ -1195,6 +1072,7 @@ impl Supervisor {
         self.status.update(|s| {
             s.busy = false;
             s.job = None;
+            s.pid = None;
         });
         Ok(match drain {
             Some(d) => Outcome::Drained {

@@ -29,6 +29,9 @@ import sys
 import threading
 import time
 import uuid
+import queue
+import urllib.request
+import urllib.error
 from datetime import datetime, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -228,6 +231,9 @@ class State:
         self.rate_window_start = time.time()
         self.rate_used = 0
         self.next_entity_id = 1000
+        self.hooks = {}          # id -> {"id", "scope", "active", "events", "config": {url, content_type, secret, insecure_ssl}}
+        self.next_hook_id = 1
+        self.deliveries = []     # the webhook delivery log (see SPEC.md)
         self.requests.clear()
         self.add_org("octo-org")
         self.add_repo("octo-org/octo-repo")
@@ -449,6 +455,7 @@ class State:
         j["status"] = "completed"
         j["result"] = result
         j["completed_at"] = time.time()
+        self.emit_job(j, "completed")
         r = self.runners.get(j["runner_id"]) if j["runner_id"] else None
         if r and r["job"] == j["id"]:
             r["busy"] = False
@@ -457,6 +464,104 @@ class State:
             if r["ephemeral"]:
                 # GitHub removes an ephemeral registration once its job is done (section 5.1).
                 self.delete_runner(r)
+
+
+    # ----------------------------------------------------------------- webhooks
+    def hook_json(self, h, reveal=False):
+        cfg = dict(h["config"])
+        if cfg.get("secret") and not reveal:
+            cfg["secret"] = "********"
+        return {"type": "Repository" if scope_kind(h["scope"]) == "repo" else "Organization",
+                "id": h["id"], "name": "web", "active": h["active"], "events": h["events"],
+                "config": cfg, "scope": self.scope_display(h["scope"]),
+                "created_at": iso_z(h["created_at"]), "updated_at": iso_z(h["updated_at"])}
+
+    def hooks_for_job(self, j):
+        owner = j["repository"].split("/")[0].lower()
+        for h in sorted(self.hooks.values(), key=lambda h: h["id"]):
+            if not h["active"] or not ({"workflow_job", "*"} & set(h["events"])):
+                continue
+            if h["scope"] == j["scope"] or h["scope"] == j["repository"].lower() or h["scope"] == owner:
+                yield h
+
+    def job_payload(self, j, action):
+        full = j["repository"]
+        owner = full.split("/")[0]
+        r = self.runners.get(j["runner_id"]) if j["runner_id"] else None
+        conclusion = None
+        if action == "completed":
+            conclusion = {"Succeeded": "success", "SucceededWithIssues": "success", "Failed": "failure",
+                          "Canceled": "cancelled", "Skipped": "skipped"}.get(j["result"], "failure")
+        payload = {
+            "action": action,
+            "workflow_job": {
+                "id": j["id"], "run_id": 100000 + j["id"], "run_attempt": 1, "name": j["name"],
+                "workflow_name": "CI", "head_branch": "main", "status": j["status"],
+                "conclusion": conclusion, "labels": j["labels"],
+                "created_at": iso_z(j["created_at"]), "started_at": iso_z(j["assigned_at"]),
+                "completed_at": iso_z(j["completed_at"]) if action == "completed" else None,
+                "runner_id": j["runner_id"], "runner_name": j["runner_name"],
+                "runner_group_id": (r["group_id"] if r else (1 if j["runner_id"] else None)),
+                "runner_group_name": ("Default" if j["runner_id"] else None),
+            },
+            "repository": {"id": 1, "name": full.split("/")[-1], "full_name": full,
+                           "owner": {"login": owner}},
+            "sender": {"login": "octocat"},
+        }
+        if scope_kind(j["scope"]) != "repo" or owner.lower() in self.orgs:
+            payload["organization"] = {"login": owner}
+        return payload
+
+    def emit_job(self, j, action):
+        """Queue a `workflow_job` delivery to every matching hook (sent by the sender thread,
+        in order, outside the lock). Call with `cond` held."""
+        for h in self.hooks_for_job(j):
+            body = json.dumps(self.job_payload(j, action), separators=(",", ":")).encode("utf-8")
+            d = {"id": str(uuid.uuid4()), "hook_id": h["id"], "event": "workflow_job", "action": action,
+                 "job_id": j["id"], "url": h["config"].get("url"), "status": None, "error": None,
+                 "queued_at": time.time(), "delivered_at": None, "body": body,
+                 "secret": h["config"].get("secret") or ""}
+            self.deliveries.append(d)
+            OUTBOX.put(d)
+
+
+OUTBOX = queue.Queue()
+
+
+def delivery_json(d):
+    return {k: v for k, v in d.items() if k not in ("body", "secret")}
+
+
+def send_delivery(st, d):
+    body, secret = d["body"], d["secret"].encode("utf-8")
+    headers = {
+        "Content-Type": "application/json", "User-Agent": "GitHub-Hookshot/fake",
+        "X-GitHub-Event": d["event"], "X-GitHub-Delivery": d["id"], "X-GitHub-Hook-ID": str(d["hook_id"]),
+    }
+    if secret:
+        headers["X-Hub-Signature-256"] = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+        headers["X-Hub-Signature"] = "sha1=" + hmac.new(secret, body, hashlib.sha1).hexdigest()
+    status, error = None, None
+    try:
+        req = urllib.request.Request(d["url"], data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            status = resp.status
+            resp.read()
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except Exception as e:  # noqa: BLE001 - a delivery failure is recorded, as GitHub does
+        error = str(e)
+    with st.cond:
+        d["status"], d["error"], d["delivered_at"] = status, error, time.time()
+        st.cond.notify_all()
+    sys.stderr.write("fake_github: delivery %s %s job %s -> %s\n" % (d["event"], d["action"], d["job_id"], status or error))
+    sys.stderr.flush()
+
+
+def delivery_sender(st):
+    """Deliveries go out one at a time, in the order they happened (queued before completed)."""
+    while True:
+        send_delivery(st, OUTBOX.get())
 
 
 class FakeGitHub:
@@ -568,6 +673,11 @@ class FakeGitHub:
             scope, rest = parts[1].lower(), parts[2:]
         elif len(parts) >= 2 and parts[0] == "enterprises":
             scope, rest = ("enterprises/" + parts[1]).lower(), parts[2:]
+        if scope is not None and rest and rest[0] == "hooks" and scope_kind(scope) != "enterprise":
+            if not st.scope_exists(scope):
+                raise not_found()
+            self.authorize(principal, scope, method)
+            return self.hooks_route(req, scope, rest[1:])
         if scope is None or not rest or rest[0] != "actions":
             raise not_found()
         if not st.scope_exists(scope):
@@ -624,6 +734,57 @@ class FakeGitHub:
                                   if r["scope"] == scope and r["group_id"] == gid),
                                  key=lambda r: r["id"])
                 return self.paginate(req, runners, "runners", st.runner_json)
+        raise not_found()
+
+    def hooks_route(self, req, scope, rest):
+        """`GET/POST /{scope}/hooks`, `GET/PATCH/DELETE /{scope}/hooks/{id}` (repository and
+        organization webhooks; the secret is never shown back, as on GitHub)."""
+        st = self.state
+        method = req["method"]
+        mine = sorted((h for h in st.hooks.values() if h["scope"] == scope), key=lambda h: h["id"])
+        if not rest and method == "GET":
+            return 200, [st.hook_json(h) for h in mine], {}
+        if not rest and method == "POST":
+            body = req_json(req)
+            cfg = body.get("config") or {}
+            url = cfg.get("url")
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise HttpError(422, "Validation Failed: config.url is missing or not a URL")
+            if any(h["config"].get("url") == url for h in mine):
+                raise HttpError(422, "Validation Failed: Hook already exists on this %s"
+                                % ("repository" if scope_kind(scope) == "repo" else "organization"))
+            hid = st.next_hook_id
+            st.next_hook_id += 1
+            now = time.time()
+            st.hooks[hid] = {"id": hid, "scope": scope, "active": bool(body.get("active", True)),
+                             "events": list(body.get("events") or ["push"]),
+                             "config": {"url": url, "content_type": cfg.get("content_type", "form"),
+                                        "insecure_ssl": str(cfg.get("insecure_ssl", "0")),
+                                        "secret": cfg.get("secret") or ""},
+                             "created_at": now, "updated_at": now}
+            return 201, st.hook_json(st.hooks[hid]), {}
+        if len(rest) == 1:
+            h = st.hooks.get(int_or_404(rest[0]))
+            if not h or h["scope"] != scope:
+                raise not_found()
+            if method == "GET":
+                return 200, st.hook_json(h), {}
+            if method == "PATCH":
+                body = req_json(req)
+                if "config" in body:
+                    cfg = body["config"] or {}
+                    for k in ("url", "content_type", "insecure_ssl", "secret"):
+                        if k in cfg:
+                            h["config"][k] = cfg[k] if k != "insecure_ssl" else str(cfg[k])
+                if "events" in body:
+                    h["events"] = list(body["events"])
+                if "active" in body:
+                    h["active"] = bool(body["active"])
+                h["updated_at"] = time.time()
+                return 200, st.hook_json(h), {}
+            if method == "DELETE":
+                st.hooks.pop(h["id"], None)
+                return 204, None, {}
         raise not_found()
 
     def credential(self, req):
@@ -1099,6 +1260,7 @@ class FakeGitHub:
                                  assigned_at=time.time())
                         r["busy"], r["job"] = True, j["id"]
                         r["jobs_taken"] += 1
+                        st.emit_job(j, "in_progress")
                         st.cond.notify_all()
                         return 200, {"type": "job", "job": {
                             "id": j["id"], "name": j["name"], "steps": j["steps"],
@@ -1244,6 +1406,7 @@ class FakeGitHub:
             if parts[2:] == ["cancel"] and method == "POST":
                 if j["status"] == "queued":
                     j["status"], j["result"], j["completed_at"] = "completed", "Canceled", time.time()
+                    st.emit_job(j, "completed")
                 elif j["status"] == "in_progress" and not j["cancel_requested"]:
                     j["cancel_requested"] = True
                     r = st.runners.get(j["runner_id"])
@@ -1258,6 +1421,35 @@ class FakeGitHub:
                     st.finish_job(j, result)
                 return 200, st.job_json(j), {}
             raise not_found()
+        if parts == ["hooks"] and method == "POST":
+            # A webhook set up as a test needs it: {"scope", "url", "secret", "events"?}.
+            body = req_json(req)
+            scope = st.scope_from_display(body.get("scope", "octo-org/octo-repo"))
+            if scope is None:
+                raise not_found()
+            hid = st.next_hook_id
+            st.next_hook_id += 1
+            now = time.time()
+            st.hooks[hid] = {"id": hid, "scope": scope, "active": True,
+                             "events": list(body.get("events") or ["workflow_job"]),
+                             "config": {"url": str(body.get("url") or ""), "content_type": "json",
+                                        "insecure_ssl": "0", "secret": str(body.get("secret") or "")},
+                             "created_at": now, "updated_at": now}
+            return 201, st.hook_json(st.hooks[hid], reveal=True), {}
+        if parts == ["hooks"] and method == "GET":
+            return 200, [st.hook_json(h, reveal=True) for _, h in sorted(st.hooks.items())], {}
+        if parts == ["deliveries"] and method == "GET":
+            return 200, [delivery_json(d) for d in st.deliveries], {}
+        if parts == ["deliveries", "redeliver"] and method == "POST":
+            # GitHub's "Redeliver": the same payload and X-GitHub-Delivery, signed again.
+            did = str(req_json(req).get("id") or "")
+            d = next((x for x in st.deliveries if x["id"] == did), None)
+            if d is None:
+                raise not_found()
+            again = dict(d, status=None, error=None, delivered_at=None, queued_at=time.time(), redelivery=True)
+            st.deliveries.append(again)
+            OUTBOX.put(again)
+            return 202, delivery_json(again), {}
         if parts == ["runners"] and method == "GET":
             return 200, [st.control_runner_json(st.runners[k]) for k in sorted(st.runners)], {}
         if parts == ["runners"] and method == "POST":
@@ -1337,6 +1529,7 @@ class FakeGitHub:
             "runner_name": None, "created_at": time.time(), "assigned_at": None,
             "completed_at": None, "cancel_requested": False,
         }
+        st.emit_job(st.jobs[jid], "queued")
         return 201, st.job_json(st.jobs[jid]), {}
 
 
@@ -1511,6 +1704,7 @@ def main():
     args = ap.parse_args()
     host, _, port = args.listen.rpartition(":")
     Handler.app = FakeGitHub()
+    threading.Thread(target=delivery_sender, args=(Handler.app.state,), daemon=True).start()
     server = Server((host or "127.0.0.1", int(port or 0)), Handler)
     bound = server.server_address[1]
     if args.port_file:

@@ -1067,6 +1067,101 @@ def github_app_jwt_installations_and_tokens(c):
 
 
 # =========================================================================== main
+class Receiver:
+    """A webhook receiver on loopback: records each delivery (headers, body); answers 200."""
+
+    def __init__(self):
+        import http.server
+        got = self.got = []
+        lock = self.lock = threading.Lock()
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    got.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = "http://127.0.0.1:%d/webhook" % self.server.server_address[1]
+
+    def actions(self):
+        with self.lock:
+            return [(json.loads(b)["action"], json.loads(b)["workflow_job"]["id"]) for _, b in self.got]
+
+    def stop(self):
+        self.server.shutdown()
+
+
+@test
+def hooks_rest_create_update_and_secret_hidden(c):
+    f = c.fake
+    base = "/repos/octo-org/octo-repo/hooks"
+    eq(f.ok("GET", base, token="ghp_admin"), [], "no hooks at first")
+    eq(f.call("GET", base, token="ghp_noadmin")[0], 403, "hooks need admin")
+    cfg = {"url": "http://127.0.0.1:9/webhook", "content_type": "json", "secret": "s1", "insecure_ssl": "0"}
+    h = f.ok("POST", base, {"name": "web", "active": True, "events": ["workflow_job"], "config": cfg},
+             token="ghp_admin")
+    eq((h["config"]["secret"], h["events"], h["active"]), ("********", ["workflow_job"], True), "created hook")
+    st, _, body = f.call("POST", base, {"config": cfg}, token="ghp_admin")
+    eq(st, 422, "same URL twice")
+    f.ok("PATCH", "%s/%d" % (base, h["id"]), {"config": dict(cfg, secret="s2"), "events": ["workflow_job"]},
+         token="ghp_admin")
+    eq([x["config"]["secret"] for x in f.ok("GET", "/_fake/hooks")], ["s2"], "secret updated (control view)")
+    eq(len(f.ok("GET", "/orgs/octo-org/hooks", token="ghp_admin")), 0, "org hooks are separate")
+    f.ok("POST", "/orgs/octo-org/hooks", {"events": ["workflow_job"], "config": dict(cfg, url="http://x/y")},
+         token="ghp_admin")
+    eq(len(f.ok("GET", "/orgs/octo-org/hooks", token="ghp_admin")), 1, "org hook")
+    eq(f.call("PATCH", "/orgs/octo-org/hooks/999", {}, token="ghp_admin")[0], 404, "unknown hook")
+
+
+@test
+def workflow_job_webhooks_are_signed_and_follow_the_job(c):
+    import hmac as _hmac, hashlib as _hashlib
+    f, rdir = c.fake, c.runner_dir()
+    rx = Receiver()
+    try:
+        f.ok("POST", "/_fake/hooks", {"scope": "octo-org/octo-repo", "url": rx.url, "secret": "topsecret"})
+        jid = f.enqueue("hooked", labels=["self-hosted", "jit"])
+        wait_until(lambda: ("queued", jid) in rx.actions(), 10, "the queued delivery")
+        headers, body = rx.got[0]
+        want = "sha256=" + _hmac.new(b"topsecret", body, _hashlib.sha256).hexdigest()
+        eq((headers.get("x-github-event"), headers.get("x-hub-signature-256")), ("workflow_job", want), "signed")
+        payload = json.loads(body)
+        eq((payload["workflow_job"]["labels"], payload["repository"]["full_name"]),
+           (["self-hosted", "jit"], "octo-org/octo-repo"), "payload")
+        jit = f.ok("POST", "/repos/octo-org/octo-repo/actions/runners/generate-jitconfig",
+                   {"name": "hooked-1", "runner_group_id": 1, "labels": ["self-hosted", "jit"]}, token="ghp_admin")
+        run = c.start(rdir, env=base_env(ACTIONS_RUNNER_INPUT_JITCONFIG=jit["encoded_jit_config"]))
+        eq(run.wait_exit(15), 0, "rc")
+        wait_until(lambda: ("completed", jid) in rx.actions(), 10, "the completed delivery")
+        eq(rx.actions(), [("queued", jid), ("in_progress", jid), ("completed", jid)], "delivery order")
+        done = json.loads(rx.got[2][1])["workflow_job"]
+        eq((done["runner_name"], done["conclusion"]), ("hooked-1", "success"), "completed names the runner")
+        # GitHub-hosted and other scopes' jobs go to no repository hook of this one.
+        f.ok("POST", "/_fake/repos", {"full_name": "octo-org/other"})
+        f.enqueue("elsewhere", scope="octo-org/other")
+        # Redelivery: the same delivery id and body again.
+        d = f.ok("GET", "/_fake/deliveries")[0]
+        eq((d["status"], d["action"]), (200, "queued"), "delivery log")
+        f.ok("POST", "/_fake/deliveries/redeliver", {"id": d["id"]}, expect=(202,))
+        wait_until(lambda: len(rx.got) == 4, 10, "the redelivery")
+        eq((rx.got[3][0].get("x-github-delivery"), rx.got[3][1]), (d["id"], body), "same delivery again")
+        # A cancelled queued job is `completed` without a runner.
+        j2 = f.enqueue("cancelled", labels=["self-hosted"])
+        f.ok("POST", "/_fake/jobs/%d/cancel" % j2)
+        wait_until(lambda: ("completed", j2) in rx.actions(), 10, "the cancelled job's delivery")
+        eq(json.loads(rx.got[-1][1])["workflow_job"]["runner_name"], None, "no runner for a cancelled job")
+    finally:
+        rx.stop()
+
+
 def main():
     global VERBOSE
     ap = argparse.ArgumentParser()

@@ -13,18 +13,18 @@ const BASE: &str = "ci-runner-test-base:bookworm";
 const IMAGE: &str = "ci-runner:test";
 const LONG: Duration = Duration::from_secs(90);
 
-fn docker(args: &[&str]) -> std::process::Output {
+pub(crate) fn docker(args: &[&str]) -> std::process::Output {
     Command::new("docker").args(args).stdin(Stdio::null()).output().expect("run docker")
 }
 
-fn docker_ok(args: &[&str]) -> String {
+pub(crate) fn docker_ok(args: &[&str]) -> String {
     let out = docker(args);
     assert!(out.status.success(), "docker {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Whether this machine can run the image tests: skips locally, fails on CI.
-fn docker_available() -> bool {
+pub(crate) fn docker_available() -> bool {
     if !is_root() || !require("docker") {
         assert!(std::env::var("CI").is_err(), "the image tests need root and docker on CI");
         return false;
@@ -64,7 +64,7 @@ fn base_image() {
 
 /// The image, built once per test run from image/Dockerfile with the fake runner as the
 /// runner tarball and the ci-runner this test run built.
-fn image() -> &'static str {
+pub(crate) fn image() -> &'static str {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         base_image();
@@ -149,7 +149,7 @@ impl Drop for Container {
     }
 }
 
-fn rand_suffix() -> String {
+pub(crate) fn rand_suffix() -> String {
     let mut b = [0u8; 4];
     getrandom::getrandom(&mut b).unwrap();
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -169,7 +169,20 @@ fn env_for(gh: &FakeGithub, status_port: u16) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn scratch_dir() -> (tempfile::TempDir, PathBuf) {
+/// The names of `n` runners online on the fake GitHub, once there are.
+fn wait_online(gh: &FakeGithub, n: usize) -> Vec<String> {
+    wait_for(&format!("{n} runners online"), LONG, || {
+        let online: Vec<String> = gh
+            .runners()
+            .into_iter()
+            .filter(|r| r["status"] == "online")
+            .filter_map(|r| r["name"].as_str().map(str::to_string))
+            .collect();
+        (online.len() == n).then_some(online)
+    })
+}
+
+pub(crate) fn scratch_dir() -> (tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().unwrap();
     std::fs::set_permissions(d.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let p = d.path().to_path_buf();
@@ -236,6 +249,57 @@ fn image_registers_runs_jobs_as_guest_without_secrets_and_drains_on_docker_stop(
     let job = gh.job(id);
     assert_eq!(job["result"], "Succeeded", "{job}");
     assert!(gh.runners().is_empty(), "a runner was left registered: {:?}", gh.runners());
+}
+
+/// `RUNNER_COUNT=3` in the image: the roots made at build time serve (their files are the
+/// install's, linked in its layer), each runner has its own work dir, and `docker stop` mid-jobs
+/// lets all three jobs finish and de-registers all three.
+#[test]
+fn image_runs_three_runners_from_its_build_time_roots_and_drains_them_on_docker_stop() {
+    if !docker_available() {
+        return;
+    }
+    let gh = FakeGithub::start();
+    let (_keep, scratch) = scratch_dir();
+    let mut env = env_for(&gh, free_port());
+    env.push(("RUNNER_COUNT", "3".to_string()));
+    let c = Container::run(&env, &[&scratch]);
+    let names = wait_online(&gh, 3);
+    // Linked at build time: root 3's files are the install's, and nothing of either `bin/` is
+    // in the container's own layer (a link made at run time would have copied the file up).
+    let inode = |p: &str| docker_ok(&["exec", &c.name, "stat", "-c", "%i %U", p]);
+    assert_eq!(
+        inode("/home/guest/runners/3/bin/Runner.Listener"),
+        inode("/home/guest/actions-runner/bin/Runner.Listener"),
+        "root 3's Listener is not the install's"
+    );
+    let changed = docker_ok(&["diff", &c.name]);
+    let copied: Vec<&str> = changed.lines().filter(|l| l.contains("/bin/") && l.contains("/home/guest/")).collect();
+    assert!(copied.is_empty(), "runner files copied into the container's layer: {copied:?}");
+    for i in [2, 3] {
+        let work = docker_ok(&["exec", &c.name, "stat", "-c", "%U %a", &format!("/mnt-{i}")]);
+        assert_eq!(work.trim(), "guest 700", "/mnt-{i}");
+    }
+    let ids: Vec<u64> =
+        ["a", "b", "c"].iter().map(|j| gh.enqueue(j, &["ci-test"], &gated_steps(&scratch, j))).collect();
+    for j in ["a", "b", "c"] {
+        wait_for(&format!("job {j} to start"), LONG, || scratch.join(format!("{j}.started")).exists().then_some(()));
+    }
+    let name = c.name.clone();
+    let stopper = std::thread::spawn(move || docker(&["stop", "-t", "120", &name]));
+    c.wait_log("passing it to every runner");
+    for j in ["a", "b", "c"] {
+        assert!(!scratch.join(format!("{j}.done")).exists(), "job {j} ended before its release");
+        release(&scratch, j);
+    }
+    assert!(stopper.join().unwrap().status.success(), "docker stop failed");
+    assert_eq!(c.inspect("{{.State.ExitCode}}"), "0", "{}", c.logs());
+    for id in ids {
+        assert_eq!(gh.job(id)["result"], "Succeeded", "{}", gh.job(id));
+    }
+    for n in &names {
+        assert!(gh.runner_named(n).is_none(), "{n} left registered");
+    }
 }
 
 /// A derived image, as users make one: the shipped docker-group hook and a guest hook of
@@ -356,15 +420,7 @@ fn compose_scales_to_three_distinct_runners_and_down_leaves_none() {
     let _down = Down(dir.path(), &project);
     let up = compose(dir.path(), &project, &["up", "-d", "--no-build", "--scale", "ci-runner=3"]);
     assert!(up.status.success(), "compose up failed: {}", String::from_utf8_lossy(&up.stderr));
-    let names = wait_for("three runners online", LONG, || {
-        let online: Vec<String> = gh
-            .runners()
-            .into_iter()
-            .filter(|r| r["status"] == "online")
-            .filter_map(|r| r["name"].as_str().map(str::to_string))
-            .collect();
-        (online.len() == 3).then_some(online)
-    });
+    let names = wait_online(&gh, 3);
     let distinct: std::collections::HashSet<_> = names.iter().collect();
     assert_eq!(distinct.len(), 3, "names collide: {names:?}");
     let down = compose(dir.path(), &project, &["down", "-t", "60"]);

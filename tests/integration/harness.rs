@@ -50,9 +50,25 @@ pub fn require(tool: &str) -> bool {
     found
 }
 
-/// A TCP port free on 127.0.0.1 a moment ago.
+/// A TCP port free on 127.0.0.1 a moment ago, never handed out twice in one test run.
+///
+/// It is taken below the kernel's ephemeral range (32768-60999 by default), so no server that
+/// binds port 0, as the supervisor's own `/health` does in these tests, can be given it between
+/// this call and the bind it is meant for: CI once saw `ADMIN_ADDR` collide that way.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = FIRST + std::process::id() % 1_000 * 10;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "no free port left below the ephemeral range");
+        let port = (FIRST + (start - FIRST + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn is_root() -> bool {

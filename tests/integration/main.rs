@@ -3,6 +3,7 @@
 
 mod app;
 mod autoscale;
+mod controller;
 mod docker;
 mod ephemeral;
 mod fleet;
@@ -11,6 +12,7 @@ mod harness;
 mod hooks;
 mod lock;
 mod metrics;
+mod multi;
 mod pid1;
 mod prewarm;
 mod scenarios;

@@ -1,0 +1,231 @@
+//! The Docker engine, through its API on the local socket (bollard): runner containers are
+//! created, given their JIT configuration, started, listed by label and removed.
+//!
+//! The JIT configuration is uploaded into the created container as
+//! `/run/secrets/RUNNER_JITCONFIG` (root, 0400) before it starts, where the supervisor reads
+//! it as it reads every secret file: it is then in neither `docker inspect`'s environment nor
+//! any process's argv, and the job (run as `guest`) cannot read it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions,
+    UploadToContainerOptions,
+};
+use bollard::Docker;
+
+use super::pool::Observed;
+use crate::config::Secret;
+
+/// The labels every runner container carries: the controller finds its own by them.
+pub const LABEL_CONTROLLER: &str = "ci-runner.controller";
+pub const LABEL_POOL: &str = "ci-runner.controller.pool";
+pub const LABEL_JOB: &str = "ci-runner.controller.job";
+pub const LABEL_RUNNER_ID: &str = "ci-runner.controller.runner-id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("connect to the Docker engine at {path}")]
+    Connect {
+        path: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("{what} container {name}")]
+    Api {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("list the containers of pool {pool}")]
+    List {
+        pool: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("pack the JIT configuration for container {name}")]
+    Pack {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a runner container is made of.
+pub struct RunnerSpec<'a> {
+    pub name: &'a str,
+    pub pool: &'a str,
+    pub image: &'a str,
+    pub env: Vec<String>,
+    pub network: Option<&'a str>,
+    pub binds: &'a [String],
+    pub for_job: Option<u64>,
+    pub runner_id: u64,
+    pub jit: &'a Secret,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    docker: Docker,
+    /// `CONTROLLER_NAME`, on every container it starts.
+    controller: String,
+}
+
+impl Engine {
+    pub fn connect(socket: &Path, controller: &str) -> Result<Self, EngineError> {
+        let path = socket.display().to_string();
+        let docker = Docker::connect_with_socket(&path, 120, bollard::API_DEFAULT_VERSION)
+            .map_err(|source| EngineError::Connect { path: path.clone(), source })?;
+        Ok(Self { docker, controller: controller.to_string() })
+    }
+
+    /// Agrees on the API version with the engine (older engines answer only up to theirs),
+    /// at start, so that a wrong socket fails the start.
+    pub async fn negotiate(self, socket: &Path) -> Result<Self, EngineError> {
+        let err = |source| EngineError::Connect { path: socket.display().to_string(), source };
+        let docker = self.docker.negotiate_version().await.map_err(err)?;
+        docker.ping().await.map_err(err)?;
+        Ok(Self { docker, controller: self.controller })
+    }
+
+    /// Create, upload the JIT configuration, start. A container that fails to start is removed.
+    pub async fn start(&self, spec: &RunnerSpec<'_>) -> Result<String, EngineError> {
+        let api = |what: &'static str| {
+            let name = spec.name.to_string();
+            move |source| EngineError::Api { what, name, source }
+        };
+        let mut labels = HashMap::from([
+            (LABEL_CONTROLLER.to_string(), self.controller.clone()),
+            (LABEL_POOL.to_string(), spec.pool.to_string()),
+            (LABEL_RUNNER_ID.to_string(), spec.runner_id.to_string()),
+        ]);
+        if let Some(job) = spec.for_job {
+            labels.insert(LABEL_JOB.to_string(), job.to_string());
+        }
+        let body = ContainerCreateBody {
+            image: Some(spec.image.to_string()),
+            env: Some(spec.env.clone()),
+            labels: Some(labels),
+            host_config: Some(HostConfig {
+                network_mode: spec.network.map(str::to_string),
+                binds: (!spec.binds.is_empty()).then(|| spec.binds.to_vec()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions { name: Some(spec.name.to_string()), ..Default::default() };
+        let created = self.docker.create_container(Some(options), body).await.map_err(api("create"))?;
+        let result = async {
+            let tar = jit_archive(spec.jit).map_err(|source| EngineError::Pack { name: spec.name.into(), source })?;
+            let upload = UploadToContainerOptions { path: "/run".into(), ..Default::default() };
+            self.docker
+                .upload_to_container(&created.id, Some(upload), bollard::body_full(tar.into()))
+                .await
+                .map_err(api("upload the JIT configuration into"))?;
+            self.docker.start_container(&created.id, None::<StartContainerOptions>).await.map_err(api("start"))
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = self.remove(spec.name).await;
+            return Err(e);
+        }
+        Ok(created.id)
+    }
+
+    /// Every container of `pool`, running or not.
+    pub async fn list(&self, pool: &str) -> Result<Vec<Observed>, EngineError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_CONTROLLER}={}", self.controller), format!("{LABEL_POOL}={pool}")],
+        )]);
+        let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+        let list = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|source| EngineError::List { pool: pool.into(), source })?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let name = c.names?.first()?.trim_start_matches('/').to_string();
+                let labels = c.labels.unwrap_or_default();
+                let running = matches!(
+                    c.state,
+                    Some(
+                        ContainerSummaryStateEnum::RUNNING
+                            | ContainerSummaryStateEnum::CREATED
+                            | ContainerSummaryStateEnum::RESTARTING
+                            | ContainerSummaryStateEnum::PAUSED
+                    )
+                );
+                Some(Observed {
+                    name,
+                    for_job: labels.get(LABEL_JOB).and_then(|v| v.parse().ok()),
+                    runner_id: labels.get(LABEL_RUNNER_ID).and_then(|v| v.parse().ok()),
+                    running,
+                    age: Duration::from_secs(now.saturating_sub(c.created.unwrap_or(now)).max(0) as u64),
+                })
+            })
+            .collect())
+    }
+
+    /// Removes container `name` (force: one past its lifetime may still run); gone already is fine.
+    pub async fn remove(&self, name: &str) -> Result<(), EngineError> {
+        let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+        match self.docker.remove_container(name, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(source) => Err(EngineError::Api { what: "remove", name: name.into(), source }),
+        }
+    }
+}
+
+/// A tar of `secrets/RUNNER_JITCONFIG` (root, 0400) for the upload into `/run`.
+fn jit_archive(jit: &Secret) -> std::io::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o755);
+    dir.set_size(0);
+    dir.set_uid(0);
+    dir.set_gid(0);
+    dir.set_mtime(0);
+    dir.set_cksum();
+    b.append_data(&mut dir, "secrets/", std::io::empty())?;
+    let data = jit.expose().as_bytes();
+    let mut file = tar::Header::new_gnu();
+    file.set_entry_type(tar::EntryType::Regular);
+    file.set_mode(0o400);
+    file.set_size(data.len() as u64);
+    file.set_uid(0);
+    file.set_gid(0);
+    file.set_mtime(0);
+    file.set_cksum();
+    b.append_data(&mut file, "secrets/RUNNER_JITCONFIG", data)?;
+    b.into_inner()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_jit_archive_holds_one_root_only_file() {
+        let tar = jit_archive(&Secret::new("abc")).unwrap();
+        let mut a = tar::Archive::new(tar.as_slice());
+        let entries: Vec<(String, u32, u64)> = a
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.path().unwrap().display().to_string(), e.header().mode().unwrap(), e.header().uid().unwrap())
+            })
+            .collect();
+        assert_eq!(entries, [("secrets/".into(), 0o755, 0), ("secrets/RUNNER_JITCONFIG".into(), 0o400, 0)]);
+    }
+}

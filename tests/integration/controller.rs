@@ -1,0 +1,501 @@
+//! `ci-runner controller` (issue #9) on the real Docker engine: the fake GitHub sends signed
+//! `workflow_job` deliveries, the controller starts runner containers of the test image with
+//! JIT configurations, and removes them once their job is done.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::docker::{docker, docker_available, docker_ok, image, rand_suffix, scratch_dir};
+use crate::harness::*;
+
+const SECRET: &str = "webhook-topsecret";
+const LONG: Duration = Duration::from_secs(120);
+
+/// A running `ci-runner controller`; on drop it is killed and its containers removed.
+struct Controller {
+    proc: Supervisor,
+    name: String,
+    addr: String,
+}
+
+struct Setup<'a> {
+    gh: &'a FakeGithub,
+    name: String,
+    port: u16,
+    scratch: PathBuf,
+    state: PathBuf,
+    extra: Vec<(String, String)>,
+}
+
+impl<'a> Setup<'a> {
+    fn new(gh: &'a FakeGithub, scratch: &Path, state: &Path) -> Self {
+        Setup {
+            gh,
+            name: format!("ctl-test-{}-{}", std::process::id(), rand_suffix()),
+            port: free_port(),
+            scratch: scratch.to_path_buf(),
+            state: state.to_path_buf(),
+            extra: Vec::new(),
+        }
+    }
+
+    fn with(mut self, k: &str, v: &str) -> Self {
+        self.extra.push((k.into(), v.into()));
+        self
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The webhook for `path` on the fake, as `WEBHOOK_URL` or a user would set it up.
+    fn hook(&self, path: &str) {
+        self.gh.post("/_fake/hooks", json!({"scope": REPO, "url": self.url(path), "secret": SECRET}));
+    }
+
+    fn start(&self) -> Controller {
+        let gh = self.gh;
+        let s = self.scratch.display();
+        let runner_env = "STATUS_ADDR=off,AWS_EC2_METADATA_DISABLED=true,FAKE_RETRY_SLEEP_SEC=0.2,\
+                          FAKE_SESSION_RETRY_SEC=0.2,FAKE_HTTP_RETRY_SEC=0.05";
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), std::env::var("PATH").unwrap_or_default()),
+            ("GH_SERVER_URL".into(), gh.url()),
+            ("GH_API_URL".into(), format!("{}/api/v3", gh.url())),
+            ("CONTROLLER_NAME".into(), self.name.clone()),
+            ("CONTROLLER_ADDR".into(), format!("127.0.0.1:{}", self.port)),
+            ("CONTROLLER_STATE_DIR".into(), self.state.display().to_string()),
+            ("CONTROLLER_POLL_MS".into(), "200".into()),
+            ("SECRETS_DIR".into(), self.state.join("secrets").display().to_string()),
+            ("RUST_LOG".into(), "info".into()),
+        ];
+        if !self.extra.iter().any(|(k, _)| k == "CONTROLLER_CONFIG") {
+            env.extend([
+                ("GH_TOKEN".into(), PAT.into()),
+                ("GH_REPOSITORY".into(), REPO.into()),
+                ("GH_LABELS".into(), "ci-test".into()),
+                ("WEBHOOK_SECRET".into(), SECRET.into()),
+                ("CONTROLLER_IMAGE".into(), image().into()),
+                ("CONTROLLER_NETWORK".into(), "host".into()),
+                ("CONTROLLER_RUNNER_ENV".into(), runner_env.into()),
+                ("CONTROLLER_RUNNER_BINDS".into(), format!("{s}:{s}")),
+            ]);
+        }
+        env.extend(self.extra.iter().cloned());
+        let mut cmd = Command::new(bin());
+        cmd.arg("controller").env_clear().envs(env);
+        let proc = Supervisor::from_command(cmd, String::new());
+        proc.wait_log("Serving POST /webhook", LONG);
+        Controller { proc, name: self.name.clone(), addr: format!("127.0.0.1:{}", self.port) }
+    }
+}
+
+impl Controller {
+    fn containers(&self) -> Vec<String> {
+        let filter = format!("label=ci-runner.controller={}", self.name);
+        let out = docker_ok(&["ps", "-a", "--filter", &filter, "--format", "{{.Names}}"]);
+        out.lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
+    }
+
+    fn wait_no_containers(&self) {
+        wait_for("every runner container removed", LONG, || self.containers().is_empty().then_some(()));
+    }
+
+    fn metrics(&self) -> String {
+        ureq::get(&format!("http://{}/metrics", self.addr)).call().unwrap().into_string().unwrap()
+    }
+
+    /// The value of the metric line starting with `prefix` (name and labels).
+    fn metric(&self, prefix: &str) -> f64 {
+        let m = self.metrics();
+        m.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {prefix} in:\n{m}"))
+    }
+
+    fn health(&self) -> Value {
+        ureq::get(&format!("http://{}/health", self.addr)).call().unwrap().into_json().unwrap()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for c in self.containers() {
+                let out = docker(&["logs", &c]);
+                eprintln!(
+                    "----- runner container {c} -----\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.proc.pid() as i32), nix::sys::signal::Signal::SIGKILL)
+            .ok();
+        for c in self.containers() {
+            let _ = docker(&["rm", "-f", &c]);
+        }
+    }
+}
+
+/// A delivery sent by hand: `signature` None sends no header.
+fn send(url: &str, event: &str, body: &[u8], signature: Option<String>) -> (u16, String) {
+    let mut req = ureq::post(url).set("X-GitHub-Event", event).set("Content-Type", "application/json");
+    if let Some(s) = signature {
+        req = req.set("X-Hub-Signature-256", &s);
+    }
+    match req.send_bytes(body) {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("POST {url}: {e}"),
+    }
+}
+
+fn job_payload(id: u64, action: &str, labels: &[&str]) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "action": action,
+        "workflow_job": {"id": id, "labels": labels, "runner_name": null},
+        "repository": {"full_name": REPO, "name": "octo-repo", "owner": {"login": "octo-org"}},
+    }))
+    .unwrap()
+}
+
+fn sign(body: &[u8]) -> String {
+    ci_runner::controller::webhook::sign(SECRET.as_bytes(), body)
+}
+
+fn wait_job_done(gh: &FakeGithub, id: u64) -> Value {
+    wait_for(&format!("job {id} to complete"), LONG, || Some(gh.job(id)).filter(|j| j["status"] == "completed"))
+}
+
+#[test]
+fn a_queued_job_starts_a_runner_container_that_runs_it_and_is_removed() {
+    if !docker_available() {
+        return;
+    }
+    let gh = FakeGithub::start();
+    let (_keep, scratch) = scratch_dir();
+    let state = tempfile::tempdir().unwrap();
+    let setup = Setup::new(&gh, &scratch, state.path());
+    setup.hook("/webhook");
+    let ctl = setup.start();
+
+    let s = scratch.display();
+    let steps = format!("id -un > {s}/user.txt; env > {s}/env.txt; {}", gated_steps(&scratch, "job"));
+    let id = gh.enqueue("build", &["self-hosted", "ci-test"], &steps);
+    wait_for("the job to start in a runner container", LONG, || scratch.join("job.started").exists().then_some(()));
+    let names = ctl.containers();
+    assert_eq!(names.len(), 1, "{names:?}");
+    // Neither the PAT nor the JIT configuration is in the container's environment or the job's.
+    let inspected = docker_ok(&["inspect", "-f", "{{json .Config.Env}}", &names[0]]);
+    assert!(!inspected.contains(PAT) && !inspected.contains("JITCONFIG"), "{inspected}");
+    let job_env = std::fs::read_to_string(scratch.join("env.txt")).unwrap();
+    assert!(!job_env.contains(PAT) && !job_env.contains("JITCONFIG"), "a secret reached the job:\n{job_env}");
+    assert_eq!(std::fs::read_to_string(scratch.join("user.txt")).unwrap().trim(), "guest");
+    // The runner that took it is the container's.
+    let job = gh.job(id);
+    assert_eq!(job["runner_name"].as_str(), Some(names[0].as_str()), "{job}");
+
+    release(&scratch, "job");
+    assert_eq!(wait_job_done(&gh, id)["result"], "Succeeded");
+    ctl.wait_no_containers();
+    assert!(gh.runners().is_empty(), "a runner was left registered: {:?}", gh.runners());
+    assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 1.0);
+    assert_eq!(ctl.metric("ci_runner_controller_webhook_deliveries_total{outcome=\"queued\"}"), 1.0);
+    assert!(!ctl.proc.log().contains(PAT), "the PAT was logged");
+}
+
+#[test]
+fn bad_missing_and_oversized_deliveries_are_refused_duplicates_and_unserved_labels_start_nothing() {
+    if !docker_available() {
+        return;
+    }
+    let gh = FakeGithub::start();
+    let (_keep, scratch) = scratch_dir();
+    let state = tempfile::tempdir().unwrap();
+    let setup = Setup::new(&gh, &scratch, state.path());
+    setup.hook("/webhook");
+    let ctl = setup.start();
+    let url = setup.url("/webhook");
+
+    let body = job_payload(9001, "queued", &["self-hosted", "ci-test"]);
+    assert_eq!(send(&url, "workflow_job", &body, None).0, 401, "missing signature");
+    let wrong = ci_runner::controller::webhook::sign(b"not-the-secret", &body);
+    assert_eq!(send(&url, "workflow_job", &body, Some(wrong)).0, 401, "bad signature");
+    let mut tampered = body.clone();
+    tampered.extend_from_slice(b" ");
+    assert_eq!(send(&url, "workflow_job", &tampered, Some(sign(&body))).0, 401, "tampered body");
+    let huge = vec![b' '; 2 << 20];
+    assert_eq!(send(&url, "workflow_job", &huge, Some(sign(&huge))).0, 413, "oversized body");
+    // Other events, GitHub-hosted jobs and labels the pool lacks: acknowledged, nothing started.
+    let (code, text) = send(&url, "push", b"{}", Some(sign(b"{}")));
+    assert!(code == 200 && text.contains("ignored_event"), "{code} {text}");
+    for labels in [&["ubuntu-latest"][..], &["self-hosted", "ci-test", "gpu"][..]] {
+        let b = job_payload(9100 + labels.len() as u64, "queued", labels);
+        let (code, text) = send(&url, "workflow_job", &b, Some(sign(&b)));
+        assert!(code == 200 && text.contains("unserved_labels"), "{labels:?}: {code} {text}");
+    }
+    let unserved = gh.enqueue("gpu-job", &["self-hosted", "gpu"], "true");
+    wait_for("the gpu job's delivery to be answered", LONG, || {
+        gh.get("/_fake/deliveries")
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["job_id"] == unserved && d["status"] == 200)
+            .then_some(())
+    });
+    assert_eq!(ctl.metric("ci_runner_controller_webhook_deliveries_total{outcome=\"missing_signature\"}"), 1.0);
+    assert_eq!(ctl.metric("ci_runner_controller_webhook_deliveries_total{outcome=\"bad_signature\"}"), 2.0);
+    assert_eq!(ctl.metric("ci_runner_controller_webhook_deliveries_total{outcome=\"too_large\"}"), 1.0);
+    assert_eq!(ctl.metric("ci_runner_controller_webhook_deliveries_total{outcome=\"unserved_labels\"}"), 3.0);
+    assert!(ctl.containers().is_empty(), "a container for an unserved job: {:?}", ctl.containers());
+
+    // A job delivered twice (GitHub's redelivery, and the same payload again): one container.
+    let id = gh.enqueue("once", &["self-hosted", "ci-test"], &gated_steps(&scratch, "once"));
+    wait_for("the job to start", LONG, || scratch.join("once.started").exists().then_some(()));
+    let first = gh
+        .get("/_fake/deliveries")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["job_id"] == id && d["action"] == "queued")
+        .cloned()
+        .unwrap();
+    gh.post("/_fake/deliveries/redeliver", json!({"id": first["id"]}));
+    wait_for("the redelivery to be answered", LONG, || {
+        let log = gh.get("/_fake/deliveries");
+        // The first answer is 202 (queued), the redelivery's 200 (duplicate).
+        let n = log.as_array().unwrap().iter().filter(|d| d["id"] == first["id"] && d["status"].is_u64()).count();
+        (n == 2).then_some(())
+    });
+    let again = job_payload(id, "queued", &["self-hosted", "ci-test"]);
+    let (code, text) = send(&url, "workflow_job", &again, Some(sign(&again)));
+    assert!(code == 200 && text.contains("duplicate"), "{code} {text}");
+    assert_eq!(ctl.metric("ci_runner_controller_webhook_deliveries_total{outcome=\"duplicate\"}"), 2.0);
+    assert_eq!(ctl.containers().len(), 1, "{:?}", ctl.containers());
+    release(&scratch, "once");
+    assert_eq!(wait_job_done(&gh, id)["result"], "Succeeded");
+    ctl.wait_no_containers();
+    assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 1.0);
+    assert_eq!(gh.job(unserved)["status"], "queued", "the gpu job must wait for a gpu runner");
+}
+
+#[test]
+fn twenty_queued_jobs_with_max_three_never_run_more_than_three_containers_and_all_run() {
+    if !docker_available() {
+        return;
+    }
+    let gh = FakeGithub::start();
+    let (_keep, scratch) = scratch_dir();
+    let state = tempfile::tempdir().unwrap();
+    let setup = Setup::new(&gh, &scratch, state.path()).with("CONTROLLER_MAX_RUNNERS", "3");
+    setup.hook("/webhook");
+    let ctl = setup.start();
+
+    // Watch the engine the whole time: the most containers seen at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let most = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let (stop, most, name) = (stop.clone(), most.clone(), ctl.name.clone());
+        std::thread::spawn(move || {
+            let filter = format!("label=ci-runner.controller={name}");
+            while !stop.load(Ordering::SeqCst) {
+                let n = docker_ok(&["ps", "-a", "-q", "--filter", &filter]).lines().filter(|l| !l.is_empty()).count();
+                most.fetch_max(n, Ordering::SeqCst);
+            }
+        })
+    };
+    let s = scratch.display();
+    let ids: Vec<u64> = (0..20)
+        .map(|i| gh.enqueue(&format!("job{i}"), &["self-hosted", "ci-test"], &format!("touch {s}/ran.{i}")))
+        .collect();
+    let deadline = Duration::from_secs(600);
+    let results: Vec<Value> = ids
+        .iter()
+        .map(|id| {
+            wait_for(&format!("job {id} to complete"), deadline, || {
+                Some(gh.job(*id)).filter(|j| j["status"] == "completed")
+            })
+        })
+        .collect();
+    ctl.wait_no_containers();
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    for (id, j) in ids.iter().zip(&results) {
+        assert_eq!(j["result"], "Succeeded", "job {id}: {j}");
+    }
+    for i in 0..20 {
+        assert!(scratch.join(format!("ran.{i}")).exists(), "job{i} did not run");
+    }
+    let runners: HashSet<String> =
+        results.iter().filter_map(|j| j["runner_name"].as_str().map(str::to_string)).collect();
+    assert_eq!(runners.len(), 20, "one ephemeral runner per job: {runners:?}");
+    let seen = most.load(Ordering::SeqCst);
+    assert!((1..=3).contains(&seen), "{seen} containers at once");
+    let high = ctl.metric("ci_runner_controller_containers_high_water{pool=\"default\"}");
+    assert_eq!(high, 3.0, "the controller never reached its maximum");
+    assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 20.0);
+    assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
+}
+
+#[test]
+fn a_restarted_controller_adopts_the_running_containers_cleans_them_up_and_runs_the_waiting_job() {
+    if !docker_available() {
+        return;
+    }
+    let gh = FakeGithub::start();
+    let (_keep, scratch) = scratch_dir();
+    let state = tempfile::tempdir().unwrap();
+    // One pool from CONTROLLER_CONFIG, secrets by file name, at POST /webhook/adopt.
+    let secrets = state.path().join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join("ADOPT_PAT"), format!("{PAT}\n")).unwrap();
+    std::fs::write(secrets.join("ADOPT_HOOK"), SECRET).unwrap();
+    let s = scratch.display().to_string();
+    let file = state.path().join("controller.json");
+    let config = json!({"pools": [{
+        "id": "adopt", "repository": REPO, "token_secret": "ADOPT_PAT", "webhook_secret": "ADOPT_HOOK",
+        "labels": ["ci-test"], "max_runners": 2, "image": image(), "network": "host",
+        "binds": [format!("{s}:{s}")],
+        "env": {"STATUS_ADDR": "off", "AWS_EC2_METADATA_DISABLED": "true", "FAKE_RETRY_SLEEP_SEC": "0.2",
+                "FAKE_SESSION_RETRY_SEC": "0.2", "FAKE_HTTP_RETRY_SEC": "0.05"},
+    }]});
+    std::fs::write(&file, serde_json::to_vec(&config).unwrap()).unwrap();
+    let setup = Setup::new(&gh, &scratch, state.path()).with("CONTROLLER_CONFIG", &file.display().to_string());
+    setup.hook("/webhook/adopt");
+    let first = setup.start();
+
+    let a = gh.enqueue("a", &["self-hosted", "ci-test"], &gated_steps(&scratch, "a"));
+    let b = gh.enqueue("b", &["self-hosted", "ci-test"], &gated_steps(&scratch, "b"));
+    for n in ["a", "b"] {
+        wait_for(&format!("job {n} to start"), LONG, || scratch.join(format!("{n}.started")).exists().then_some(()));
+    }
+    let running = first.containers();
+    assert_eq!(running.len(), 2, "{running:?}");
+    // A third job waits: the pool's maximum is 2.
+    let c = gh.enqueue("c", &["self-hosted", "ci-test"], "true");
+    wait_for("the third job to wait", LONG, || (first.health()["pools"][0]["queued_jobs"] == 1).then_some(()));
+    // The controller dies (SIGKILL) while both run; a new one starts on the same address.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.proc.pid() as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let mut first = first;
+    first.proc.wait_exit(LONG);
+    std::mem::forget(first);
+    let second = setup.start();
+    wait_for("both containers adopted", LONG, || {
+        let h = second.health();
+        (h["pools"][0]["adopted"] == 2).then_some(())
+    });
+    // One job finishes while the controller hears of it; the other's container is found exited.
+    release(&scratch, "a");
+    assert_eq!(wait_job_done(&gh, a)["result"], "Succeeded");
+    release(&scratch, "b");
+    assert_eq!(wait_job_done(&gh, b)["result"], "Succeeded");
+    // The job that waited when the first controller died ran on the one runner started since
+    // (once an adopted container was removed: the maximum held).
+    assert_eq!(wait_job_done(&gh, c)["result"], "Succeeded");
+    second.wait_no_containers();
+    assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
+    assert!(second.health()["pools"][0]["high_water"].as_u64() <= Some(2), "{}", second.health());
+    assert_eq!(second.metric("ci_runner_controller_starts_total{pool=\"adopt\"}"), 1.0);
+}
+
+#[test]
+fn webhook_url_creates_the_webhook_with_a_kept_generated_secret_and_a_restart_updates_it() {
+    if !docker_available() {
+        return;
+    }
+    let gh = FakeGithub::start();
+    let (_keep, scratch) = scratch_dir();
+    let state = tempfile::tempdir().unwrap();
+    let setup = Setup::new(&gh, &scratch, state.path());
+    let url = setup.url("/webhook");
+    // No WEBHOOK_SECRET (empty is unset): the controller generates one.
+    let setup = setup.with("WEBHOOK_URL", &url).with("WEBHOOK_SECRET", "");
+    let hooks = || gh.get("/_fake/hooks").as_array().cloned().unwrap();
+    {
+        let first = setup.start();
+        let h = hooks();
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(
+            (h[0]["config"]["url"].as_str(), h[0]["events"].clone()),
+            (Some(url.as_str()), json!(["workflow_job"]))
+        );
+        let kept = std::fs::read_to_string(state.path().join("default.webhook-secret")).unwrap();
+        assert_eq!(h[0]["config"]["secret"].as_str(), Some(kept.trim()));
+        assert!(!first.proc.log().contains(kept.trim()), "the secret was logged");
+        // A ping signed with it is accepted.
+        let (code, _) =
+            send(&url, "ping", b"{}", Some(ci_runner::controller::webhook::sign(kept.trim().as_bytes(), b"{}")));
+        assert_eq!(code, 200);
+    }
+    // The restart finds the webhook by its URL and updates it: still one, same secret.
+    let _second = setup.start();
+    let h = hooks();
+    assert_eq!(h.len(), 1, "{h:?}");
+    let kept = std::fs::read_to_string(state.path().join("default.webhook-secret")).unwrap();
+    assert_eq!(h[0]["config"]["secret"].as_str(), Some(kept.trim()));
+    assert_eq!(gh.rest_requests("PATCH", "/hooks/").len(), 1, "{:?}", gh.requests());
+    assert_eq!(gh.rest_requests("POST", "/hooks").len(), 1);
+}
+
+#[test]
+fn min_idle_keeps_a_warm_runner_that_takes_the_next_job_and_is_replaced() {
+    if !docker_available() {
+        return;
+    }
+    let gh = FakeGithub::start();
+    let (_keep, scratch) = scratch_dir();
+    let state = tempfile::tempdir().unwrap();
+    let setup = Setup::new(&gh, &scratch, state.path()).with("CONTROLLER_MIN_IDLE", "1");
+    setup.hook("/webhook");
+    let ctl = setup.start();
+    // With no job at all, one runner starts and waits online.
+    let warm = wait_for("a warm runner online", LONG, || {
+        gh.runners().into_iter().find(|r| r["status"] == "online").and_then(|r| r["name"].as_str().map(str::to_string))
+    });
+    assert_eq!(ctl.containers(), std::slice::from_ref(&warm));
+    // A job: the warm runner takes it, and another one is started to stay warm.
+    let id = gh.enqueue("warm-job", &["self-hosted", "ci-test"], "true");
+    let job = wait_job_done(&gh, id);
+    assert_eq!((job["result"].as_str(), job["runner_name"].as_str()), (Some("Succeeded"), Some(warm.as_str())));
+    wait_for("a new warm runner online, the used one removed", LONG, || {
+        let online: Vec<String> = gh
+            .runners()
+            .into_iter()
+            .filter(|r| r["status"] == "online")
+            .filter_map(|r| r["name"].as_str().map(str::to_string))
+            .collect();
+        (online.len() == 1 && online[0] != warm && ctl.containers() == online).then_some(())
+    });
+}
+
+#[test]
+fn a_runner_that_cannot_start_is_deregistered_and_its_job_keeps_waiting() {
+    if !docker_available() {
+        return;
+    }
+    let gh = FakeGithub::start();
+    let (_keep, scratch) = scratch_dir();
+    let state = tempfile::tempdir().unwrap();
+    let setup = Setup::new(&gh, &scratch, state.path()).with("CONTROLLER_IMAGE", "ci-runner:no-such-image");
+    setup.hook("/webhook");
+    let ctl = setup.start();
+    let id = gh.enqueue("stuck", &["self-hosted", "ci-test"], "true");
+    wait_for("two failed starts (with a backoff between)", LONG, || {
+        (ctl.metric("ci_runner_controller_start_failures_total{pool=\"default\"}") >= 2.0).then_some(())
+    });
+    assert_eq!(ctl.metric("ci_runner_controller_queued_jobs{pool=\"default\"}"), 1.0, "the job was dropped");
+    assert_eq!(gh.job(id)["status"], "queued");
+    // Each minted runner was de-registered again: none lingers offline.
+    wait_for("no runner registered", LONG, || gh.runners().is_empty().then_some(()));
+    assert!(ctl.containers().is_empty(), "{:?}", ctl.containers());
+    assert!(ctl.proc.log_has("Failed to start the runner container; the job waits."), "{}", ctl.proc.log());
+}
