@@ -17,6 +17,30 @@ use crate::harness::*;
 const SECRET: &str = "webhook-topsecret";
 const LONG: Duration = Duration::from_secs(120);
 
+/// What each test starts from: the fake GitHub, a scratch dir the runner containers bind-mount
+/// at the same path, and the controller's state dir. `None` (the test is skipped, or fails on
+/// CI) without a Docker engine.
+struct Fixture {
+    gh: FakeGithub,
+    _keep: tempfile::TempDir,
+    scratch: PathBuf,
+    state: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Option<Self> {
+        if !docker_available() {
+            return None;
+        }
+        let (_keep, scratch) = scratch_dir();
+        Some(Fixture { gh: FakeGithub::start(), _keep, scratch, state: tempfile::tempdir().unwrap() })
+    }
+
+    fn setup(&self) -> Setup<'_> {
+        Setup::new(&self.gh, &self.scratch, self.state.path())
+    }
+}
+
 /// A running `ci-runner controller`; on drop it is killed and its containers removed.
 struct Controller {
     proc: Supervisor,
@@ -177,18 +201,14 @@ fn wait_job_done(gh: &FakeGithub, id: u64) -> Value {
 
 #[test]
 fn a_queued_job_starts_a_runner_container_that_runs_it_and_is_removed() {
-    if !docker_available() {
-        return;
-    }
-    let gh = FakeGithub::start();
-    let (_keep, scratch) = scratch_dir();
-    let state = tempfile::tempdir().unwrap();
-    let setup = Setup::new(&gh, &scratch, state.path());
+    let Some(t) = Fixture::new() else { return };
+    let (gh, scratch) = (&t.gh, &t.scratch);
+    let setup = t.setup();
     setup.hook("/webhook");
     let ctl = setup.start();
 
     let s = scratch.display();
-    let steps = format!("id -un > {s}/user.txt; env > {s}/env.txt; {}", gated_steps(&scratch, "job"));
+    let steps = format!("id -un > {s}/user.txt; env > {s}/env.txt; {}", gated_steps(scratch, "job"));
     let id = gh.enqueue("build", &["self-hosted", "ci-test"], &steps);
     wait_for("the job to start in a runner container", LONG, || scratch.join("job.started").exists().then_some(()));
     let names = ctl.containers();
@@ -203,8 +223,8 @@ fn a_queued_job_starts_a_runner_container_that_runs_it_and_is_removed() {
     let job = gh.job(id);
     assert_eq!(job["runner_name"].as_str(), Some(names[0].as_str()), "{job}");
 
-    release(&scratch, "job");
-    assert_eq!(wait_job_done(&gh, id)["result"], "Succeeded");
+    release(scratch, "job");
+    assert_eq!(wait_job_done(gh, id)["result"], "Succeeded");
     ctl.wait_no_containers();
     assert!(gh.runners().is_empty(), "a runner was left registered: {:?}", gh.runners());
     assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 1.0);
@@ -214,13 +234,9 @@ fn a_queued_job_starts_a_runner_container_that_runs_it_and_is_removed() {
 
 #[test]
 fn bad_missing_and_oversized_deliveries_are_refused_duplicates_and_unserved_labels_start_nothing() {
-    if !docker_available() {
-        return;
-    }
-    let gh = FakeGithub::start();
-    let (_keep, scratch) = scratch_dir();
-    let state = tempfile::tempdir().unwrap();
-    let setup = Setup::new(&gh, &scratch, state.path());
+    let Some(t) = Fixture::new() else { return };
+    let (gh, scratch) = (&t.gh, &t.scratch);
+    let setup = t.setup();
     setup.hook("/webhook");
     let ctl = setup.start();
     let url = setup.url("/webhook");
@@ -258,7 +274,7 @@ fn bad_missing_and_oversized_deliveries_are_refused_duplicates_and_unserved_labe
     assert!(ctl.containers().is_empty(), "a container for an unserved job: {:?}", ctl.containers());
 
     // A job delivered twice (GitHub's redelivery, and the same payload again): one container.
-    let id = gh.enqueue("once", &["self-hosted", "ci-test"], &gated_steps(&scratch, "once"));
+    let id = gh.enqueue("once", &["self-hosted", "ci-test"], &gated_steps(scratch, "once"));
     wait_for("the job to start", LONG, || scratch.join("once.started").exists().then_some(()));
     let first = gh
         .get("/_fake/deliveries")
@@ -280,8 +296,8 @@ fn bad_missing_and_oversized_deliveries_are_refused_duplicates_and_unserved_labe
     assert!(code == 200 && text.contains("duplicate"), "{code} {text}");
     assert_eq!(ctl.metric("ci_runner_controller_webhook_deliveries_total{outcome=\"duplicate\"}"), 2.0);
     assert_eq!(ctl.containers().len(), 1, "{:?}", ctl.containers());
-    release(&scratch, "once");
-    assert_eq!(wait_job_done(&gh, id)["result"], "Succeeded");
+    release(scratch, "once");
+    assert_eq!(wait_job_done(gh, id)["result"], "Succeeded");
     ctl.wait_no_containers();
     assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 1.0);
     assert_eq!(gh.job(unserved)["status"], "queued", "the gpu job must wait for a gpu runner");
@@ -289,13 +305,9 @@ fn bad_missing_and_oversized_deliveries_are_refused_duplicates_and_unserved_labe
 
 #[test]
 fn twenty_queued_jobs_with_max_three_never_run_more_than_three_containers_and_all_run() {
-    if !docker_available() {
-        return;
-    }
-    let gh = FakeGithub::start();
-    let (_keep, scratch) = scratch_dir();
-    let state = tempfile::tempdir().unwrap();
-    let setup = Setup::new(&gh, &scratch, state.path()).with("CONTROLLER_MAX_RUNNERS", "3");
+    let Some(t) = Fixture::new() else { return };
+    let (gh, scratch) = (&t.gh, &t.scratch);
+    let setup = t.setup().with("CONTROLLER_MAX_RUNNERS", "3");
     setup.hook("/webhook");
     let ctl = setup.start();
 
@@ -347,12 +359,8 @@ fn twenty_queued_jobs_with_max_three_never_run_more_than_three_containers_and_al
 
 #[test]
 fn a_restarted_controller_adopts_the_running_containers_cleans_them_up_and_runs_the_waiting_job() {
-    if !docker_available() {
-        return;
-    }
-    let gh = FakeGithub::start();
-    let (_keep, scratch) = scratch_dir();
-    let state = tempfile::tempdir().unwrap();
+    let Some(t) = Fixture::new() else { return };
+    let (gh, scratch, state) = (&t.gh, &t.scratch, &t.state);
     // One pool from CONTROLLER_CONFIG, secrets by file name, at POST /webhook/adopt.
     let secrets = state.path().join("secrets");
     std::fs::create_dir_all(&secrets).unwrap();
@@ -368,12 +376,12 @@ fn a_restarted_controller_adopts_the_running_containers_cleans_them_up_and_runs_
                 "FAKE_SESSION_RETRY_SEC": "0.2", "FAKE_HTTP_RETRY_SEC": "0.05"},
     }]});
     std::fs::write(&file, serde_json::to_vec(&config).unwrap()).unwrap();
-    let setup = Setup::new(&gh, &scratch, state.path()).with("CONTROLLER_CONFIG", &file.display().to_string());
+    let setup = t.setup().with("CONTROLLER_CONFIG", &file.display().to_string());
     setup.hook("/webhook/adopt");
     let first = setup.start();
 
-    let a = gh.enqueue("a", &["self-hosted", "ci-test"], &gated_steps(&scratch, "a"));
-    let b = gh.enqueue("b", &["self-hosted", "ci-test"], &gated_steps(&scratch, "b"));
+    let a = gh.enqueue("a", &["self-hosted", "ci-test"], &gated_steps(scratch, "a"));
+    let b = gh.enqueue("b", &["self-hosted", "ci-test"], &gated_steps(scratch, "b"));
     for n in ["a", "b"] {
         wait_for(&format!("job {n} to start"), LONG, || scratch.join(format!("{n}.started")).exists().then_some(()));
     }
@@ -394,13 +402,13 @@ fn a_restarted_controller_adopts_the_running_containers_cleans_them_up_and_runs_
         (h["pools"][0]["adopted"] == 2).then_some(())
     });
     // One job finishes while the controller hears of it; the other's container is found exited.
-    release(&scratch, "a");
-    assert_eq!(wait_job_done(&gh, a)["result"], "Succeeded");
-    release(&scratch, "b");
-    assert_eq!(wait_job_done(&gh, b)["result"], "Succeeded");
+    release(scratch, "a");
+    assert_eq!(wait_job_done(gh, a)["result"], "Succeeded");
+    release(scratch, "b");
+    assert_eq!(wait_job_done(gh, b)["result"], "Succeeded");
     // The job that waited when the first controller died ran on the one runner started since
     // (once an adopted container was removed: the maximum held).
-    assert_eq!(wait_job_done(&gh, c)["result"], "Succeeded");
+    assert_eq!(wait_job_done(gh, c)["result"], "Succeeded");
     second.wait_no_containers();
     assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
     assert!(second.health()["pools"][0]["high_water"].as_u64() <= Some(2), "{}", second.health());
@@ -409,13 +417,9 @@ fn a_restarted_controller_adopts_the_running_containers_cleans_them_up_and_runs_
 
 #[test]
 fn webhook_url_creates_the_webhook_with_a_kept_generated_secret_and_a_restart_updates_it() {
-    if !docker_available() {
-        return;
-    }
-    let gh = FakeGithub::start();
-    let (_keep, scratch) = scratch_dir();
-    let state = tempfile::tempdir().unwrap();
-    let setup = Setup::new(&gh, &scratch, state.path());
+    let Some(t) = Fixture::new() else { return };
+    let (gh, state) = (&t.gh, &t.state);
+    let setup = t.setup();
     let url = setup.url("/webhook");
     // No WEBHOOK_SECRET (empty is unset): the controller generates one.
     let setup = setup.with("WEBHOOK_URL", &url).with("WEBHOOK_SECRET", "");
@@ -448,13 +452,9 @@ fn webhook_url_creates_the_webhook_with_a_kept_generated_secret_and_a_restart_up
 
 #[test]
 fn min_idle_keeps_a_warm_runner_that_takes_the_next_job_and_is_replaced() {
-    if !docker_available() {
-        return;
-    }
-    let gh = FakeGithub::start();
-    let (_keep, scratch) = scratch_dir();
-    let state = tempfile::tempdir().unwrap();
-    let setup = Setup::new(&gh, &scratch, state.path()).with("CONTROLLER_MIN_IDLE", "1");
+    let Some(t) = Fixture::new() else { return };
+    let gh = &t.gh;
+    let setup = t.setup().with("CONTROLLER_MIN_IDLE", "1");
     setup.hook("/webhook");
     let ctl = setup.start();
     // With no job at all, one runner starts and waits online.
@@ -464,7 +464,7 @@ fn min_idle_keeps_a_warm_runner_that_takes_the_next_job_and_is_replaced() {
     assert_eq!(ctl.containers(), std::slice::from_ref(&warm));
     // A job: the warm runner takes it, and another one is started to stay warm.
     let id = gh.enqueue("warm-job", &["self-hosted", "ci-test"], "true");
-    let job = wait_job_done(&gh, id);
+    let job = wait_job_done(gh, id);
     assert_eq!((job["result"].as_str(), job["runner_name"].as_str()), (Some("Succeeded"), Some(warm.as_str())));
     wait_for("a new warm runner online, the used one removed", LONG, || {
         let online: Vec<String> = gh
@@ -479,13 +479,9 @@ fn min_idle_keeps_a_warm_runner_that_takes_the_next_job_and_is_replaced() {
 
 #[test]
 fn a_runner_that_cannot_start_is_deregistered_and_its_job_keeps_waiting() {
-    if !docker_available() {
-        return;
-    }
-    let gh = FakeGithub::start();
-    let (_keep, scratch) = scratch_dir();
-    let state = tempfile::tempdir().unwrap();
-    let setup = Setup::new(&gh, &scratch, state.path()).with("CONTROLLER_IMAGE", "ci-runner:no-such-image");
+    let Some(t) = Fixture::new() else { return };
+    let gh = &t.gh;
+    let setup = t.setup().with("CONTROLLER_IMAGE", "ci-runner:no-such-image");
     setup.hook("/webhook");
     let ctl = setup.start();
     let id = gh.enqueue("stuck", &["self-hosted", "ci-test"], "true");
