@@ -5,6 +5,9 @@
 //! `/run/secrets/RUNNER_JITCONFIG` (root, 0400) before it starts, where the supervisor reads
 //! it as it reads every secret file: it is then in neither `docker inspect`'s environment nor
 //! any process's argv, and the job (run as `guest`) cannot read it.
+//!
+//! An image that is not on the host is pulled, as `docker run` would: at the pool's start, so
+//! the first job does not wait for it, and again when a create finds it missing.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,10 +15,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions,
+    CreateContainerOptions, CreateImageOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions,
     UploadToContainerOptions,
 };
 use bollard::Docker;
+use futures_util::StreamExt;
 
 use super::pool::Observed;
 use crate::config::Secret;
@@ -44,6 +48,12 @@ pub enum EngineError {
     #[error("list the containers of pool {pool}")]
     List {
         pool: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("pull image {image}")]
+    Pull {
+        image: String,
         #[source]
         source: bollard::errors::Error,
     },
@@ -118,7 +128,14 @@ impl Engine {
             ..Default::default()
         };
         let options = CreateContainerOptions { name: Some(spec.name.to_string()), ..Default::default() };
-        let created = self.docker.create_container(Some(options), body).await.map_err(api("create"))?;
+        let created = match self.docker.create_container(Some(options.clone()), body.clone()).await {
+            Err(e) if is_not_found(&e) => {
+                self.pull(spec.image).await?;
+                self.docker.create_container(Some(options), body).await
+            }
+            created => created,
+        }
+        .map_err(api("create"))?;
         let result = async {
             let tar = jit_archive(spec.jit).map_err(|source| EngineError::Pack { name: spec.name.into(), source })?;
             let upload = UploadToContainerOptions { path: "/run".into(), ..Default::default() };
@@ -134,6 +151,26 @@ impl Engine {
             return Err(e);
         }
         Ok(created.id)
+    }
+
+    /// Pulls `image` unless the host has it; true when it was pulled.
+    pub async fn ensure_image(&self, image: &str) -> Result<bool, EngineError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(false),
+            Err(e) if is_not_found(&e) => self.pull(image).await.map(|()| true),
+            Err(source) => Err(EngineError::Pull { image: image.into(), source }),
+        }
+    }
+
+    /// Pulls `image` (with no credentials: a private image must be pulled on the host first).
+    /// The engine joins a pull of the same image already under way.
+    pub async fn pull(&self, image: &str) -> Result<(), EngineError> {
+        let options = CreateImageOptions { from_image: Some(pull_reference(image)), ..Default::default() };
+        let mut progress = self.docker.create_image(Some(options), None, None);
+        while let Some(step) = progress.next().await {
+            step.map_err(|source| EngineError::Pull { image: image.into(), source })?;
+        }
+        Ok(())
     }
 
     /// Every container of `pool`, running or not.
@@ -185,6 +222,21 @@ impl Engine {
     }
 }
 
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
+}
+
+/// `image` as the engine's pull wants it: with a tag, `latest` when it names none (a pull
+/// without one would fetch every tag of the repository). A digest is kept as it is.
+fn pull_reference(image: &str) -> String {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || last.contains(':') {
+        image.to_string()
+    } else {
+        format!("{image}:latest")
+    }
+}
+
 /// A tar of `secrets/RUNNER_JITCONFIG` (root, 0400) for the upload into `/run`.
 fn jit_archive(jit: &Secret) -> std::io::Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
@@ -213,6 +265,19 @@ fn jit_archive(jit: &Secret) -> std::io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pull_names_a_tag_and_keeps_a_given_one_or_a_digest() {
+        for (image, pulled) in [
+            ("ci-runner", "ci-runner:latest"),
+            ("ghcr.io/acme/ci-runner", "ghcr.io/acme/ci-runner:latest"),
+            ("127.0.0.1:5000/ci-runner", "127.0.0.1:5000/ci-runner:latest"),
+            ("127.0.0.1:5000/ci-runner:v2", "127.0.0.1:5000/ci-runner:v2"),
+            ("ghcr.io/acme/ci-runner@sha256:abcd", "ghcr.io/acme/ci-runner@sha256:abcd"),
+        ] {
+            assert_eq!(pull_reference(image), pulled, "{image}");
+        }
+    }
 
     #[test]
     fn the_jit_archive_holds_one_root_only_file() {

@@ -86,6 +86,9 @@ pub async fn start_pools(
             poll: cfg.poll,
         };
         tracker.spawn(task.run(rx).instrument(tracing::info_span!("pool", id = %p.id)));
+        tracker.spawn(
+            pull_if_missing(engine.clone(), p.image.clone()).instrument(tracing::info_span!("pool", id = %p.id)),
+        );
         handles.push(PoolHandle {
             id: p.id.clone(),
             scope: p.scope.clone(),
@@ -97,6 +100,17 @@ pub async fn start_pools(
         });
     }
     Ok(handles)
+}
+
+/// The pool's image, pulled now if the host lacks it, so that the first job does not wait for
+/// the pull. A failure is only logged: each start tries again.
+async fn pull_if_missing(engine: Engine, image: String) {
+    let started = Instant::now();
+    match engine.ensure_image(&image).await {
+        Ok(true) => info!(%image, elapsed_ms = started.elapsed().as_millis() as u64, "Image pulled."),
+        Ok(false) => {}
+        Err(e) => warn!(%image, error = %chain(&e), "Failed to pull the runner image; each runner start tries again."),
+    }
 }
 
 /// Six random hex digits: runner names stay unique across controller restarts.

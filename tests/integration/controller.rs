@@ -495,3 +495,96 @@ fn a_runner_that_cannot_start_is_deregistered_and_its_job_keeps_waiting() {
     assert!(ctl.containers().is_empty(), "{:?}", ctl.containers());
     assert!(ctl.proc.log_has("Failed to start the runner container; the job waits."), "{}", ctl.proc.log());
 }
+
+/// A registry of our own (Debian's `docker-registry`) on loopback, which the engine trusts
+/// without TLS as it does any 127.0.0.0/8 registry; killed on drop.
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start() -> Option<Self> {
+        if !require("docker-registry") {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("config.yml");
+        let storage = dir.path().join("storage");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: 127.0.0.1:{port}\n",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let registry = Registry { child, port, _dir: dir };
+        wait_for("the registry to answer /v2/", Duration::from_secs(30), || {
+            ureq::get(&format!("http://127.0.0.1:{port}/v2/")).call().ok().map(|_| ())
+        });
+        Some(registry)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Removes the image tag on drop.
+struct Tag(String);
+
+impl Drop for Tag {
+    fn drop(&mut self) {
+        let _ = docker(&["rmi", &self.0]);
+    }
+}
+
+fn has_image(name: &str) -> bool {
+    docker(&["image", "inspect", name]).status.success()
+}
+
+#[test]
+fn an_image_missing_on_the_host_is_pulled_at_the_start_and_again_when_a_runner_needs_it() {
+    let Some(t) = Fixture::new() else { return };
+    let Some(registry) = Registry::start() else { return };
+    let (gh, scratch) = (&t.gh, &t.scratch);
+    // The test image, pushed to the registry under a name of its own, then gone from the host.
+    let tag = Tag(format!("127.0.0.1:{}/ci-runner-pull:{}", registry.port, rand_suffix()));
+    docker_ok(&["tag", image(), &tag.0]);
+    docker_ok(&["push", &tag.0]);
+    docker_ok(&["rmi", &tag.0]);
+    assert!(!has_image(&tag.0));
+
+    let setup = t.setup().with("CONTROLLER_IMAGE", &tag.0);
+    setup.hook("/webhook");
+    let ctl = setup.start();
+    ctl.proc.wait_log("Image pulled.", LONG);
+    assert!(has_image(&tag.0), "the log says pulled, the engine has no {}", tag.0);
+
+    // Gone again while the controller runs: the runner's start pulls it.
+    docker_ok(&["rmi", &tag.0]);
+    let id = gh.enqueue("pulled", &["self-hosted", "ci-test"], &gated_steps(scratch, "pulled"));
+    wait_for("the job to start in a container of the pulled image", LONG, || {
+        scratch.join("pulled.started").exists().then_some(())
+    });
+    assert!(has_image(&tag.0));
+    release(scratch, "pulled");
+    assert_eq!(wait_job_done(gh, id)["result"], "Succeeded");
+    ctl.wait_no_containers();
+    assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
+    assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 1.0);
+}
