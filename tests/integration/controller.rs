@@ -458,21 +458,14 @@ fn min_idle_keeps_a_warm_runner_that_takes_the_next_job_and_is_replaced() {
     setup.hook("/webhook");
     let ctl = setup.start();
     // With no job at all, one runner starts and waits online.
-    let warm = wait_for("a warm runner online", LONG, || {
-        gh.runners().into_iter().find(|r| r["status"] == "online").and_then(|r| r["name"].as_str().map(str::to_string))
-    });
+    let warm = wait_for("a warm runner online", LONG, || gh.online_names().into_iter().next());
     assert_eq!(ctl.containers(), std::slice::from_ref(&warm));
     // A job: the warm runner takes it, and another one is started to stay warm.
     let id = gh.enqueue("warm-job", &["self-hosted", "ci-test"], "true");
     let job = wait_job_done(gh, id);
     assert_eq!((job["result"].as_str(), job["runner_name"].as_str()), (Some("Succeeded"), Some(warm.as_str())));
     wait_for("a new warm runner online, the used one removed", LONG, || {
-        let online: Vec<String> = gh
-            .runners()
-            .into_iter()
-            .filter(|r| r["status"] == "online")
-            .filter_map(|r| r["name"].as_str().map(str::to_string))
-            .collect();
+        let online = gh.online_names();
         (online.len() == 1 && online[0] != warm && ctl.containers() == online).then_some(())
     });
 }

@@ -172,12 +172,7 @@ fn env_for(gh: &FakeGithub, status_port: u16) -> Vec<(&'static str, String)> {
 /// The names of `n` runners online on the fake GitHub, once there are.
 fn wait_online(gh: &FakeGithub, n: usize) -> Vec<String> {
     wait_for(&format!("{n} runners online"), LONG, || {
-        let online: Vec<String> = gh
-            .runners()
-            .into_iter()
-            .filter(|r| r["status"] == "online")
-            .filter_map(|r| r["name"].as_str().map(str::to_string))
-            .collect();
+        let online = gh.online_names();
         (online.len() == n).then_some(online)
     })
 }

@@ -178,6 +178,15 @@ impl FakeGithub {
         v.as_array().cloned().or_else(|| v["runners"].as_array().cloned()).unwrap_or_default()
     }
 
+    /// The names of the runners the fake has online.
+    pub fn online_names(&self) -> Vec<String> {
+        self.runners()
+            .into_iter()
+            .filter(|r| r["status"] == "online")
+            .filter_map(|r| r["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
     pub fn runner_named(&self, name: &str) -> Option<Value> {
         self.runners().into_iter().find(|r| r["name"] == name)
     }
