@@ -216,7 +216,7 @@ impl Engine {
         let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
         match self.docker.remove_container(name, Some(options)).await {
             Ok(()) => Ok(()),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
             Err(source) => Err(EngineError::Api { what: "remove", name: name.into(), source }),
         }
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::docker::{docker, docker_available, docker_ok, image, rand_suffix, scratch_dir};
+use crate::docker::{docker, docker_available, docker_ok, has_image, image, rand_suffix, scratch_dir};
 use crate::harness::*;
 
 const SECRET: &str = "webhook-topsecret";
@@ -544,10 +544,6 @@ impl Drop for Tag {
     fn drop(&mut self) {
         let _ = docker(&["rmi", &self.0]);
     }
-}
-
-fn has_image(name: &str) -> bool {
-    docker(&["image", "inspect", name]).status.success()
 }
 
 #[test]

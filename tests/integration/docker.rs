@@ -39,7 +39,7 @@ pub(crate) fn docker_available() -> bool {
 
 /// A Debian bookworm base made without any registry, kept in the engine between runs.
 fn base_image() {
-    if docker(&["image", "inspect", BASE]).status.success() {
+    if has_image(BASE) {
         return;
     }
     assert!(require("debootstrap"), "debootstrap is needed to make the base image");
@@ -147,6 +147,11 @@ impl Drop for Container {
         }
         let _ = docker(&["rm", "-f", &self.name]);
     }
+}
+
+/// Whether the engine has image `name`.
+pub(crate) fn has_image(name: &str) -> bool {
+    docker(&["image", "inspect", name]).status.success()
 }
 
 pub(crate) fn rand_suffix() -> String {
