@@ -134,7 +134,7 @@ fn shuffle<T>(items: &mut [T]) {
 /// boot goes on.
 pub async fn sweep(gh: &Github, scope: &Scope, pool: &Pool, older_than: Duration, cancel: &CancellationToken) {
     let deadline = Instant::now() + SWEEP_BUDGET;
-    let budget = Budget { max_attempts: 3, deadline: Some(deadline) };
+    let budget = Budget { max_attempts: 3, deadline: Some(deadline), request_timeout: None };
     let runners = match gh.list_runners(scope, budget, cancel).await {
         Ok(r) => r,
         Err(e) => {

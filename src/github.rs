@@ -96,14 +96,24 @@ impl GithubError {
 pub struct Budget {
     pub max_attempts: u32,
     pub deadline: Option<Instant>,
+    /// One request's timeout, when shorter than the client's [`REQUEST_TIMEOUT`].
+    pub request_timeout: Option<Duration>,
 }
+
+/// The client's timeout for one request (connect, send, answer).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Budget {
     pub fn attempts(n: u32) -> Self {
-        Self { max_attempts: n, deadline: None }
+        Self { max_attempts: n, deadline: None, request_timeout: None }
     }
     pub fn until(deadline: Instant) -> Self {
-        Self { max_attempts: u32::MAX, deadline: Some(deadline) }
+        Self { max_attempts: u32::MAX, deadline: Some(deadline), request_timeout: None }
+    }
+    /// Each request of the call times out after `timeout`, so that a hung one leaves time to
+    /// try again within a short budget.
+    pub fn per_request(self, timeout: Duration) -> Self {
+        Self { request_timeout: Some(timeout), ..self }
     }
 }
 
@@ -320,10 +330,8 @@ fn next_link(headers: &HeaderMap) -> Option<String> {
 
 impl Github {
     pub fn new(api_url: &str, auth: Auth) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(30))
-            .build()?;
+        let http =
+            reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).timeout(REQUEST_TIMEOUT).build()?;
         Ok(Self { http, api_url: api_url.trim_end_matches('/').to_string(), auth })
     }
 
@@ -459,6 +467,10 @@ impl Github {
                 .header("X-GitHub-Api-Version", API_VERSION)
                 .header(USER_AGENT, concat!("ci-runner/", env!("CARGO_PKG_VERSION")))
                 .header(AUTHORIZATION, format!("Bearer {}", bearer.expose()));
+            let request = match budget.request_timeout {
+                Some(t) => request.timeout(t),
+                None => request,
+            };
             let result = tokio::select! {
                 r = with_body(request, body).send() => r,
                 () = cancel.cancelled() => return Err(GithubError::Cancelled { path: shown }),
@@ -656,6 +668,33 @@ impl Github {
             _ => Err(Self::refusal(status, &body, &Method::DELETE, &path, scope)),
         }
     }
+
+    /// `DELETE …/actions/runners/{id}/labels`: removes every custom label of the runner (the
+    /// defaults, `read-only`, stay), so that no queued job asking for them is assigned to it.
+    /// Returns the labels left. 404: the runner is gone already, nothing to do.
+    pub async fn remove_custom_labels(
+        &self,
+        scope: &Scope,
+        id: u64,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<String>, GithubError> {
+        let path = format!("{}/actions/runners/{id}/labels", scope.api_path());
+        let (status, _, body) = self.call(Method::DELETE, &path, budget, cancel).await?;
+        match status.as_u16() {
+            200 => {
+                let answer: LabelList = parse_answer(status, &body, Method::DELETE, &path, "the answer has no labels")?;
+                Ok(answer.labels.into_iter().map(|l| l.name).collect())
+            }
+            404 => Ok(Vec::new()),
+            _ => Err(Self::refusal(status, &body, &Method::DELETE, &path, scope)),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct LabelList {
+    labels: Vec<RunnerLabel>,
 }
 
 fn with_body(request: reqwest::RequestBuilder, body: Option<&serde_json::Value>) -> reqwest::RequestBuilder {

@@ -159,6 +159,7 @@ pub struct Metrics {
     job_duration: Mutex<Histogram<10>>,
     github: Mutex<BTreeMap<ApiAnswer, u64>>,
     deregistration_failures: Counter,
+    drain_cancelled_jobs: Counter,
     forwards: Mutex<Vec<Arc<ForwardCounters>>>,
 }
 
@@ -181,6 +182,7 @@ impl Metrics {
             job_duration: Mutex::new(Histogram::new(JOB_DURATION_BUCKETS)),
             github: Mutex::new(BTreeMap::new()),
             deregistration_failures: Counter::new(),
+            drain_cancelled_jobs: Counter::new(),
             forwards: Mutex::new(Vec::new()),
         }
     }
@@ -211,6 +213,15 @@ impl Metrics {
     /// An attempt to remove a registration from GitHub failed.
     pub fn deregistration_failed(&self) {
         self.deregistration_failures.inc();
+    }
+
+    /// A drain cancelled a job (its deadline, a second or third signal).
+    pub fn drain_cancelled_job(&self) {
+        self.drain_cancelled_jobs.inc();
+    }
+
+    pub fn drain_cancelled_jobs(&self) -> u64 {
+        self.drain_cancelled_jobs.get()
     }
 
     /// The counters of a forward, shown (at 0) from now on. A forward started again on the same
@@ -275,6 +286,14 @@ impl Metrics {
              supervisor then tried again or gave up.",
         );
         let _ = writeln!(out, "ci_runner_deregistration_failures_total {}", self.deregistration_failures.get());
+        family(
+            out,
+            "ci_runner_drain_cancelled_jobs_total",
+            "counter",
+            "Jobs a drain cancelled: running when its deadline passed or a second signal came, or \
+             received by a Listener already told to stop. 0 in a drain that let every job finish.",
+        );
+        let _ = writeln!(out, "ci_runner_drain_cancelled_jobs_total {}", self.drain_cancelled_jobs.get());
 
         let forwards = lock(&self.forwards).clone();
         if forwards.is_empty() {
@@ -333,12 +352,13 @@ pub(crate) fn escape(value: &str) -> Cow<'_, str> {
 
 /// The families the registry renders (the status renders its own before them).
 #[cfg(test)]
-pub(crate) const FAMILIES: [&str; 7] = [
+pub(crate) const FAMILIES: [&str; 8] = [
     "ci_runner_jobs_started_total",
     "ci_runner_jobs_completed_total",
     "ci_runner_job_duration_seconds",
     "ci_runner_github_api_requests_total",
     "ci_runner_deregistration_failures_total",
+    "ci_runner_drain_cancelled_jobs_total",
     "ci_runner_forward_connections_total",
     "ci_runner_forward_host_failures_total",
 ];

@@ -532,6 +532,25 @@ pub fn remove_local_files(runner_dir: &Path) {
     }
 }
 
+/// The drain sentinel of actions/runner PR #4461 (open at 2.336.0): a Listener that has it
+/// checks `<root>/.drain` at the top of its message loop and leaves without polling again.
+/// Older Listeners ignore the file; the supervisor's own drain (labels, DELETE, SIGINT) does
+/// not depend on it. PR #4708's `run --drain-file PATH` is the same idea for ephemeral
+/// runners, with the path given on the command line.
+pub const DRAIN_SENTINEL: &str = ".drain";
+
+/// Asks a Listener that supports it to stop polling: writes [`DRAIN_SENTINEL`].
+pub fn request_drain(runner_dir: &Path) {
+    if let Err(e) = std::fs::write(runner_dir.join(DRAIN_SENTINEL), b"") {
+        tracing::debug!(error = %e, "Failed to write the runner's drain sentinel.");
+    }
+}
+
+/// Before `run.sh` starts: a sentinel left by an earlier run must not stop the new one.
+pub fn clear_drain_sentinel(runner_dir: &Path) {
+    let _ = std::fs::remove_file(runner_dir.join(DRAIN_SENTINEL));
+}
+
 pub fn is_configured(runner_dir: &Path) -> bool {
     runner_dir.join(".runner").exists()
 }

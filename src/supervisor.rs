@@ -25,6 +25,10 @@ use crate::prewarm;
 use crate::runner::{self, describe, parse_line, LineEvent, Registration, RunnerProcess, RunnerVersion};
 use crate::status::{DrainOutcome, State, StatusHandle};
 
+pub mod drain;
+
+use drain::Drain;
+
 /// The signals the supervisor acts on; the caller (main, or a test) feeds them in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SignalKind {
@@ -48,11 +52,17 @@ pub struct Registered {
 /// Shared with main's panic path, which de-registers whatever this holds.
 pub type RegistrationSlot = Arc<Mutex<Option<Registered>>>;
 
-/// How long a stopped Listener may take to exit before its group is killed: the runner's own
-/// cancel path needs SIGINT → 7.5 s → SIGTERM → 2.5 s for the step, plus reporting.
-pub const STOP_GRACE: Duration = Duration::from_secs(30);
+pub use drain::STOP_GRACE;
 /// De-registration may run this long past the drain deadline.
 pub const DEREGISTER_GRACE: Duration = Duration::from_secs(20);
+/// One request of the final de-registration: short enough that a hung one leaves time for a
+/// second attempt (and the client's backoff, at most 1.25 s after the first) within
+/// [`DEREGISTER_GRACE`].
+const DEREGISTER_REQUEST_TIMEOUT: Duration = Duration::from_secs(9);
+const _: () = assert!(2 * DEREGISTER_REQUEST_TIMEOUT.as_millis() + 1250 < DEREGISTER_GRACE.as_millis());
+/// The labels call at a drain's start: the DELETE waits for it, so it is kept short.
+const LABELS_BUDGET: Duration = Duration::from_secs(10);
+const LABELS_REQUEST_TIMEOUT: Duration = Duration::from_secs(4);
 const CONFIG_TIMEOUT: Duration = Duration::from_secs(180);
 const MAX_FAILURES: u32 = 10;
 /// Extra registrations after config.sh fails, before giving up with `RunnerFailed`.
@@ -61,6 +71,11 @@ const CONFIG_RETRIES: u32 = 2;
 const STABLE_RUN: Duration = Duration::from_secs(600);
 /// `bin/Runner.Listener --version` starts the .NET runtime once: well under a second.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The final de-registration's budget: [`DEREGISTER_GRACE`], at least two attempts.
+fn final_budget() -> Budget {
+    Budget::until(Instant::now() + DEREGISTER_GRACE).per_request(DEREGISTER_REQUEST_TIMEOUT)
+}
 
 /// Everything known about one exit of `run.sh`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -183,21 +198,11 @@ pub fn runner_name(name: &RunnerName) -> String {
     }
 }
 
-/// A DELETE of our runner in flight while the drain goes on.
-type DeleteCall = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Deleted, GithubError>> + Send>>;
-
-/// State of a drain in progress.
-struct Drain {
-    deadline: Instant,
-    signals: u32,
-    timed_out: bool,
-    deregistered: bool,
-    /// A job ran at some point of the drain (it may have started during it).
-    waited_for_job: bool,
-}
+/// A call to GitHub in flight while the drain goes on.
+type Call<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, GithubError>> + Send>>;
 
 enum Outcome {
-    Drained { timed_out: bool, deregistered: bool, waited_for_job: bool },
+    Drained(drain::Summary),
     Exited(ExitInfo),
 }
 
@@ -294,8 +299,7 @@ impl Supervisor {
             Err(e) => {
                 error!(error = %chain(&e), "Supervisor failed.");
                 self.status.update(|s| s.last_error = Some(chain(&e)));
-                let budget = Budget::until(Instant::now() + DEREGISTER_GRACE);
-                if let Err(de) = self.deregister(budget).await {
+                if let Err(de) = self.deregister(final_budget()).await {
                     error!(error = %chain(&de), "Failed to de-register the runner.");
                 }
                 self.status.set_state(State::Failed);
@@ -490,9 +494,14 @@ impl Supervisor {
                 let started = Instant::now();
                 let outcome = self.supervise_once().await?;
                 let info = match outcome {
-                    Outcome::Drained { timed_out, deregistered, waited_for_job } => {
-                        self.status.update(|s| s.drain = Some(DrainOutcome::of(waited_for_job, timed_out)));
-                        return Ok(self.finish_drain(timed_out, deregistered).await);
+                    Outcome::Drained(summary) => {
+                        let cancelled = !summary.cancelled.is_empty();
+                        for job in &summary.cancelled {
+                            warn!(job = %job, "The drain cancelled this job.");
+                            metrics::global().drain_cancelled_job();
+                        }
+                        self.status.update(|s| s.drain = Some(DrainOutcome::of(summary.waited_for_job, cancelled)));
+                        return Ok(self.finish_drain(cancelled, summary.deregistered).await);
                     }
                     Outcome::Exited(info) => info,
                 };
@@ -503,13 +512,13 @@ impl Supervisor {
                 info!(status = %info.status, listener_rc = ?info.listener_rc, decision = ?decision, "Runner exited.");
                 match decision {
                     Decision::Done => {
-                        self.deregister(Budget::until(Instant::now() + DEREGISTER_GRACE)).await?;
+                        self.deregister(final_budget()).await?;
                         return Ok(ExitCode::Ok);
                     }
                     Decision::Renew => {
                         // GitHub removes an ephemeral runner after its job; whatever lingers
                         // (a job that never completed on the server's side) goes now.
-                        self.deregister(Budget::until(Instant::now() + DEREGISTER_GRACE)).await?;
+                        self.deregister(final_budget()).await?;
                         self.new_name();
                         info!(runner = %self.name, "Registering a fresh ephemeral runner.");
                         continue 'register;
@@ -584,7 +593,7 @@ impl Supervisor {
         if let Some(task) = self.prewarm.take() {
             task.gate.cancel();
         }
-        self.deregister(Budget::until(Instant::now() + DEREGISTER_GRACE)).await?;
+        self.deregister(final_budget()).await?;
         info!("Stopped before taking any job.");
         Ok(ExitCode::Ok)
     }
@@ -796,10 +805,11 @@ impl Supervisor {
     }
 
     /// After the drain's run.sh has exited: make sure the registration is gone, then stop.
-    async fn finish_drain(&mut self, timed_out: bool, deregistered: bool) -> ExitCode {
-        let mut code = if timed_out { ExitCode::DrainTimeout } else { ExitCode::Ok };
+    /// Exit 7 when the drain cancelled a job, 0 when none.
+    async fn finish_drain(&mut self, cancelled: bool, deregistered: bool) -> ExitCode {
+        let mut code = if cancelled { ExitCode::DrainTimeout } else { ExitCode::Ok };
         if !deregistered || self.registration.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
-            if let Err(e) = self.deregister(Budget::until(Instant::now() + DEREGISTER_GRACE)).await {
+            if let Err(e) = self.deregister(final_budget()).await {
                 error!(error = %chain(&e), "Failed to de-register the runner during the drain.");
                 code = e.exit_code();
             }
@@ -819,13 +829,25 @@ impl Supervisor {
         code
     }
 
-    fn start_delete(&self) -> Option<DeleteCall> {
+    fn start_delete(&self) -> Option<Call<Deleted>> {
         let gh = self.github.clone()?;
-        let id = self.registration.lock().unwrap_or_else(|p| p.into_inner()).as_ref()?.id?;
+        let id = self.registered_id()?;
         let scope = self.cfg.scope.clone();
         let cancel = self.cancel.clone();
         let budget = Budget::attempts(3);
         Some(Box::pin(async move { delete_registration(&gh, &scope, id, budget, &cancel).await }))
+    }
+
+    /// The drain's first step: the runner's custom labels off, so that GitHub assigns it no
+    /// queued job that asks for them. Retried like every call, briefly: the drain waits for it
+    /// before the DELETE.
+    fn start_strip_labels(&self) -> Option<Call<Vec<String>>> {
+        let gh = self.github.clone()?;
+        let id = self.registered_id()?;
+        let scope = self.cfg.scope.clone();
+        let cancel = self.cancel.clone();
+        let budget = Budget::until(Instant::now() + LABELS_BUDGET).per_request(LABELS_REQUEST_TIMEOUT);
+        Some(Box::pin(async move { gh.remove_custom_labels(&scope, id, budget, &cancel).await }))
     }
 
     /// The runner's `Listening for Jobs`: the first one ends the boot.
@@ -842,8 +864,11 @@ impl Supervisor {
         self.status.update(|s| s.jobs_completed += 1);
     }
 
-    /// One run of `run.sh`, until it exits.
+    /// One run of `run.sh`, until it exits. The drain's decisions are [`drain::Drain`]'s; this
+    /// loop feeds it the runner's lines, the signals, the API's answers and the time, and
+    /// carries out what it asks.
     async fn supervise_once(&mut self) -> Result<Outcome, Error> {
+        runner::clear_drain_sentinel(&self.cfg.runner_dir);
         let (mut proc, mut lines) = RunnerProcess::spawn(&self.cfg, self.jit.as_ref())?;
         info!(pid = proc.pid(), "Runner started.");
         let pid = proc.pid();
@@ -854,19 +879,12 @@ impl Supervisor {
         // When the running job's "Running job" line came, for its duration.
         let mut job_started: Option<Instant> = None;
         let mut drain: Option<Drain> = None;
-        let mut delete: Option<DeleteCall> = None;
-        let mut delete_retry_at: Option<Instant> = None;
-        let mut kill_at: Option<Instant> = None;
+        let mut calls = DrainCalls::default();
         let far = Instant::now() + Duration::from_secs(100 * 365 * 86400);
 
         let status = loop {
-            if let Some(d) = drain.as_mut() {
-                // Busy after any event of the drain (a signal mid-job, a job that started while
-                // the registration was being removed): the drain waits for that job.
-                d.waited_for_job |= busy.is_some();
-            }
-            let drain_deadline = drain.as_ref().filter(|d| !d.timed_out).map(|d| d.deadline).unwrap_or(far);
-            tokio::select! {
+            let wake_at = drain.as_ref().and_then(Drain::wake_at);
+            let event = tokio::select! {
                 biased;
                 Some((_, line)) = lines.recv() => {
                     info!(target: "runner", "{line}");
@@ -874,6 +892,7 @@ impl Supervisor {
                     // Learn the Listener's pid while nothing is urgent, so the SIGINT at a job's
                     // end goes out without a /proc scan.
                     let learn_pid = matches!(event, LineEvent::Listening | LineEvent::JobStarted(_));
+                    let mut fed = None;
                     match event {
                         LineEvent::Listening => {
                             if drain.is_none() && busy.is_none() {
@@ -889,8 +908,8 @@ impl Supervisor {
                         }
                         LineEvent::JobStarted(name) => {
                             info!(job = %name, "Job started.");
-                            if drain.as_ref().is_some_and(|d| d.deregistered) {
-                                warn!(job = %name, "A job started while the runner was being removed; waiting for it.");
+                            if drain.is_some() {
+                                warn!(job = %name, "A job started during the drain; waiting for it.");
                             }
                             self.status.update(|s| { s.busy = true; s.job = Some(name.clone()); });
                             if drain.is_none() {
@@ -898,7 +917,8 @@ impl Supervisor {
                             }
                             metrics::global().job_started();
                             job_started = Some(Instant::now());
-                            busy = Some(name);
+                            busy = Some(name.clone());
+                            fed = Some(drain::Event::JobStarted(name));
                         }
                         LineEvent::JobCompleted { name, result } => {
                             info.jobs_completed += 1;
@@ -907,14 +927,10 @@ impl Supervisor {
                             self.release_lock();
                             self.status.update(|s| { s.busy = false; s.job = None; });
                             self.job_completed(&result, job_started.take());
-                            if drain.is_some() {
-                                // Before the Listener can poll for another job.
-                                let n = proc.stop_listener();
-                                info!(listeners = n, "Job done while draining: stopping the runner.");
-                                kill_at.get_or_insert(Instant::now() + STOP_GRACE);
-                            } else if !self.cfg.ephemeral {
+                            if drain.is_none() && !self.cfg.ephemeral {
                                 self.status.set_state(State::Idle);
                             }
+                            fed = Some(drain::Event::JobCompleted);
                         }
                         LineEvent::RegistrationGone => info.registration_gone = true,
                         LineEvent::SessionConflict => {
@@ -931,119 +947,91 @@ impl Supervisor {
                     if learn_pid {
                         proc.remember_listener();
                     }
+                    match fed {
+                        Some(e) if drain.is_some() => e,
+                        _ => continue,
+                    }
                 }
                 Some(sig) = self.signals.recv() => {
-                    let spot_by = match sig {
-                        SignalKind::Spot { by } => Some(by),
-                        _ => None,
-                    };
-                    if let (Some(d), Some(by)) = (drain.as_mut(), spot_by) {
-                        if by < d.deadline {
-                            info!(in_s = by.saturating_duration_since(Instant::now()).as_secs(), "Spot interruption: the drain's deadline comes forward.");
-                            d.deadline = by;
+                    let Some(d) = drain.as_ref() else {
+                        let now = Instant::now();
+                        let deadline = now.checked_add(self.cfg.drain_timeout);
+                        let deadline = match (deadline, sig) {
+                            (Some(d), SignalKind::Spot { by }) => Some(d.min(by)),
+                            (None, SignalKind::Spot { by }) => Some(by),
+                            (d, _) => d,
+                        };
+                        info!(signal = ?sig, drain_timeout_s = self.cfg.drain_timeout.as_secs(), "Signal received: draining (no new job will start).");
+                        self.status.set_state(State::Draining);
+                        // The Worker process is the second witness: its "Running job" line may
+                        // still be in the pipe.
+                        if busy.is_none() && proc.worker_running() {
+                            busy = Some("(starting)".into());
                         }
+                        match &busy {
+                            Some(job) => info!(job = %job, "Waiting for the running job to finish."),
+                            None => info!("No job running: removing the runner."),
+                        }
+                        let api = drain::Api { available: self.github.is_some() && self.registered_id().is_some() };
+                        let (d, actions) = Drain::start(now, deadline, busy.clone(), api);
+                        drain = Some(d);
+                        self.carry_out(actions, &proc, &mut calls);
                         continue;
-                    }
-                    let count = drain.as_ref().map_or(0, |d| d.signals) + 1;
-                    match drain.as_mut() {
-                        None => {
-                            let deadline = (Instant::now() + self.cfg.drain_timeout).min(spot_by.unwrap_or(far));
-                            info!(signal = ?sig, drain_timeout_s = self.cfg.drain_timeout.as_secs(), "Signal received: draining (no new job will start).");
-                            self.status.set_state(State::Draining);
-                            drain = Some(Drain {
-                                deadline,
-                                signals: 1,
-                                timed_out: false,
-                                deregistered: false,
-                                waited_for_job: false,
-                            });
-                            // The Worker process is the second witness: its "Running job" line may
-                            // still be in the pipe.
-                            if busy.is_none() && proc.worker_running() {
-                                busy = Some("(starting)".into());
+                    };
+                    match sig {
+                        SignalKind::Spot { by } => {
+                            if d.wake_at().is_none_or(|w| by < w) {
+                                info!(in_s = by.saturating_duration_since(Instant::now()).as_secs(), "Spot interruption: the drain's deadline comes forward.");
                             }
-                            match &busy {
-                                Some(job) => info!(job = %job, "Waiting for the running job to finish."),
-                                None => {
-                                    delete = self.start_delete();
-                                    if delete.is_none() {
-                                        proc.stop_listener();
-                                        kill_at = Some(Instant::now() + STOP_GRACE);
-                                    }
-                                }
-                            }
+                            drain::Event::Spot { by }
                         }
-                        Some(d) if count == 2 => {
-                            d.signals = 2;
-                            warn!(signal = ?sig, job = ?busy, "Second signal: stopping the runner now; a running job is cancelled.");
-                            d.timed_out = busy.is_some();
-                            proc.stop_listener();
-                            kill_at = Some(Instant::now() + STOP_GRACE);
-                        }
-                        Some(d) => {
-                            d.signals = count;
-                            warn!(signal = ?sig, "Third signal: killing the runner.");
-                            d.timed_out = busy.is_some();
-                            proc.kill();
+                        _ => {
+                            warn!(signal = ?sig, job = ?busy, "Another signal during the drain.");
+                            drain::Event::Signal
                         }
                     }
                 }
-                result = async { delete.as_mut().expect("guarded").await }, if delete.is_some() => {
-                    delete = None;
-                    let d = drain.as_mut().expect("deletes run only while draining");
+                result = async { calls.labels.as_mut().expect("guarded").await }, if calls.labels.is_some() => {
+                    calls.labels = None;
+                    match result {
+                        Ok(left) => info!(labels_left = %left.join(","), "Runner's custom labels removed: GitHub assigns it no job that asks for them."),
+                        Err(e @ GithubError::Forbidden { .. }) => warn!(error = %chain(&e), "Failed to remove the runner's labels: the token lacks the permission to change a runner's labels (the same as to remove a runner: Administration: write on a repository, Self-hosted runners: write on an organization, manage_runners:enterprise). Draining without it: a queued job may still be assigned to this runner until it is removed."),
+                        Err(e) => warn!(error = %chain(&e), "Failed to remove the runner's labels; draining without it: a queued job may still be assigned to this runner until it is removed."),
+                    }
+                    drain::Event::LabelsDone
+                }
+                result = async { calls.delete.as_mut().expect("guarded").await }, if calls.delete.is_some() => {
+                    calls.delete = None;
                     match result {
                         Ok(_) => {
-                            d.deregistered = true;
                             *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = None;
                             runner::remove_local_files(&self.cfg.runner_dir);
+                            self.status.update(|s| s.runner_id = None);
                             info!("Runner de-registered.");
-                            if busy.is_none() && proc.worker_running() {
+                            let worker = busy.is_none() && proc.worker_running();
+                            if worker {
                                 warn!("A job started while the runner was being removed; waiting for it.");
-                                busy = Some("(starting)".into());
                             }
+                            drain::DeleteAnswer::Gone { worker }.into()
+                        }
+                        Err(GithubError::Busy { .. }) => {
                             if busy.is_none() {
-                                proc.stop_listener();
-                                kill_at.get_or_insert(Instant::now() + STOP_GRACE);
+                                info!("GitHub reports the runner busy: a job is on its way to it; waiting for it.");
                             }
+                            drain::DeleteAnswer::Busy.into()
                         }
-                        Err(GithubError::Busy { .. }) if busy.is_none() => {
-                            // GitHub has assigned a job that the Listener has not announced yet.
-                            info!("GitHub reports the runner busy; waiting.");
-                            delete_retry_at = Some(Instant::now() + Duration::from_secs(1));
-                        }
-                        Err(GithubError::Busy { .. }) => {}
                         Err(e) => {
                             warn!(error = %chain(&e), "Failed to de-register; retrying.");
-                            delete_retry_at = Some(Instant::now() + Duration::from_secs(2));
+                            drain::DeleteAnswer::Failed.into()
                         }
                     }
                 }
-                () = sleep_until(delete_retry_at.unwrap_or(far)), if delete_retry_at.is_some() => {
-                    delete_retry_at = None;
-                    if busy.is_none() && drain.as_ref().is_some_and(|d| !d.deregistered) {
-                        delete = self.start_delete();
-                    }
-                }
-                () = sleep_until(drain_deadline), if drain.as_ref().is_some_and(|d| !d.timed_out) => {
-                    let d = drain.as_mut().expect("guarded");
-                    d.timed_out = busy.is_some();
-                    if d.timed_out {
-                        warn!(job = ?busy, "Drain deadline passed: cancelling the running job.");
-                    } else {
-                        warn!("Drain deadline passed: stopping the runner.");
-                    }
-                    // Mark the deadline handled even when idle.
-                    d.deadline = far;
-                    proc.stop_listener();
-                    kill_at.get_or_insert(Instant::now() + STOP_GRACE);
-                }
-                () = sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
-                    kill_at = None;
-                    warn!("The runner did not stop in time: killing it.");
-                    proc.kill();
-                }
+                () = sleep_until(wake_at.unwrap_or(far)), if wake_at.is_some() => drain::Event::Tick,
                 status = proc.wait() => break status,
-            }
+            };
+            let d = drain.as_mut().expect("events are fed only while draining");
+            let actions = d.on_event(event, Instant::now());
+            self.carry_out(actions, &proc, &mut calls);
         };
         self.release_lock();
         let status = status.map_err(|source| Error::Runner(runner::RunnerError::Wait { what: "run.sh", source }))?;
@@ -1075,13 +1063,60 @@ impl Supervisor {
             s.pid = None;
         });
         Ok(match drain {
-            Some(d) => Outcome::Drained {
-                timed_out: d.timed_out,
-                deregistered: d.deregistered,
-                waited_for_job: d.waited_for_job || busy.is_some(),
-            },
+            Some(d) => {
+                let mut summary = d.summary();
+                summary.waited_for_job |= busy.is_some();
+                Outcome::Drained(summary)
+            }
             None => Outcome::Exited(info),
         })
+    }
+
+    fn registered_id(&self) -> Option<u64> {
+        self.registration.lock().unwrap_or_else(|p| p.into_inner()).as_ref()?.id
+    }
+
+    /// Does what the drain asks, at once: calls to GitHub start here and are awaited by the loop.
+    fn carry_out(&self, actions: Vec<drain::Action>, proc: &RunnerProcess, calls: &mut DrainCalls) {
+        for action in actions {
+            match action {
+                drain::Action::RequestRunnerDrain => runner::request_drain(&self.cfg.runner_dir),
+                drain::Action::StripLabels => calls.labels = self.start_strip_labels(),
+                drain::Action::Delete => {
+                    calls.delete = self.start_delete();
+                    if calls.delete.is_none() {
+                        // The registration went meanwhile (the panic path, or never had an id).
+                        calls.delete = Some(Box::pin(async { Ok(Deleted::AlreadyGone) }));
+                    }
+                }
+                drain::Action::StopListener { cancels } => {
+                    let n = proc.stop_listener();
+                    match cancels {
+                        Some(job) => {
+                            warn!(job = %job, listeners = n, "Stopping the runner now: the running job is cancelled.");
+                        }
+                        None => info!(listeners = n, "Runner removed from GitHub: stopping the runner."),
+                    }
+                }
+                drain::Action::Kill => {
+                    warn!("Killing the runner.");
+                    proc.kill();
+                }
+            }
+        }
+    }
+}
+
+/// The drain's calls to GitHub in flight.
+#[derive(Default)]
+struct DrainCalls {
+    labels: Option<Call<Vec<String>>>,
+    delete: Option<Call<Deleted>>,
+}
+
+impl From<drain::DeleteAnswer> for drain::Event {
+    fn from(answer: drain::DeleteAnswer) -> Self {
+        drain::Event::Deleted(answer)
     }
 }
 
@@ -1151,7 +1186,7 @@ pub async fn emergency_deregister(cfg: &Config, slot: &RegistrationSlot) {
     let Some(reg) = slot.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
     let Some(auth) = Auth::for_config(cfg) else { return };
     let Ok(gh) = Github::new(&cfg.api_url, auth) else { return };
-    let budget = Budget::until(Instant::now() + DEREGISTER_GRACE);
+    let budget = final_budget();
     if let Err(e) = remove_registration(&gh, &cfg.scope, &reg, budget, &CancellationToken::new()).await {
         error!(error = %chain(&e), "Failed to de-register the runner.");
     }
