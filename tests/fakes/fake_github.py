@@ -228,6 +228,9 @@ class State:
         self.faults = []
         self.deprecate_below = None
         self.assign_cooldown = DEFAULT_ASSIGN_COOLDOWN_SEC
+        # Instant assignment: the next queued job goes to a runner in the same request that
+        # reports its previous job's completion (GitHub may assign that fast).
+        self.assign_on_complete = False
         self.rate_window_start = time.time()
         self.rate_used = 0
         self.next_entity_id = 1000
@@ -450,6 +453,25 @@ class State:
             if all(lb.lower() in have for lb in j["labels"]):
                 return j
         return None
+
+    def assign(self, r, j):
+        """Hands queued job `j` to runner `r` (labels were matched just now); its message."""
+        j.update(status="in_progress", runner_id=r["id"], runner_name=r["name"], assigned_at=time.time())
+        r["busy"], r["job"] = True, j["id"]
+        r["jobs_taken"] += 1
+        self.emit_job(j, "in_progress")
+        self.cond.notify_all()
+        return {"type": "job", "job": {
+            "id": j["id"], "name": j["name"], "steps": j["steps"],
+            "repository": j["repository"], "labels": j["labels"],
+        }}
+
+    def assign_now(self, r):
+        """Instant assignment: the next queued job that the runner's labels match at this
+        moment becomes its next message, before it polls again."""
+        j = self.next_job_for(r)
+        if j:
+            r["pending"].append(self.assign(r, j))
 
     def finish_job(self, j, result):
         j["status"] = "completed"
@@ -1178,6 +1200,8 @@ class FakeGitHub:
             if result not in RESULTS:
                 raise self.agent_error(422, "bad_result", "result must be one of %s" % ", ".join(RESULTS))
             st.finish_job(j, result)
+            if st.assign_on_complete and not r["ephemeral"] and r["session"]:
+                st.assign_now(r)
             return 200, st.job_json(j), {}
         raise self.agent_error(404, "not_found", "Not Found")
 
@@ -1256,16 +1280,7 @@ class FakeGitHub:
                     if time.monotonic() < ready_at:
                         wake = min(deadline, ready_at)
                     if j:
-                        j.update(status="in_progress", runner_id=r["id"], runner_name=r["name"],
-                                 assigned_at=time.time())
-                        r["busy"], r["job"] = True, j["id"]
-                        r["jobs_taken"] += 1
-                        st.emit_job(j, "in_progress")
-                        st.cond.notify_all()
-                        return 200, {"type": "job", "job": {
-                            "id": j["id"], "name": j["name"], "steps": j["steps"],
-                            "repository": j["repository"], "labels": j["labels"],
-                        }}, {}
+                        return 200, st.assign(r, j), {}
                 if deadline - time.monotonic() <= 0:
                     return 200, {"type": "none"}, {}
                 st.cond.wait(max(0.0, wake - time.monotonic()) + 0.001)
@@ -1381,7 +1396,10 @@ class FakeGitHub:
                 body = req_json(req)
                 if "assign_cooldown_ms" in body:
                     st.assign_cooldown = max(0.0, float(body["assign_cooldown_ms"]) / 1000.0)
-            return 200, {"assign_cooldown_ms": int(st.assign_cooldown * 1000)}, {}
+                if "assign_on_complete" in body:
+                    st.assign_on_complete = bool(body["assign_on_complete"])
+            return 200, {"assign_cooldown_ms": int(st.assign_cooldown * 1000),
+                         "assign_on_complete": st.assign_on_complete}, {}
         if parts == ["deprecate"] and method == "POST":
             below = req_json(req).get("below")
             st.deprecate_below = str(below) if below else None

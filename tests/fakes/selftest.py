@@ -959,12 +959,62 @@ def stop_on_completed_line_beats_next_assignment(c):
     run.signal(signal.SIGINT)  # what a draining supervisor does on the "completed" line
     eq(run.wait_exit(10), 0, "rc")
     eq((f.job(j1)["result"], f.job(j2)["status"]), ("Succeeded", "queued"), "second job not taken")
-    eq(f.ok("GET", "/_fake/config"), {"assign_cooldown_ms": 500}, "default cooldown")
+    eq(f.ok("GET", "/_fake/config"), {"assign_cooldown_ms": 500, "assign_on_complete": False}, "default cooldown")
     f.ok("POST", "/_fake/config", {"assign_cooldown_ms": 0})
     run = c.start(rdir, script="listener")
     eq(f.wait_job(j2)["result"], "Succeeded", "picked up by the next Listener")
     run.signal(signal.SIGINT)
     eq(run.wait_exit(10), 0, "rc")
+
+
+@test
+def instant_assignment_report_first_and_labels_stripped(c):
+    """The window a drain must close: with the real order (report, poll, print) and an instant
+    assignment, a SIGINT on the `completed` line cancels a job the Listener already received;
+    with the runner's custom labels removed first, no job that asks for them is assigned."""
+    f = c.fake
+    f.ok("POST", "/_fake/config", {"assign_cooldown_ms": 0, "assign_on_complete": True})
+    env = base_env(FAKE_LISTENER_REPORT_FIRST="1")
+    for strip in (False, True):
+        rdir = c.runner_dir()
+        c.configure(rdir, "instant-%d" % strip, "--labels", "pool", env=env)
+        rid = [r for r in f.ok("GET", "/_fake/runners") if r["name"] == "instant-%d" % strip][0]["id"]
+        gate = os.path.join(c.tmp, "instant-%d.release" % strip)
+        run = c.start(rdir, script="listener", env=env)
+        run.wait_line("Listening for Jobs")
+        j1 = f.enqueue("first", labels=("pool",), steps="echo go; while [ ! -e %s ]; do sleep 0.02; done" % gate)
+        run.wait_line("^go$")
+        j2 = f.enqueue("second", labels=("pool",))
+        if strip:
+            left = f.ok("DELETE", "/repos/octo-org/octo-repo/actions/runners/%d/labels" % rid, token="ghp_admin")
+            eq(sorted(lb["name"] for lb in left["labels"]), ["Linux", "X64", "self-hosted"], "read-only labels stay")
+            check(all(lb["type"] == "read-only" for lb in left["labels"]), "only read-only labels left")
+        open(gate, "w").close()
+        run.wait_line(COMPLETED_RE, timeout=10)
+        if not strip:
+            # Assigned within the completion report, before the line was printed.
+            eq(f.job(j2)["status"], "in_progress", "instant assignment")
+        run.signal(signal.SIGINT)
+        eq(run.wait_exit(15), 0, "rc")
+        eq(f.job(j1)["result"], "Succeeded", "first job")
+        if strip:
+            eq(f.job(j2)["status"], "queued", "a stripped runner got a job asking for its old label")
+        else:
+            eq(f.wait_job(j2)["result"], "Canceled", "a received job is cancelled by SIGINT")
+            run.wait_line("Running job: second")
+
+
+@test
+def drain_sentinel_stops_the_message_loop(c):
+    f, rdir = c.fake, c.runner_dir()
+    env = base_env(FAKE_LISTENER_DRAIN_SENTINEL="1")
+    c.configure(rdir, "sentinel", env=env)
+    run = c.start(rdir, script="listener", env=env)
+    run.wait_line("Listening for Jobs")
+    open(os.path.join(rdir, ".drain"), "w").close()
+    eq(run.wait_exit(10), 0, "rc after the sentinel")
+    j = f.enqueue("after")
+    eq(f.job(j)["status"], "queued", "no job after the sentinel")
 
 
 @test

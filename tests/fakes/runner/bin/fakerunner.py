@@ -820,7 +820,13 @@ class Listener:
         """None = leave normally (shutdown, or ephemeral/--once done); int = return code."""
         t = self.term
         wait = min(2.0, max(0.0, env_float("FAKE_POLL_WAIT_SEC", 1.0)))
-        while not self.shutdown:
+        sentinel = os.path.join(self.root, ".drain")
+        while not self.shutdown or any(m.get("type") == "job" for m in self.stash):
+            if env_truthy("FAKE_LISTENER_DRAIN_SENTINEL") and os.path.exists(sentinel) and not self.stash:
+                # actions/runner PR #4461: the sentinel, checked at the top of the loop.
+                t.trace("Drain sentinel found: leaving the message loop.")
+                return None
+            received = bool(self.stash)
             if self.stash:
                 msg, resp = self.stash.pop(0), None
             else:
@@ -847,7 +853,7 @@ class Listener:
                 msg = resp.json()
             kind = msg.get("type")
             if kind == "job":
-                if self.shutdown:
+                if self.shutdown and not received:
                     self.release(msg["job"])
                     return None
                 self.run_job(msg["job"])
@@ -939,13 +945,40 @@ class Listener:
         os.close(from_worker_r)
         result = RESULT_NAMES[rc - 100] if rc is not None and 100 <= rc <= 105 else "Failed"
         t.trace("Worker exited with %s" % rc)
-        t.line("%s: Job %s completed with result: %s" % (ts(), name, result))
+        if env_truthy("FAKE_LISTENER_REPORT_FIRST"):
+            # The real order with run-service jobs: the Worker reports the result itself before
+            # it exits, the Listener is back in its message loop (GitHub may hand it the next
+            # job at once), and only then is `completed with result` printed.
+            self.report(job, result)
+            self.poll_once()
+            t.line("%s: Job %s completed with result: %s" % (ts(), name, result))
+        else:
+            t.line("%s: Job %s completed with result: %s" % (ts(), name, result))
+            self.report(job, result)
+
+    def report(self, job, result):
+        t = self.term
         try:
             resp = self.agent("POST", "jobs/%s/complete" % job["id"], {"result": result})
             if resp.status != 200:
                 t.trace("Reporting the job result failed: %d %s" % (resp.status, resp.text()), level="ERR ")
         except NetError as e:
             t.trace("Reporting the job result failed: %s" % e, level="ERR ")
+
+    def poll_once(self):
+        """One poll right after a job (FAKE_LISTENER_REPORT_FIRST): a job it brings has been
+        received, and runs next even if a stop comes meanwhile (then cancelled), as in the real
+        Listener."""
+        if not self.session or self.shutdown:
+            return
+        try:
+            resp = self.agent("GET", "sessions/%s/message?wait=0" % self.session, timeout=10.0)
+        except NetError:
+            return
+        if resp.status == 200:
+            msg = resp.json()
+            if msg.get("type") not in (None, "none"):
+                self.stash.append(msg)
 
     def poll_for_cancel(self, job):
         """While a job runs, look (without waiting) for a server-side cancel."""
