@@ -5,6 +5,7 @@ mod app;
 mod autoscale;
 mod controller;
 mod docker;
+mod drain;
 mod ephemeral;
 mod fleet;
 mod forward;
