@@ -630,6 +630,8 @@ class FakeGitHub:
                 continue
             if f.get("path_contains") and f["path_contains"] not in req["raw_path"]:
                 continue
+            if f.get("path_ends_with") and not req["raw_path"].split("?")[0].endswith(f["path_ends_with"]):
+                continue
             f["count"] -= 1
             return dict(f)
         return None

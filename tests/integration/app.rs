@@ -162,11 +162,17 @@ fn expired_installation_token_is_renewed_for_the_deregistration() {
     assert!(rest(&gh, "/installation").iter().all(|r| r["path"].as_str().unwrap().contains("/app/installations/")));
     let minted = rest(&gh, &format!("/app/installations/{installation}/access_tokens"));
     assert_eq!(minted.len(), 2, "no second installation token was minted: {minted:?}");
+    // The drain's first call (the labels' DELETE) meets the expired token and is retried with a
+    // fresh one, which the registration's DELETE then uses.
     let deletes =
         summary(&rest(&gh, "/actions/runners/").into_iter().filter(|r| r["method"] == "DELETE").collect::<Vec<_>>());
     assert_eq!(
         deletes,
-        [("DELETE".into(), 401, "ghs#1".into()), ("DELETE".into(), 204, "ghs#2".into())],
+        [
+            ("DELETE".into(), 401, "ghs#1".into()),
+            ("DELETE".into(), 200, "ghs#2".into()),
+            ("DELETE".into(), 204, "ghs#2".into())
+        ],
         "the DELETE was not retried with a fresh token"
     );
     assert!(sup.log_has("GitHub refused the installation token; minting a new one."), "{}", sup.log());
@@ -198,8 +204,9 @@ fn installation_token_near_its_expiry_is_replaced_before_use() {
     let calls = summary(&rest(&gh, "/orgs/octo-org/actions/"));
     assert!(calls.iter().all(|(_, status, _)| *status != 401), "a stale token was used: {calls:?}");
     let used: Vec<&str> = calls.iter().map(|(_, _, auth)| auth.as_str()).collect();
-    // Group lookup, registration token, DELETE: each with a token of its own.
-    assert_eq!(used, ["ghs#1", "ghs#2", "ghs#3"], "{calls:?}");
+    // Group lookup, registration token, the drain's labels DELETE, the DELETE: each with a
+    // token of its own.
+    assert_eq!(used, ["ghs#1", "ghs#2", "ghs#3", "ghs#4"], "{calls:?}");
     assert_eq!(calls.last().unwrap().0, "DELETE");
 }
 

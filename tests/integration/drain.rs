@@ -171,7 +171,10 @@ fn the_deadline_cancels_a_slipped_in_job_and_exits_seven() {
 #[test]
 fn labels_endpoint_failing_still_drains_with_a_warning() {
     for (fault, needle) in [
-        (json!({"kind": "status", "status": 502, "count": 1000, "path_contains": "/labels"}), "Failed to remove the runner's labels"),
+        (
+            json!({"kind": "status", "status": 502, "count": 1000, "path_contains": "/labels"}),
+            "Failed to remove the runner's labels",
+        ),
         (json!({"kind": "status", "status": 403, "count": 1000, "path_contains": "/labels"}), "Administration: write"),
     ] {
         let gh = instant_github();

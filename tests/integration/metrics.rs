@@ -428,9 +428,9 @@ fn metrics_count_jobs_by_result_github_answers_and_failed_deregistrations_then_s
 
     // The drain's DELETE fails three times (the client's own retries: one failed attempt),
     // then succeeds.
-    gh.fault(
-        json!({"kind": "status", "status": 503, "count": 3, "method": "DELETE", "path_contains": "/actions/runners/"}),
-    );
+    let id = gh.runners()[0]["id"].as_u64().expect("runner id");
+    gh.fault(json!({"kind": "status", "status": 503, "count": 3, "method": "DELETE",
+                    "path_ends_with": format!("/actions/runners/{id}")}));
     sup.signal(Signal::SIGTERM);
     let m = wait_for("the drain's outcome on /metrics", LONG, || scrape(&sup).filter(|m| drain_outcome(m).is_some()));
     assert_eq!(drain_outcome(&m).as_deref(), Some("idle"));
