@@ -834,7 +834,7 @@ impl Supervisor {
         let id = self.registered_id()?;
         let scope = self.cfg.scope.clone();
         let cancel = self.cancel.clone();
-        let budget = Budget::attempts(3);
+        let budget = Budget::attempts(2).per_request(DEREGISTER_REQUEST_TIMEOUT);
         Some(Box::pin(async move { delete_registration(&gh, &scope, id, budget, &cancel).await }))
     }
 

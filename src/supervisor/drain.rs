@@ -34,6 +34,10 @@ pub const STOP_GRACE: Duration = Duration::from_secs(30);
 const BUSY_RETRY: Duration = Duration::from_secs(1);
 /// Pause before deleting again after a failed call (the client already retried it).
 const FAILED_RETRY: Duration = Duration::from_secs(2);
+/// How long failing DELETEs (not busy answers) hold the Listener: past this, it is stopped
+/// anyway and the supervisor's final de-registration tries again. GitHub failing that long
+/// is an outage, during which it assigns nothing either.
+pub const DELETE_PHASE: Duration = Duration::from_secs(20);
 
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +108,8 @@ enum Registration {
     Gone,
     /// No API: only the Listener's stop ends it (the supervisor's final step tries again).
     Unmanaged,
+    /// The DELETEs failed for [`DELETE_PHASE`]: the final de-registration tries again.
+    GaveUp,
 }
 
 /// A drain in progress.
@@ -118,6 +124,8 @@ pub struct Drain {
     stopped: bool,
     kill_at: Option<Instant>,
     killed: bool,
+    /// When the first DELETE went out.
+    deleting_since: Option<Instant>,
     waited_for_job: bool,
     cancelled: Vec<String>,
 }
@@ -147,6 +155,7 @@ impl Drain {
             stopped: false,
             kill_at: None,
             killed: false,
+            deleting_since: None,
             cancelled: Vec::new(),
         };
         let mut out = vec![Action::RequestRunnerDrain];
@@ -199,6 +208,11 @@ impl Drain {
                     // will appear as a line or a Worker: ask again after a pause.
                     DeleteAnswer::Busy if self.busy.is_some() => Registration::Held,
                     DeleteAnswer::Busy => Registration::RetryAt(now + BUSY_RETRY),
+                    DeleteAnswer::Failed
+                        if self.deleting_since.is_some_and(|t| now.saturating_duration_since(t) >= DELETE_PHASE) =>
+                    {
+                        Registration::GaveUp
+                    }
                     DeleteAnswer::Failed => Registration::RetryAt(now + FAILED_RETRY),
                 };
             }
@@ -252,9 +266,10 @@ impl Drain {
         match self.registration {
             Registration::Held => {
                 self.registration = Registration::Deleting;
+                self.deleting_since.get_or_insert(now);
                 out.push(Action::Delete);
             }
-            Registration::Gone | Registration::Unmanaged => self.stop(now, out),
+            Registration::Gone | Registration::Unmanaged | Registration::GaveUp => self.stop(now, out),
             Registration::Deleting | Registration::RetryAt(_) => {}
         }
     }
@@ -424,26 +439,48 @@ mod tests {
     }
 
     #[test]
-    fn failed_deletes_retry_until_the_deadline_then_the_listener_stops() {
+    fn failed_deletes_retry_for_the_delete_phase_then_the_listener_stops() {
         let now = t0();
-        let deadline = now + Duration::from_secs(5);
-        let (mut d, _) = Drain::start(now, Some(deadline), None, API);
+        let (mut d, _) = Drain::start(now, Some(now + Duration::from_secs(600)), None, API);
         d.on_event(Event::LabelsDone, now);
         let mut at = now;
         let mut deletes = 1;
         loop {
-            d.on_event(Event::Deleted(DeleteAnswer::Failed), at);
+            // Each failed call took the client's retries: a few seconds.
+            at += Duration::from_secs(3);
+            let out = d.on_event(Event::Deleted(DeleteAnswer::Failed), at);
+            if out.contains(&stop(None)) {
+                break;
+            }
+            assert!(out.is_empty(), "{out:?}");
+            at = d.wake_at().expect("a retry");
+            assert_eq!(d.on_event(Event::Tick, at), vec![Action::Delete]);
+            deletes += 1;
+        }
+        assert!(at.saturating_duration_since(now) >= DELETE_PHASE, "stopped too soon");
+        assert!(at.saturating_duration_since(now) < DELETE_PHASE + Duration::from_secs(6), "held too long");
+        assert!(deletes >= 3, "{deletes}");
+        assert!(!d.summary().deregistered, "the final step must try again");
+    }
+
+    #[test]
+    fn busy_answers_are_not_failures_and_wait_for_the_deadline() {
+        let now = t0();
+        let deadline = now + Duration::from_secs(60);
+        let (mut d, _) = Drain::start(now, Some(deadline), None, API);
+        d.on_event(Event::LabelsDone, now);
+        let mut at = now;
+        loop {
+            let out = d.on_event(Event::Deleted(DeleteAnswer::Busy), at);
+            assert!(out.is_empty(), "{out:?}");
             at = d.wake_at().expect("a retry or the deadline");
             let out = d.on_event(Event::Tick, at);
             if out.contains(&stop(None)) {
                 break;
             }
             assert_eq!(out, vec![Action::Delete]);
-            deletes += 1;
         }
-        assert_eq!(at, deadline);
-        assert!(deletes >= 2, "{deletes}");
-        assert!(!d.summary().deregistered);
+        assert_eq!(at, deadline, "a job on its way is waited for until the deadline");
     }
 
     #[tokio::test(start_paused = true)]

@@ -210,3 +210,26 @@ fn the_drain_asks_a_runner_that_has_one_to_stop_polling_through_its_sentinel() {
     assert!(sentinel.exists(), "the drain did not write <root>/.drain");
     assert!(gh.runner_named(&name).is_none());
 }
+
+#[test]
+fn a_delete_that_hangs_after_a_mid_job_drain_is_tried_again_and_nothing_is_left() {
+    let gh = instant_github();
+    let runner = RunnerDir::new();
+    let scratch = runner.scratch();
+    let (mut sup, name) = start_idle(&gh, &runner, &[]);
+    let id = gh.runner_named(&name).expect("registered")["id"].as_u64().expect("id");
+    // The registration's first DELETE hangs far past the request timeout.
+    gh.fault(json!({"kind": "slow", "count": 1, "method": "DELETE", "delay_ms": 45000,
+                    "path_ends_with": format!("/actions/runners/{id}")}));
+    let first = gh.enqueue("first", &["ci-test"], &gated_steps(&scratch, "first"));
+    wait_started(&scratch, "first");
+    sup.signal(Signal::SIGTERM);
+    sup.wait_state("draining", BOOT);
+    release(&scratch, "first");
+    let status = sup.wait_exit(LONG);
+    let log = sup.log();
+    assert_eq!(job(&gh, first)["result"], "Succeeded", "{log}");
+    // Never exit 5 with the registration left: a second attempt fits in the budget.
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(gh.runner_named(&name).is_none(), "runner {name} left registered\n{log}");
+}
