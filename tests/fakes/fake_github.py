@@ -11,8 +11,7 @@ Serves, both at `/` and under `/api/v3`:
 
 Usage: fake_github.py --listen 127.0.0.1:0 --port-file PATH
 
-Behaviour follows shared/reference/runner-and-github-api.md (sections 2.4, 5.2, 8) and
-tests/fakes/SPEC.md. The runner-side protocol (`/_fake/agent/*`) is our own design because
+Behaviour follows GitHub's documented REST API, as tests/fakes/SPEC.md describes it. The runner-side protocol (`/_fake/agent/*`) is our own design because
 the real runner talks to internal services; it is documented above `FakeGitHub.agent`.
 """
 

@@ -1,7 +1,6 @@
 """Shared code of the fake GitHub Actions runner (bin/Runner.Listener, bin/Runner.Worker).
 
-Behaviour follows shared/reference/runner-and-github-api.md sections 1-7 and
-tests/fakes/SPEC.md. The runner talks to tests/fakes/fake_github.py: the token exchange at
+Behaviour follows the real actions runner (2.336.0), as tests/fakes/SPEC.md describes it. The runner talks to tests/fakes/fake_github.py: the token exchange at
 `{api}/actions/runner-registration` (as the real runner does), then our own `/_fake/agent/*`
 protocol (documented in fake_github.py) in place of the internal Actions services.
 
