@@ -7,6 +7,7 @@ mod controller;
 mod docker;
 mod drain;
 mod ephemeral;
+mod faults;
 mod fleet;
 mod forward;
 mod harness;
