@@ -419,6 +419,36 @@ fn prewarm_from_a_storage_host_that_stalls_starts_cold() {
     drop(held);
 }
 
+/// SIGTERM while the pre-warm is stuck on a silent host: the boot stops at once, exit 0.
+/// Never: a wait for the stall timeout (60 s here), a registration left, a half-filled work dir.
+#[test]
+fn sigterm_during_a_stalled_prewarm_stops_the_boot_and_leaves_nothing() {
+    let Some(sshd) = Sshd::start() else { return };
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let st = storage(&runner);
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || silent.accept().map(|(s, _)| s));
+    let env = prewarm_env(
+        &gh,
+        &runner,
+        &st,
+        &format!("root@127.0.0.1:{port}"),
+        &sshd.key_file(),
+        &[("CI_STORAGE_STALL_TIMEOUT_SEC", "60"), ("CI_STORAGE_TIMEOUT_SEC", "120")],
+    );
+    let mut sup = Supervisor::start(&env);
+    wait_for("the pre-warm to start", BOOT, || sup.health().filter(|h| !h["prewarm"].is_null()).map(|_| ()));
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = sup.wait_exit(BOOT);
+    let log = sup.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(gh.runners().is_empty(), "left registered: {:?}", gh.runners());
+    assert_eq!(std::fs::read_dir(&st.local).map(|d| d.count()).unwrap_or(0), 0, "the work dir was half filled");
+    drop(held);
+}
+
 #[test]
 fn prewarm_with_no_young_slot_starts_cold_without_error() {
     let Some(sshd) = Sshd::start() else { return };
