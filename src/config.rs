@@ -237,6 +237,8 @@ pub struct Config {
     pub admin: Option<AdminSettings>,
     /// `STATE_DIR`: where runners added over the admin API are kept across restarts.
     pub state_dir: Option<PathBuf>,
+    /// `SECRETS_DIR`: where secret files were read from; kept from the runner user (secrets.rs).
+    pub secrets_dir: PathBuf,
 }
 
 /// The admin API's address and bearer token.
@@ -840,6 +842,7 @@ impl Config {
             roots_dir,
             admin,
             state_dir,
+            secrets_dir: c.secrets_dir.clone(),
         })
     }
 

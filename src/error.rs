@@ -73,19 +73,23 @@ pub enum Error {
     RunnerGaveUp(String),
     #[error("failed to find this instance's labels")]
     Instance(#[from] crate::instance::InstanceError),
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
+    #[error("failed to start the SSH agent for jobs")]
+    Agent(#[from] crate::agent::AgentError),
 }
 
 impl Error {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             // A port already taken is the operator's to fix, like a bad variable.
-            Error::Config(_) | Error::Forward(_) | Error::Instance(_) => ExitCode::Config,
+            Error::Config(_) | Error::Forward(_) | Error::Instance(_) | Error::Secrets(_) => ExitCode::Config,
             Error::Github(e) if e.is_permanent() => ExitCode::GithubRefused,
             Error::Github(_) => ExitCode::GithubUnavailable,
             Error::Runner(_) | Error::RunnerGaveUp(_) | Error::Prepare { .. } | Error::Lock(_) => {
                 ExitCode::RunnerFailed
             }
-            Error::Status { .. } | Error::Admin { .. } | Error::Http(_) => ExitCode::Internal,
+            Error::Status { .. } | Error::Admin { .. } | Error::Http(_) | Error::Agent(_) => ExitCode::Internal,
             Error::Hook(_) => ExitCode::Hook,
         }
     }

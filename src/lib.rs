@@ -18,6 +18,8 @@
 //! - [`admin`]: the authenticated admin API: list, add and remove runners.
 //! - [`fleet`]: the pool's runners on GitHub: the start-up sweep, `list`, `remove`, `prune`.
 //! - [`hooks`]: the boot hooks, `entrypoint.*.sh` sourced as root, then as the runner user.
+//! - [`secrets`]: proves at start that the runner user can read no secret; makes it so or refuses.
+//! - [`agent`]: the SSH agent that signs with the ci-storage key for jobs, which never see it.
 //! - [`prewarm`]: the work dir loaded from the newest ci-storage slot over SSH before the first job.
 //! - [`instance`]: per-instance labels in a pool (`RUNNER_INSTANCE_LABELS`), by key or claimed index.
 //! - [`lock`]: the hardware lock: one job at a time on a shared device, in arrival order.
@@ -30,6 +32,7 @@
 //! - [`controller`]: `ci-runner controller`, the webhook autoscaler: a runner container per queued job.
 
 pub mod admin;
+pub mod agent;
 pub mod app;
 pub mod autoscale;
 pub mod aws;
@@ -47,5 +50,6 @@ pub mod pid1;
 pub mod prewarm;
 pub mod runner;
 pub mod runners;
+pub mod secrets;
 pub mod status;
 pub mod supervisor;

@@ -223,6 +223,12 @@ fn supervise() -> ! {
         Err(e) => exit_bad_config("ci-runner", &e),
     };
     init_tracing(cfg.log_format, &cfg.log_filter);
+    // Before anything runs as the runner user (issue #17); still one thread, for the probe's fork.
+    if let Err(e) = ci_runner::secrets::protect(&cfg) {
+        let e = ci_runner::error::Error::from(e);
+        tracing::error!(error = %chain(&e), "Failed to start.");
+        std::process::exit(e.exit_code().code());
+    }
     let runtime = runtime_or_exit();
     let registry: Registry = Arc::new(Mutex::new(Vec::new()));
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| runtime.block_on(run(cfg, registry.clone(), started))));
@@ -243,7 +249,7 @@ fn supervise() -> ! {
     std::process::exit(code.code())
 }
 
-async fn run(cfg: Config, registry: Registry, started: std::time::Instant) -> ExitCode {
+async fn run(mut cfg: Config, registry: Registry, started: std::time::Instant) -> ExitCode {
     let (tx, rx) = mpsc::unbounded_channel();
     let drain = tx.clone();
     if let Err(e) = forward_signals(tx) {
@@ -282,8 +288,18 @@ async fn run(cfg: Config, registry: Registry, started: std::time::Instant) -> Ex
             Some(commands)
         }
     };
+    // ~/ci-storage-host, and the ci-storage key served to jobs (SSH_AUTH_SOCK), before the hooks.
+    let agent = match ci_runner::agent::start(&mut cfg) {
+        Ok(agent) => agent,
+        Err(e) => {
+            let e = ci_runner::error::Error::from(e);
+            tracing::error!(error = %chain(&e), "Failed to start.");
+            return e.exit_code();
+        }
+    };
     let runners = Runners::new(cfg, status, rx, commands, registry, tokio::time::Instant::from_std(started));
     let code = runners.run().await;
+    drop(agent);
     // The last datapoint and the protection's release, once the runner is gone.
     autoscale.shutdown().await;
     cancel.cancel();

@@ -225,9 +225,9 @@ pub fn jit_labels(custom: &[String], no_default_labels: bool) -> Vec<String> {
 /// /etc/group, which is not safe between fork and exec).
 #[derive(Debug, Clone)]
 pub(crate) struct Identity {
-    uid: u32,
-    gid: u32,
-    groups: Vec<u32>,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) groups: Vec<u32>,
 }
 
 /// A user of `/etc/passwd` gets its groups from `/etc/group` (read again each time: a boot hook
