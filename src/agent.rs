@@ -404,6 +404,8 @@ pub fn serve(key: AgentKey, user: Option<&RunnerUser>) -> Result<Agent, AgentErr
         move |source| AgentError::Socket { dir: dir.clone(), source }
     };
     let dir = tempfile::Builder::new().prefix("ci-runner-agent.").tempdir_in(&base).map_err(fail(&base))?;
+    // Root's until the chown below, so nobody else could reach it in between.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).map_err(fail(dir.path()))?;
     let socket = dir.path().join("agent.sock");
     let listener = tokio::net::UnixListener::bind(&socket).map_err(fail(dir.path()))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(fail(dir.path()))?;

@@ -18,3 +18,4 @@ mod multi;
 mod pid1;
 mod prewarm;
 mod scenarios;
+mod store;
