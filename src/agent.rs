@@ -412,12 +412,8 @@ pub fn serve(key: AgentKey, user: Option<&RunnerUser>) -> Result<Agent, AgentErr
     let allowed = match user {
         Some(u) => {
             for p in [dir.path(), socket.as_path()] {
-                nix::unistd::chown(
-                    p,
-                    Some(nix::unistd::Uid::from_raw(u.uid)),
-                    Some(nix::unistd::Gid::from_raw(u.gid)),
-                )
-                .map_err(|e| AgentError::Socket { dir: dir.path().to_path_buf(), source: e.into() })?;
+                nix::unistd::chown(p, Some(nix::unistd::Uid::from_raw(u.uid)), Some(nix::unistd::Gid::from_raw(u.gid)))
+                    .map_err(|e| AgentError::Socket { dir: dir.path().to_path_buf(), source: e.into() })?;
             }
             u.uid
         }
@@ -534,7 +530,9 @@ pub fn start(cfg: &mut Config) -> Result<Option<Agent>, AgentError> {
                     warn!(home = %home.display(), "The runner user's home does not exist: jobs get no ~/ci-storage-host.");
                 }
             }
-            Err(e) => warn!(file = %home.join("ci-storage-host").display(), error = %e, "Failed to write ~/ci-storage-host."),
+            Err(e) => {
+                warn!(file = %home.join("ci-storage-host").display(), error = %e, "Failed to write ~/ci-storage-host.")
+            }
         }
     }
     let Some(prewarm) = &cfg.prewarm else { return Ok(None) };

@@ -31,12 +31,12 @@ use tracing::{info, warn};
 use crate::config::{Config, RunnerUser};
 
 /// How a secret is kept from the runner user, for the message that says how to fix it.
-const FIX: &str = "give each secret as a Docker or compose secret (compose.yaml's `secrets:`, `docker run --mount type=bind,src=$PWD/secrets/GH_TOKEN,dst=/run/secrets/GH_TOKEN,readonly`): they land in /run/secrets, which the image keeps root-only (0700); or mount a host directory below a root-only one (e.g. -v $PWD/secrets:/run/secrets/host:ro with SECRETS_DIR=/run/secrets/host); or make the host directory root-owned with mode 0700";
+const FIX: &str = "mount the host directory below the image's root-only /run/secrets (0700), as compose.yaml does (-v $PWD/secrets:/run/secrets/host:ro with SECRETS_DIR=/run/secrets/host); or give each secret as a Docker or compose secret (compose's `secrets:`, or --mount type=bind,src=$PWD/secrets/GH_TOKEN,dst=/run/secrets/GH_TOKEN,readonly), which lands in /run/secrets; or make the host directory root-owned with mode 0700";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
-    #[error("failed to keep secrets from the runner user {user} (uid {uid}): {}; {FIX}", describe(.readable))]
-    Readable { user: String, uid: u32, readable: Vec<(PathBuf, String)> },
+    #[error("failed to keep secrets from the runner user {user} (uid {uid}): {}; {untouched}. Fix: {FIX}", describe(.readable))]
+    Readable { user: String, uid: u32, readable: Vec<(PathBuf, String)>, untouched: String },
     #[error("failed to keep {path} from the runner user {user} (uid {uid}): a process of ci-runner's environment is readable by it; run ci-runner as root with RUNNER_USER another user")]
     Environ { user: String, uid: u32, path: PathBuf },
     #[error("failed to check what the runner user {user} can read")]
@@ -152,8 +152,10 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 /// Tries to open each path for reading as `who`, in a forked child that drops to that uid
 /// and those groups; one verdict per path.
 pub fn probe(paths: &[PathBuf], who: &Access) -> io::Result<Vec<bool>> {
-    let cpaths: Vec<CString> =
-        paths.iter().map(|p| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)).collect::<Result<_, _>>()?;
+    let cpaths: Vec<CString> = paths
+        .iter()
+        .map(|p| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other))
+        .collect::<Result<_, _>>()?;
     let groups: Vec<libc::gid_t> = who.groups.clone();
     let mut fds = [0; 2];
     // SAFETY: pipe2 with a valid array of two ints.
@@ -253,18 +255,30 @@ fn readable(paths: &[PathBuf], who: &Access) -> io::Result<Vec<(PathBuf, String)
 }
 
 /// Step 3: `dir` made root's and 0700, when it is a directory of the container's own root
-/// filesystem; false (untouched) when it is a mount or lies on one.
-fn lock_dir(dir: &Path) -> Result<bool, SecretsError> {
+/// filesystem; else left untouched, and why (it is a mount or lies on one).
+fn lock_dir(dir: &Path) -> Result<Result<(), String>, SecretsError> {
     use std::os::unix::fs::PermissionsExt;
-    let Ok(real) = std::fs::canonicalize(dir) else { return Ok(false) };
-    if real == Path::new("/") || mount_point_of(&real).as_deref() != Some(Path::new("/")) {
-        return Ok(false);
+    let Ok(real) = std::fs::canonicalize(dir) else {
+        return Ok(Err(format!("SECRETS_DIR {} cannot be resolved", dir.display())));
+    };
+    match mount_point_of(&real) {
+        Some(m) if m == Path::new("/") && real != Path::new("/") => {}
+        Some(m) if m == real => {
+            return Ok(Err(format!(
+                "SECRETS_DIR {} is a mount, whose owner and mode are the host's, so ci-runner leaves them as they are",
+                real.display()
+            )));
+        }
+        m => {
+            let on = m.map(|m| m.display().to_string()).unwrap_or_else(|| "an unknown mount".into());
+            return Ok(Err(format!("SECRETS_DIR {} lies on the mount {on}, whose owners and modes are the host's, so ci-runner leaves them as they are", real.display())));
+        }
     }
     let fail = |source| SecretsError::Lock { dir: real.clone(), source };
     nix::unistd::chown(&real, Some(nix::unistd::Uid::from_raw(0)), Some(nix::unistd::Gid::from_raw(0)))
         .map_err(|e| fail(e.into()))?;
     std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
-    Ok(true)
+    Ok(Ok(()))
 }
 
 /// Steps 1-4 for `cfg`; `Ok` once nothing secret is readable by the runner user.
@@ -296,12 +310,20 @@ pub fn protect(cfg: &Config) -> Result<(), SecretsError> {
         return Ok(());
     }
     let mut open = readable(&files, &who).map_err(probe_err)?;
-    if !open.is_empty() && lock_dir(&cfg.secrets_dir)? {
-        info!(dir = %cfg.secrets_dir.display(), user = %user.name, "SECRETS_DIR made root-only (0700): the runner user could read the secrets in it.");
-        open = readable(&files, &who).map_err(probe_err)?;
+    if open.is_empty() {
+        info!(dir = %cfg.secrets_dir.display(), files = files.len(), user = %user.name, "Secrets checked: none readable by the runner user.");
+        return Ok(());
     }
+    let untouched = match lock_dir(&cfg.secrets_dir)? {
+        Ok(()) => {
+            info!(dir = %cfg.secrets_dir.display(), user = %user.name, "SECRETS_DIR made root-only (0700): the runner user could read the secrets in it.");
+            open = readable(&files, &who).map_err(probe_err)?;
+            "they lie outside SECRETS_DIR (links out of it), which ci-runner made root-only".to_string()
+        }
+        Err(why) => why,
+    };
     if !open.is_empty() {
-        return Err(SecretsError::Readable { user: user.name.clone(), uid: user.uid, readable: open });
+        return Err(SecretsError::Readable { user: user.name.clone(), uid: user.uid, readable: open, untouched });
     }
     info!(dir = %cfg.secrets_dir.display(), files = files.len(), user = %user.name, "Secrets checked: none readable by the runner user.");
     Ok(())
@@ -317,8 +339,10 @@ mod tests {
     }
 
     fn tree(entries: &[(&str, u32, u32, u32)]) -> impl Fn(&Path) -> io::Result<Stat> {
-        let map: HashMap<PathBuf, Stat> =
-            entries.iter().map(|(p, mode, uid, gid)| (PathBuf::from(p), Stat { mode: *mode, uid: *uid, gid: *gid })).collect();
+        let map: HashMap<PathBuf, Stat> = entries
+            .iter()
+            .map(|(p, mode, uid, gid)| (PathBuf::from(p), Stat { mode: *mode, uid: *uid, gid: *gid }))
+            .collect();
         move |p: &Path| map.get(p).copied().ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
     }
 

@@ -73,6 +73,8 @@ pub(crate) fn image() -> &'static str {
         std::fs::create_dir_all(&local).unwrap();
         std::fs::copy(repo_root().join("image/Dockerfile"), ctx.path().join("image/Dockerfile")).unwrap();
         std::fs::copy(bin(), local.join("ci-runner")).unwrap();
+        // The ci-storage tool's stand-in, as the offline input (its code is not committed).
+        std::fs::copy(repo_root().join("tests/fakes/ci-storage"), local.join("ci-storage")).unwrap();
         let ok = Command::new("tar")
             .args(["-czf"])
             .arg(local.join("actions-runner.tar.gz"))

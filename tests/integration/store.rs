@@ -45,10 +45,8 @@ fn files_with_key(root: &Path, depth: u32, needles: &[String], out: &mut Vec<Pat
         let Ok(m) = e.path().symlink_metadata() else { continue };
         if m.is_dir() && depth > 0 {
             files_with_key(&e.path(), depth - 1, needles, out);
-        } else if m.is_file() && m.len() < 4 << 20 {
-            if std::fs::read(e.path()).is_ok_and(|t| leaks(&t, needles)) {
-                out.push(e.path());
-            }
+        } else if m.is_file() && m.len() < 4 << 20 && std::fs::read(e.path()).is_ok_and(|t| leaks(&t, needles)) {
+            out.push(e.path());
         }
     }
 }
@@ -81,7 +79,8 @@ fn a_job_stores_through_the_agent_and_the_next_container_prewarms_from_its_slot(
     let shared = tempfile::tempdir().unwrap();
     let s = shared.path();
     mkdir(s, 0o755, 0);
-    let (storage, work, secrets, bin, tmp) = (s.join("storage"), s.join("work"), s.join("secrets"), s.join("bin"), s.join("tmp"));
+    let (storage, work, secrets, bin, tmp) =
+        (s.join("storage"), s.join("work"), s.join("secrets"), s.join("bin"), s.join("tmp"));
     mkdir(&storage, 0o755, 0);
     mkdir(&work, 0o755, NOBODY);
     mkdir(&secrets, 0o700, 0);
@@ -160,7 +159,7 @@ ci-storage store --storage-host="$host" --storage-dir="{st}/octo-org/octo-repo/$
     assert_eq!(meta, format!("full_snapshot_history={run_id}\nhints=\n"));
     let names: Vec<String> =
         std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    assert_eq!(names, [run_id.clone()], "in-flight or backup dirs left: {names:?}");
+    assert_eq!(names, std::slice::from_ref(&run_id), "in-flight or backup dirs left: {names:?}");
     assert!(store_log.contains("--link-dest") || store_log.contains("rsync --inplace"), "{store_log}");
 
     // No file the runner user can read holds the key: the test's dirs, the runner's, /tmp.
@@ -184,7 +183,8 @@ ci-storage store --storage-host="$host" --storage-dir="{st}/octo-org/octo-repo/$
     sup.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(sup.wait_exit(BOOT).code(), Some(0), "{}", sup.log());
     assert!(!Path::new(sock).exists(), "the agent's socket outlived the supervisor");
-    let _ = std::fs::remove_file(format!("/tmp/.ci-storage.meta.{}", local.display().to_string().replace(['/', '.'], "_")));
+    let _ =
+        std::fs::remove_file(format!("/tmp/.ci-storage.meta.{}", local.display().to_string().replace(['/', '.'], "_")));
 
     // The next container: an empty work dir, pre-warmed from the job's slot.
     let before = describe_tree(&local);
@@ -278,7 +278,14 @@ fn secrets_readable_by_the_runner_user_are_hidden_or_refused_with_exit_3() {
     let status = sup.wait_exit(BOOT);
     let log = sup.log();
     assert_eq!(status.code(), Some(3), "{log}");
-    for needle in ["GH_TOKEN is readable", "OTHER_SECRET is readable", "the runner user's own", "/run/secrets", "0700"] {
+    for needle in [
+        "GH_TOKEN is readable",
+        "OTHER_SECRET is readable",
+        "the runner user's own",
+        "is a mount",
+        "/run/secrets",
+        "0700",
+    ] {
         assert!(log.contains(needle), "the refusal does not say {needle:?}:\n{log}");
     }
     assert!(!log.contains("ghp_from_the_host_file") && !log.contains("s3cr3t"), "a secret is in the log");
