@@ -33,6 +33,9 @@ use crate::config::{Config, RunnerUser};
 /// How a secret is kept from the runner user, for the message that says how to fix it.
 const FIX: &str = "mount the host directory below the image's root-only /run/secrets (0700), as compose.yaml does (-v $PWD/secrets:/run/secrets/host:ro with SECRETS_DIR=/run/secrets/host); or give each secret as a Docker or compose secret (compose's `secrets:`, or --mount type=bind,src=$PWD/secrets/GH_TOKEN,dst=/run/secrets/GH_TOKEN,readonly), which lands in /run/secrets; or make the host directory root-owned with mode 0700";
 
+/// The original image's sudo rule for ci-storage (the image's `CI_STORAGE_SUDO=1`).
+const SUDO_RULE: &str = "/etc/sudoers.d/ci-storage";
+
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
     #[error("failed to keep secrets from the runner user {user} (uid {uid}): {}; {untouched}. Fix: {FIX}", describe(.readable))]
@@ -290,6 +293,12 @@ pub fn protect(cfg: &Config) -> Result<(), SecretsError> {
     if user.uid == 0 {
         warn!(user = %user.name, "RUNNER_USER is root: jobs can read every secret.");
         return Ok(());
+    }
+    if Path::new(SUDO_RULE).exists() {
+        warn!(
+            file = SUDO_RULE,
+            "A sudo rule lets jobs run ci-storage as root, and so read every secret (the image's CI_STORAGE_SUDO=1)."
+        );
     }
     let who = Access::of(user);
     let probe_err = |source| SecretsError::Probe { user: user.name.clone(), source };

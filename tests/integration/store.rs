@@ -243,18 +243,31 @@ fn secrets_readable_by_the_runner_user_are_hidden_or_refused_with_exit_3() {
     assert!(sup.log_has("SECRETS_DIR made root-only (0700)"), "{}", sup.log());
     let m = std::fs::metadata(&plain).unwrap();
     assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o700));
+    // Every ci-runner process (PID 1 and the supervisor, both holding GH_TOKEN), and PID 1 of
+    // the machine.
+    let mut procs: Vec<u32> = vec![sup.pid()];
+    procs.extend(
+        descendants(sup.pid())
+            .into_iter()
+            .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "ci-runner")),
+    );
+    assert!(procs.len() >= 2, "no supervisor child among {procs:?}");
+    let environs: Vec<String> = procs.iter().map(|p| format!("/proc/{p}/environ")).collect();
     let sc = scratch.display();
     let steps = format!(
-        "for f in {p}/GH_TOKEN {p}/OTHER_SECRET /proc/1/environ /proc/{pid}/environ; do \
+        "for f in {p}/GH_TOKEN {p}/OTHER_SECRET /proc/1/environ {environs}; do \
            if cat \"$f\" >> {sc}/read.out 2>/dev/null; then echo \"LEAK $f\" >> {sc}/read.out; fi; \
          done; touch {sc}/done",
         p = plain.display(),
-        pid = sup.pid()
+        environs = environs.join(" ")
     );
     let job = wait_job(&gh, gh.enqueue("read", &["ci-test"], &steps));
     assert_eq!(job["result"], "Succeeded");
     let out = std::fs::read_to_string(scratch.join("read.out")).unwrap_or_default();
-    assert!(!out.contains("LEAK") && !out.contains("s3cr3t") && !out.contains("ghp_"), "a job read a secret: {out}");
+    assert!(
+        !out.contains("LEAK") && !out.contains("s3cr3t") && !out.contains("ghp_"),
+        "a job read a secret or a ci-runner environ: {out}"
+    );
     assert!(scratch.join("done").exists());
     sup.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(sup.wait_exit(BOOT).code(), Some(0), "{}", sup.log());
