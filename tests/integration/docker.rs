@@ -429,3 +429,80 @@ fn compose_scales_to_three_distinct_runners_and_down_leaves_none() {
     assert!(down.status.success(), "compose down failed: {}", String::from_utf8_lossy(&down.stderr));
     assert!(gh.runners().is_empty(), "runners left registered after down: {:?}", gh.runners());
 }
+
+/// Issue #17 in the image: `secrets/` made by the host's first user (uid 1000, `guest`'s uid),
+/// `GH_TOKEN` 0600 and another file 0644. Mounted as `compose.yaml` mounts it (at
+/// `/run/secrets/host`, below the image's root-only `/run/secrets`), the runner starts on the
+/// PAT from the file and no job can read either file; mounted at `/run/secrets` itself, the
+/// container refuses to start: exit 3, the files and the fix named, nothing registered.
+#[test]
+fn image_keeps_host_secret_files_from_jobs_or_refuses_to_start() {
+    use std::os::unix::fs::PermissionsExt;
+    if !docker_available() {
+        return;
+    }
+    let gh = FakeGithub::start();
+    let (_keep, scratch) = scratch_dir();
+    let secrets = tempfile::tempdir().unwrap();
+    let host_user = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        nix::unistd::chown(p, Some(nix::unistd::Uid::from_raw(1000)), Some(nix::unistd::Gid::from_raw(1000))).unwrap();
+    };
+    host_user(secrets.path(), 0o755);
+    std::fs::write(secrets.path().join("GH_TOKEN"), PAT).unwrap();
+    host_user(&secrets.path().join("GH_TOKEN"), 0o600);
+    std::fs::write(secrets.path().join("OTHER_SECRET"), "s3cr3t-of-the-host").unwrap();
+    host_user(&secrets.path().join("OTHER_SECRET"), 0o644);
+    let start = |env: &[(&str, String)], target: &str| {
+        let name = format!("ci-runner-test-{}-{}", std::process::id(), rand_suffix());
+        let mut args: Vec<String> = ["run", "-d", "--name", &name, "--network", "host"].map(String::from).to_vec();
+        args.extend(["-e".into(), "AWS_EC2_METADATA_DISABLED=true".into()]);
+        for (k, v) in env {
+            args.extend(["-e".into(), format!("{k}={v}")]);
+        }
+        args.extend(["-v".into(), format!("{0}:{0}", scratch.display())]);
+        args.extend(["-v".into(), format!("{}:{target}:ro", secrets.path().display())]);
+        args.push(image().to_string());
+        docker_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        Container { name }
+    };
+    let mut env = env_for(&gh, free_port());
+    env.retain(|(k, _)| *k != "GH_TOKEN");
+
+    // As compose.yaml mounts it: started, and a job reads nothing.
+    let mut compose_env = env.clone();
+    compose_env.push(("SECRETS_DIR", "/run/secrets/host".to_string()));
+    let c = start(&compose_env, "/run/secrets/host");
+    c.wait_log("Listening for Jobs");
+    assert!(c.logs().contains("Secrets checked: none readable by the runner user."), "{}", c.logs());
+    let s = scratch.display();
+    let steps = format!(
+        "for f in /run/secrets/host/GH_TOKEN /run/secrets/host/OTHER_SECRET; do \
+           if cat \"$f\" >> {s}/read.out 2>/dev/null; then echo \"LEAK $f\" >> {s}/read.out; fi; \
+         done; touch {s}/done"
+    );
+    let id = gh.enqueue("read", &["ci-test"], &steps);
+    wait_for("the job to finish", LONG, || (gh.job(id)["status"] == "completed").then_some(()));
+    assert!(scratch.join("done").exists(), "the job did not run");
+    let out = std::fs::read_to_string(scratch.join("read.out")).unwrap_or_default();
+    assert!(!out.contains("LEAK") && !out.contains(PAT) && !out.contains("s3cr3t"), "a job read a secret: {out}");
+    docker_ok(&["stop", "-t", "60", &c.name]);
+    assert_eq!(c.inspect("{{.State.ExitCode}}"), "0", "{}", c.logs());
+    drop(c);
+
+    // Mounted at /run/secrets itself: the host's owner and mode show through; refused.
+    let c = start(&env, "/run/secrets");
+    wait_for("the container to exit", LONG, || (c.inspect("{{.State.Status}}") == "exited").then_some(()));
+    let logs = c.logs();
+    assert_eq!(c.inspect("{{.State.ExitCode}}"), "3", "{logs}");
+    for needle in [
+        "/run/secrets/GH_TOKEN is readable",
+        "/run/secrets/OTHER_SECRET is readable",
+        "is a mount",
+        "/run/secrets/host",
+    ] {
+        assert!(logs.contains(needle), "the refusal does not say {needle:?}:\n{logs}");
+    }
+    assert!(!logs.contains(PAT) && !logs.contains("s3cr3t"), "a secret is in the log");
+    assert!(gh.runners().is_empty(), "a runner registered despite readable secrets");
+}
