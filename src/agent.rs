@@ -513,9 +513,9 @@ pub fn write_storage_host(home: &Path, value: &str, owner: Option<(u32, u32)>) -
 }
 
 /// The boot's part: `~/ci-storage-host` written and, with a ci-storage key, the agent started
-/// and `SSH_AUTH_SOCK` put in the runner's environment. A key the agent cannot use only warns:
-/// the pre-warm may still load with it, and jobs then cannot store.
-pub fn start(cfg: &mut Config) -> Result<Option<Agent>, AgentError> {
+/// and `SSH_AUTH_SOCK` put in the runner's environment. A key the agent cannot use, or a
+/// socket it cannot make, only warns: the pre-warm may still load, and jobs then cannot store.
+pub fn start(cfg: &mut Config) -> Option<Agent> {
     let value = storage_host_value(cfg);
     let home = match &cfg.runner_user {
         Some(u) => Some(u.home.clone()),
@@ -535,19 +535,25 @@ pub fn start(cfg: &mut Config) -> Result<Option<Agent>, AgentError> {
             }
         }
     }
-    let Some(prewarm) = &cfg.prewarm else { return Ok(None) };
+    let prewarm = cfg.prewarm.as_ref()?;
     let key = match AgentKey::parse(prewarm.key.expose()) {
         Ok(k) => k,
         Err(e) => {
             warn!(error = %e, "CI_STORAGE_PRIVATE_KEY cannot be served to jobs: jobs cannot store to ci-storage.");
-            return Ok(None);
+            return None;
         }
     };
-    let agent = serve(key, cfg.runner_user.as_ref())?;
+    let agent = match serve(key, cfg.runner_user.as_ref()) {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %crate::error::chain(&e), "Failed to start the SSH agent: jobs cannot store to ci-storage.");
+            return None;
+        }
+    };
     let sock = agent.socket().display().to_string();
     cfg.runner_env.retain(|(k, _)| k != "SSH_AUTH_SOCK");
     cfg.runner_env.push(("SSH_AUTH_SOCK".into(), sock));
-    Ok(Some(agent))
+    Some(agent)
 }
 
 #[cfg(test)]
@@ -658,6 +664,49 @@ mod tests {
         assert_eq!(AgentKey::parse("not a key").unwrap_err(), KeyError::NotPem);
         let e = AgentKey::parse("-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n").unwrap_err();
         assert!(!e.to_string().contains("AAAA"), "{e}");
+    }
+
+    /// The real OpenSSH client against the served socket: `ssh-add -l` lists the key and
+    /// `ssh-keygen -Y sign` (given only the public key, so the agent must sign) makes a
+    /// signature `ssh-keygen -Y check-novalidate` accepts, for an Ed25519 and an RSA key.
+    /// Never: a key the client cannot use through the agent.
+    #[tokio::test]
+    async fn openssh_signs_through_the_agent_with_ed25519_and_rsa() {
+        let dir = tempfile::tempdir().unwrap();
+        for kind in ["ed25519", "rsa"] {
+            let Some((private, public)) = keygen(dir.path(), kind, false) else { return };
+            let agent = serve(AgentKey::parse(&private).unwrap(), None).unwrap();
+            let sock = agent.socket().to_path_buf();
+            let d = dir.path().to_path_buf();
+            let ok = tokio::task::spawn_blocking(move || {
+                let pubfile = d.join(format!("{kind}.pub"));
+                std::fs::write(&pubfile, &public).unwrap();
+                std::fs::write(d.join("data"), b"signed through the agent").unwrap();
+                let run = |args: &[&str], stdin: Option<&Path>| {
+                    let mut c = Command::new(args[0]);
+                    c.args(&args[1..]).env("SSH_AUTH_SOCK", &sock).current_dir(&d);
+                    if let Some(f) = stdin {
+                        c.stdin(std::fs::File::open(f).unwrap());
+                    }
+                    let out = c.output().unwrap();
+                    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+                    String::from_utf8_lossy(&out.stdout).into_owned()
+                };
+                let listed = run(&["ssh-add", "-l"], None);
+                let p = pubfile.to_str().unwrap();
+                run(&["ssh-keygen", "-Y", "sign", "-n", "file", "-f", p, "data"], None);
+                run(
+                    &["ssh-keygen", "-Y", "check-novalidate", "-n", "file", "-f", p, "-s", "data.sig"],
+                    Some(&d.join("data")),
+                );
+                let _ = std::fs::remove_file(d.join("data.sig"));
+                listed
+            })
+            .await
+            .unwrap();
+            let key = AgentKey::parse(&private).unwrap();
+            assert!(ok.contains(&key.fingerprint()), "{kind}: ssh-add -l shows {ok}");
+        }
     }
 
     #[test]

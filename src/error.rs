@@ -75,8 +75,6 @@ pub enum Error {
     Instance(#[from] crate::instance::InstanceError),
     #[error(transparent)]
     Secrets(#[from] crate::secrets::SecretsError),
-    #[error("failed to start the SSH agent for jobs")]
-    Agent(#[from] crate::agent::AgentError),
 }
 
 impl Error {
@@ -89,7 +87,7 @@ impl Error {
             Error::Runner(_) | Error::RunnerGaveUp(_) | Error::Prepare { .. } | Error::Lock(_) => {
                 ExitCode::RunnerFailed
             }
-            Error::Status { .. } | Error::Admin { .. } | Error::Http(_) | Error::Agent(_) => ExitCode::Internal,
+            Error::Status { .. } | Error::Admin { .. } | Error::Http(_) => ExitCode::Internal,
             Error::Hook(_) => ExitCode::Hook,
         }
     }

@@ -289,14 +289,7 @@ async fn run(mut cfg: Config, registry: Registry, started: std::time::Instant) -
         }
     };
     // ~/ci-storage-host, and the ci-storage key served to jobs (SSH_AUTH_SOCK), before the hooks.
-    let agent = match ci_runner::agent::start(&mut cfg) {
-        Ok(agent) => agent,
-        Err(e) => {
-            let e = ci_runner::error::Error::from(e);
-            tracing::error!(error = %chain(&e), "Failed to start.");
-            return e.exit_code();
-        }
-    };
+    let agent = ci_runner::agent::start(&mut cfg);
     let runners = Runners::new(cfg, status, rx, commands, registry, tokio::time::Instant::from_std(started));
     let code = runners.run().await;
     drop(agent);
