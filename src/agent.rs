@@ -394,6 +394,27 @@ fn socket_base() -> PathBuf {
     }
 }
 
+/// `<base>/ci-runner-agent.<pid>.<random>`: the agent's directory.
+const AGENT_DIR_PREFIX: &str = "ci-runner-agent.";
+
+/// Removes the agent directories of supervisors that are gone (killed, so their own cleanup
+/// never ran), and of an earlier life of this pid (a restarted container keeps its /run).
+fn remove_stale(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(AGENT_DIR_PREFIX)).and_then(|r| r.split('.').next())
+        else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<i32>() else { continue };
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH);
+        if pid == std::process::id() as i32 || gone {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Serves `key` to `user` (None: the supervisor's own user) on a fresh socket: a new 0700
 /// directory of that user's (`mkdtemp`, so nothing a job planted beforehand is followed),
 /// the socket 0600 in it, and every peer whose uid is neither that user's nor root's refused.
@@ -403,7 +424,9 @@ pub fn serve(key: AgentKey, user: Option<&RunnerUser>) -> Result<Agent, AgentErr
         let dir = dir.to_path_buf();
         move |source| AgentError::Socket { dir: dir.clone(), source }
     };
-    let dir = tempfile::Builder::new().prefix("ci-runner-agent.").tempdir_in(&base).map_err(fail(&base))?;
+    remove_stale(&base);
+    let prefix = format!("{AGENT_DIR_PREFIX}{}.", std::process::id());
+    let dir = tempfile::Builder::new().prefix(&prefix).tempdir_in(&base).map_err(fail(&base))?;
     // Root's until the chown below, so nobody else could reach it in between.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).map_err(fail(dir.path()))?;
     let socket = dir.path().join("agent.sock");
@@ -411,7 +434,9 @@ pub fn serve(key: AgentKey, user: Option<&RunnerUser>) -> Result<Agent, AgentErr
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(fail(dir.path()))?;
     let allowed = match user {
         Some(u) => {
-            for p in [dir.path(), socket.as_path()] {
+            // The socket first, while the directory is still root's: once the directory is the
+            // runner user's, a chown by path could follow a link put in its place.
+            for p in [socket.as_path(), dir.path()] {
                 nix::unistd::chown(p, Some(nix::unistd::Uid::from_raw(u.uid)), Some(nix::unistd::Gid::from_raw(u.gid)))
                     .map_err(|e| AgentError::Socket { dir: dir.path().to_path_buf(), source: e.into() })?;
             }
@@ -707,6 +732,22 @@ mod tests {
             let key = AgentKey::parse(&private).unwrap();
             assert!(ok.contains(&key.fingerprint()), "{kind}: ssh-add -l shows {ok}");
         }
+    }
+
+    /// Never: a live supervisor's socket directory removed, or anything else in the base.
+    #[test]
+    fn only_the_directories_of_gone_supervisors_are_removed() {
+        let base = tempfile::tempdir().unwrap();
+        let dead = base.path().join(format!("{AGENT_DIR_PREFIX}{}.abc", i32::MAX));
+        let live = base.path().join(format!("{AGENT_DIR_PREFIX}1.abc"));
+        let ours = base.path().join(format!("{AGENT_DIR_PREFIX}{}.old", std::process::id()));
+        let other = base.path().join("sshd");
+        for d in [&dead, &live, &ours, &other] {
+            std::fs::create_dir(d).unwrap();
+        }
+        remove_stale(base.path());
+        assert!(!dead.exists() && !ours.exists(), "a stale directory was kept");
+        assert!(live.exists() && other.exists(), "a live or foreign directory was removed");
     }
 
     #[test]
