@@ -372,23 +372,61 @@ struct Collector<'a> {
     env: &'a dyn EnvSource,
     problems: Vec<Problem>,
     secrets_dir: PathBuf,
+    /// Variables refused as a whole (a control character, too long): reported once, and no
+    /// further complaint about them, which would only repeat it.
+    refused: Vec<&'static str>,
+}
+
+/// Variables whose value is never shown in a problem: the secrets, and the controller's
+/// webhook secret and runner environment (which may carry one).
+fn hidden(var: &str) -> bool {
+    SECRET_VARS.contains(&var) || matches!(var, "WEBHOOK_SECRET" | "CONTROLLER_RUNNER_ENV")
 }
 
 impl<'a> Collector<'a> {
     /// Secrets are read from `SECRETS_DIR` (default `/run/secrets`) when their variable is unset.
     fn new(env: &'a dyn EnvSource) -> Self {
-        let secrets_dir =
-            env.get("SECRETS_DIR").filter(|d| !d.trim().is_empty()).unwrap_or_else(|| DEFAULT_SECRETS_DIR.into());
-        Collector { env, problems: Vec::new(), secrets_dir: PathBuf::from(secrets_dir) }
+        let mut c = Collector::bare(env);
+        if let Some(dir) = c.get("SECRETS_DIR") {
+            c.secrets_dir = PathBuf::from(dir);
+        }
+        c
+    }
+
+    /// A collector for commands that read no secret.
+    fn bare(env: &'a dyn EnvSource) -> Self {
+        Collector { env, problems: Vec::new(), secrets_dir: PathBuf::from(DEFAULT_SECRETS_DIR), refused: Vec::new() }
     }
 
     /// A secret from its variable, or else from the file `<SECRETS_DIR>/<NAME>` (Docker and
-    /// compose secrets), read once here and trimmed.
-    fn secret(&self, var: &'static str) -> Option<String> {
-        self.get(var).or_else(|| {
+    /// compose secrets), read once here and trimmed; checked as every value is, never shown.
+    fn secret(&mut self, var: &'static str) -> Option<String> {
+        let value = self.raw(var).or_else(|| {
             let text = std::fs::read_to_string(self.secrets_dir.join(var)).ok()?;
             Some(text.trim().to_string()).filter(|t| !t.is_empty())
-        })
+        })?;
+        self.check(var, &value, true);
+        Some(value)
+    }
+
+    /// Refuses `value` of `var` as a whole when it is too long or holds a control character
+    /// ([`limits::refused`]); once per variable.
+    fn check(&mut self, var: &'static str, value: &str, secret: bool) {
+        if self.refused.contains(&var) {
+            return;
+        }
+        if let Some(expected) = limits::refused(var, value) {
+            let shown = (!secret && value.len() <= 256).then_some(value);
+            self.bad(var, shown, expected);
+            self.refused.push(var);
+        }
+    }
+
+    /// A token (a PAT, a registration token, a JIT configuration): one word.
+    fn token(&mut self, var: &'static str, value: &str) {
+        if value.chars().any(char::is_whitespace) {
+            self.bad(var, None, "a token without spaces or line breaks");
+        }
     }
 
     /// `GH_TOKEN` (a PAT), `GH_RUNNER_TOKEN` (a registration token) or a GitHub App
@@ -409,6 +447,12 @@ impl<'a> Collector<'a> {
                     self.bad("GH_APP_ID", None, format!("the GitHub App's id (a number), to go with {var}"));
                 }
             }
+        }
+        if let Some(p) = &pat {
+            self.token("GH_TOKEN", p);
+        }
+        if let Some(r) = &reg {
+            self.token("GH_RUNNER_TOKEN", r);
         }
         match (pat, reg, app_id) {
             (Some(p), None, None) => Some(Credentials::Pat(Secret::new(p))),
@@ -476,11 +520,22 @@ impl<'a> Collector<'a> {
     }
 
     /// A non-empty value, trimmed; empty counts as unset (as in the original image's `${X:=}`).
-    fn get(&self, var: &'static str) -> Option<String> {
+    /// Every value is checked for control characters and length here ([`Collector::check`]).
+    fn get(&mut self, var: &'static str) -> Option<String> {
+        let value = self.raw(var)?;
+        self.check(var, &value, hidden(var));
+        Some(value)
+    }
+
+    /// [`Collector::get`] without the check, for [`Collector::secret`], which checks its own.
+    fn raw(&self, var: &'static str) -> Option<String> {
         self.env.get(var).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
     }
 
     fn bad(&mut self, var: &'static str, value: Option<&str>, expected: impl Into<String>) {
+        if self.refused.contains(&var) {
+            return;
+        }
         self.problems.push(Problem { var, value: value.map(str::to_string), expected: expected.into() });
     }
 
@@ -515,14 +570,9 @@ impl<'a> Collector<'a> {
         (log_format, log_filter)
     }
 
-    /// Whole seconds, at least 1.
-    fn positive_seconds(&mut self, var: &'static str, default: u64) -> Duration {
-        let d = self.seconds(var, default);
-        if d.is_zero() {
-            self.bad(var, Some("0"), "a whole number of seconds, at least 1");
-            return Duration::from_secs(default);
-        }
-        d
+    /// Whole seconds from 1 to `max`.
+    fn positive_seconds(&mut self, var: &'static str, default: u64, max: u64) -> Duration {
+        self.seconds_in(var, default, 1, max)
     }
 
     /// `RUNNER_USER` (default `guest`) when the supervisor is root; `None` otherwise, as
@@ -539,16 +589,24 @@ impl<'a> Collector<'a> {
         user
     }
 
-    fn seconds(&mut self, var: &'static str, default: u64) -> Duration {
-        match self.get(var) {
-            None => Duration::from_secs(default),
-            Some(v) => match v.parse::<u64>() {
-                Ok(n) => Duration::from_secs(n),
-                Err(_) => {
-                    self.bad(var, Some(&v), "a whole number of seconds, e.g. 600");
-                    Duration::from_secs(default)
-                }
-            },
+    /// Whole seconds from 0 to `max`.
+    fn seconds(&mut self, var: &'static str, default: u64, max: u64) -> Duration {
+        self.seconds_in(var, default, 0, max)
+    }
+
+    /// Whole seconds from `min` to `max`: every duration from the environment is bounded here,
+    /// so that no deadline computed from one can overflow. A value outside is named with the
+    /// range, and the default is used meanwhile (the start fails anyway).
+    fn seconds_in(&mut self, var: &'static str, default: u64, min: u64, max: u64) -> Duration {
+        let Some(v) = self.get(var) else { return Duration::from_secs(default) };
+        match v.parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Duration::from_secs(n),
+            _ => {
+                let expected =
+                    format!("a whole number of seconds from {min} to {max} ({})", limits::human_seconds(max));
+                self.bad(var, Some(&v), expected);
+                Duration::from_secs(default)
+            }
         }
     }
 }
@@ -626,9 +684,18 @@ pub fn default_api_url(server_url: &str) -> String {
     }
 }
 
+/// A GitHub server or API URL: [`limits::http_url`], and no query or fragment, as paths are
+/// appended to it.
+fn github_url(s: &str) -> Result<reqwest::Url, String> {
+    let url = limits::http_url(s)?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("no ?query or #fragment".into());
+    }
+    Ok(url)
+}
+
 fn valid_http_url(s: &str) -> bool {
-    let Some((scheme, rest)) = s.split_once("://") else { return false };
-    matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.starts_with('/')
+    limits::http_url(s).is_ok()
 }
 
 impl Config {
@@ -709,8 +776,8 @@ impl Config {
 
         let runner_user = c.runner_user(host);
 
-        let drain_timeout = c.seconds("DRAIN_TIMEOUT_SEC", DEFAULT_DRAIN_TIMEOUT_SEC);
-        let shutdown_delay = c.seconds("DEBUG_SHUTDOWN_DELAY_SEC", 0);
+        let drain_timeout = c.seconds("DRAIN_TIMEOUT_SEC", DEFAULT_DRAIN_TIMEOUT_SEC, limits::MAX_DRAIN_TIMEOUT_SEC);
+        let shutdown_delay = c.seconds("DEBUG_SHUTDOWN_DELAY_SEC", 0, limits::MAX_SHUTDOWN_DELAY_SEC);
 
         let status_addr = match status_addr(env) {
             Ok(a) => a,
@@ -723,7 +790,9 @@ impl Config {
         let (log_format, log_filter) = c.log_settings();
 
         let lock_dir = PathBuf::from(c.get("RUNNER_LOCK_DIR").unwrap_or_else(|| DEFAULT_LOCK_DIR.to_string()));
-        let lock_timeout = c.get("RUNNER_LOCK_TIMEOUT_SEC").map(|_| c.seconds("RUNNER_LOCK_TIMEOUT_SEC", 0));
+        let lock_timeout = c
+            .get("RUNNER_LOCK_TIMEOUT_SEC")
+            .map(|_| c.seconds("RUNNER_LOCK_TIMEOUT_SEC", 0, limits::MAX_LOCK_TIMEOUT_SEC));
         let instance_labels = match (c.get("RUNNER_INSTANCE_LABELS"), c.get("RUNNER_INSTANCE")) {
             (None, None) => None,
             (None, Some(_)) => {
@@ -984,23 +1053,27 @@ fn several_runners(
 /// An `http://` or `https://` URL, or a problem.
 fn url_var(c: &mut Collector<'_>, var: &'static str) -> Option<String> {
     let v = c.get(var)?;
-    if reqwest::Url::parse(&v).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
-        Some(v.trim_end_matches('/').to_string())
-    } else {
-        c.bad(var, Some(&v), "an http:// or https:// URL");
-        None
+    match limits::http_url(&v) {
+        Ok(_) => Some(v.trim_end_matches('/').to_string()),
+        Err(why) => {
+            c.bad(var, Some(&v), format!("an http:// or https:// URL: {why}"));
+            None
+        }
     }
 }
 
 /// The AWS standard chain's variables, CloudWatch's, the ECS agent's and the spot watch's.
 fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> AutoscaleSettings {
     use crate::aws::{AwsSettings, Credentials as AwsCredentials, DEFAULT_IMDS_URL, ECS_CREDENTIALS_HOST};
-    let region = c.get("AWS_REGION").or_else(|| c.get("AWS_DEFAULT_REGION"));
-    if let Some(r) = &region {
-        if !r.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-') {
-            let r = r.clone();
-            c.bad("AWS_REGION", Some(&r), "an AWS region, e.g. us-east-1");
+    // Each is checked and named as set: AWS_DEFAULT_REGION is the one many images set.
+    let mut region = None;
+    for var in ["AWS_REGION", "AWS_DEFAULT_REGION"] {
+        let Some(r) = c.get(var) else { continue };
+        if !limits::valid_region(&r) {
+            let max = limits::MAX_REGION_LEN;
+            c.bad(var, Some(&r), format!("an AWS region of at most {max} characters of a-z 0-9 -, e.g. us-east-1"));
         }
+        region = region.or(Some(r));
     }
     let static_credentials = match (c.get("AWS_ACCESS_KEY_ID"), c.secret("AWS_SECRET_ACCESS_KEY")) {
         (Some(id), Some(secret)) => Some(AwsCredentials {
@@ -1036,6 +1109,7 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
         .get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
         .and_then(|f| std::fs::read_to_string(f).ok())
         .map(|t| t.trim().to_string())
+        .inspect(|t| c.check("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", t, true))
         .or_else(|| c.secret("AWS_CONTAINER_AUTHORIZATION_TOKEN"))
         .map(Secret::new);
     let ecs_metadata_url = url_var(c, "ECS_CONTAINER_METADATA_URI_V4");
@@ -1078,7 +1152,11 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
             None => Vec::new(),
         },
     };
-    let heartbeat = c.positive_seconds("CLOUDWATCH_HEARTBEAT_SEC", DEFAULT_CLOUDWATCH_HEARTBEAT_SEC);
+    let heartbeat = c.positive_seconds(
+        "CLOUDWATCH_HEARTBEAT_SEC",
+        DEFAULT_CLOUDWATCH_HEARTBEAT_SEC,
+        limits::MAX_CLOUDWATCH_HEARTBEAT_SEC,
+    );
     let storage_resolution = match c.get("CLOUDWATCH_STORAGE_RESOLUTION").as_deref() {
         None | Some("1") => 1,
         Some("60") => 60,
@@ -1100,7 +1178,7 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
         },
     };
     let spot_watch = c.bool("SPOT_WATCH", true);
-    let spot_poll = c.positive_seconds("SPOT_POLL_SEC", DEFAULT_SPOT_POLL_SEC);
+    let spot_poll = c.positive_seconds("SPOT_POLL_SEC", DEFAULT_SPOT_POLL_SEC, limits::MAX_SPOT_POLL_SEC);
     AutoscaleSettings {
         aws: AwsSettings {
             region,
@@ -1150,9 +1228,18 @@ fn prewarm_settings(
 ) -> Option<crate::prewarm::Settings> {
     use crate::prewarm::{Settings, StorageHost};
     let raw = c.get("CI_STORAGE_HOST")?;
-    let host = StorageHost::parse(&raw);
+    let host = StorageHost::parse(&raw)
+        .filter(|h| limits::valid_host(&h.host) && h.user.as_deref().is_none_or(limits::valid_ssh_user));
     if host.is_none() {
-        c.bad("CI_STORAGE_HOST", Some(&raw), "[user@]host[:port], e.g. 127.0.0.1:10022 or guest@storage");
+        let shown = (raw.len() <= 512).then_some(raw.as_str());
+        c.bad(
+            "CI_STORAGE_HOST",
+            shown,
+            format!(
+                "[user@]host[:port], e.g. 127.0.0.1:10022 or guest@storage: a host name of at most {} characters or an IP address, a port from 1 to 65535, a user of A-Z a-z 0-9 . _ -",
+                limits::MAX_HOSTNAME_LEN
+            ),
+        );
     }
     let key = c.secret("CI_STORAGE_PRIVATE_KEY");
     if key.is_none() {
@@ -1177,19 +1264,19 @@ fn prewarm_settings(
     if !root.starts_with('/') && !root.starts_with("~/") {
         c.bad("CI_STORAGE_DIR", Some(&root), "an absolute directory on the storage host, e.g. /mnt");
     }
-    let max_age = c.seconds("CI_STORAGE_MAX_AGE_SEC", DEFAULT_STORAGE_MAX_AGE_SEC);
-    let timeout = c.seconds("CI_STORAGE_TIMEOUT_SEC", DEFAULT_STORAGE_TIMEOUT_SEC);
-    let connect_timeout = c.seconds("CI_STORAGE_CONNECT_TIMEOUT_SEC", DEFAULT_STORAGE_CONNECT_TIMEOUT_SEC);
-    let stall_timeout = c.seconds("CI_STORAGE_STALL_TIMEOUT_SEC", DEFAULT_STORAGE_STALL_TIMEOUT_SEC);
-    for (var, d) in [
-        ("CI_STORAGE_TIMEOUT_SEC", timeout),
-        ("CI_STORAGE_CONNECT_TIMEOUT_SEC", connect_timeout),
-        ("CI_STORAGE_STALL_TIMEOUT_SEC", stall_timeout),
-    ] {
-        if d.is_zero() {
-            c.bad(var, Some("0"), "a whole number of seconds above 0");
-        }
-    }
+    let max_age = c.seconds("CI_STORAGE_MAX_AGE_SEC", DEFAULT_STORAGE_MAX_AGE_SEC, limits::MAX_STORAGE_MAX_AGE_SEC);
+    let timeout =
+        c.positive_seconds("CI_STORAGE_TIMEOUT_SEC", DEFAULT_STORAGE_TIMEOUT_SEC, limits::MAX_STORAGE_TIMEOUT_SEC);
+    let connect_timeout = c.positive_seconds(
+        "CI_STORAGE_CONNECT_TIMEOUT_SEC",
+        DEFAULT_STORAGE_CONNECT_TIMEOUT_SEC,
+        limits::MAX_STORAGE_WAIT_SEC,
+    );
+    let stall_timeout = c.positive_seconds(
+        "CI_STORAGE_STALL_TIMEOUT_SEC",
+        DEFAULT_STORAGE_STALL_TIMEOUT_SEC,
+        limits::MAX_STORAGE_WAIT_SEC,
+    );
     let known_hosts = match c.get("CI_STORAGE_KNOWN_HOSTS") {
         Some(p) => {
             let p = PathBuf::from(p);
@@ -1305,12 +1392,16 @@ pub fn status_addr(env: &dyn EnvSource) -> Result<Option<SocketAddr>, Problem> {
 fn sweep_setting(c: &mut Collector<'_>, credentials: Option<&Credentials>, name: &RunnerName) -> Option<Duration> {
     let raw = c.get("RUNNER_SWEEP_OFFLINE_SEC")?;
     let secs = match raw.parse::<u64>() {
-        Ok(n) if n >= MIN_SWEEP_OFFLINE_SEC => n,
+        Ok(n) if (MIN_SWEEP_OFFLINE_SEC..=limits::MAX_SWEEP_OFFLINE_SEC).contains(&n) => n,
         _ => {
+            let max = limits::MAX_SWEEP_OFFLINE_SEC;
             c.bad(
                 "RUNNER_SWEEP_OFFLINE_SEC",
                 Some(&raw),
-                format!("a whole number of seconds, at least {MIN_SWEEP_OFFLINE_SEC}, e.g. 86400 (unset: no sweep)"),
+                format!(
+                    "a whole number of seconds, at least {MIN_SWEEP_OFFLINE_SEC} and at most {max} ({}), e.g. 86400 (unset: no sweep)",
+                    limits::human_seconds(max)
+                ),
             );
             return None;
         }
@@ -1454,23 +1545,30 @@ impl Collector<'_> {
         }
     }
 
-    /// `GH_SERVER_URL` and `GH_API_URL`, the latter by default derived from the former.
+    /// `GH_SERVER_URL` and `GH_API_URL`, the latter by default derived from the former (and
+    /// then only the former is named when it is bad).
     fn urls(&mut self) -> (String, String) {
         let server_url = strip_slash(&self.get("GH_SERVER_URL").unwrap_or_else(|| "https://github.com".to_string()));
-        if !valid_http_url(&server_url) {
-            self.bad("GH_SERVER_URL", Some(&server_url), "an http(s) URL, e.g. https://github.com");
+        if let Err(why) = github_url(&server_url) {
+            self.bad("GH_SERVER_URL", Some(&server_url), format!("an http(s) URL, e.g. https://github.com: {why}"));
         }
-        let api_url = strip_slash(&self.get("GH_API_URL").unwrap_or_else(|| default_api_url(&server_url)));
-        if !valid_http_url(&api_url) {
-            self.bad("GH_API_URL", Some(&api_url), "an http(s) URL, e.g. https://api.github.com");
-        }
+        let api_url = match self.get("GH_API_URL") {
+            Some(api) => {
+                let api = strip_slash(&api);
+                if let Err(why) = github_url(&api) {
+                    self.bad("GH_API_URL", Some(&api), format!("an http(s) URL, e.g. https://api.github.com: {why}"));
+                }
+                api
+            }
+            None => strip_slash(&default_api_url(&server_url)),
+        };
         (server_url, api_url)
     }
 }
 
 /// `LOG_FORMAT` and `RUST_LOG`, for commands that need no other configuration.
 pub fn log_settings(env: &dyn EnvSource) -> Result<(LogFormat, String), Vec<Problem>> {
-    let mut c = Collector { env, problems: Vec::new(), secrets_dir: PathBuf::new() };
+    let mut c = Collector::bare(env);
     let settings = c.log_settings();
     if c.problems.is_empty() {
         Ok(settings)
@@ -1483,7 +1581,7 @@ pub fn log_settings(env: &dyn EnvSource) -> Result<(LogFormat, String), Vec<Prob
 /// `FORWARD_BIND`, `FORWARD_CONNECT_TIMEOUT_SEC` and `FORWARD_UDP_IDLE_SEC`. Every variable is
 /// checked even when forwarding is off.
 pub fn forward_settings(env: &dyn EnvSource) -> Result<Option<(Vec<Forward>, ForwardOptions)>, Vec<Problem>> {
-    let mut c = Collector { env, problems: Vec::new(), secrets_dir: PathBuf::new() };
+    let mut c = Collector::bare(env);
     let hosts = c.get("FORWARD_HOST").unwrap_or_default();
     let ports = c.get("FORWARD_PORTS").unwrap_or_default();
     let forwards = crate::forward::parse(&hosts, &ports).unwrap_or_else(|p| {
@@ -1498,9 +1596,16 @@ pub fn forward_settings(env: &dyn EnvSource) -> Result<Option<(Vec<Forward>, For
             defaults.bind
         }),
     };
-    let connect_timeout =
-        c.positive_seconds("FORWARD_CONNECT_TIMEOUT_SEC", crate::forward::DEFAULT_CONNECT_TIMEOUT.as_secs());
-    let udp_idle = c.positive_seconds("FORWARD_UDP_IDLE_SEC", crate::forward::DEFAULT_UDP_IDLE.as_secs());
+    let connect_timeout = c.positive_seconds(
+        "FORWARD_CONNECT_TIMEOUT_SEC",
+        crate::forward::DEFAULT_CONNECT_TIMEOUT.as_secs(),
+        limits::MAX_FORWARD_CONNECT_TIMEOUT_SEC,
+    );
+    let udp_idle = c.positive_seconds(
+        "FORWARD_UDP_IDLE_SEC",
+        crate::forward::DEFAULT_UDP_IDLE.as_secs(),
+        limits::MAX_FORWARD_UDP_IDLE_SEC,
+    );
     if !c.problems.is_empty() {
         return Err(c.problems);
     }
@@ -1515,6 +1620,7 @@ pub fn runner_dir_has_scripts(dir: &std::path::Path) -> bool {
 /// `RUNNER_JITCONFIG` (issue #9): alone, as no other credential may come with it.
 impl Collector<'_> {
     fn jit_credentials(&mut self, jit: String) -> Option<Credentials> {
+        self.token("RUNNER_JITCONFIG", &jit);
         for var in ["GH_TOKEN", "GH_RUNNER_TOKEN", "GH_APP_ID"] {
             if self.get(var).is_some() {
                 self.bad(
@@ -1536,6 +1642,7 @@ impl Collector<'_> {
 }
 
 mod controller;
+pub mod limits;
 pub use controller::*;
 
 #[cfg(test)]

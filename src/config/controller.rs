@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::limits::{MAX_CONTROLLER_BODY_BYTES, MAX_CONTROLLER_LIFETIME_SEC};
 use super::{valid_runner_name, Collector, ConfigError, Credentials, EnvSource, LogFormat, Scope, Secret};
 
 pub const DEFAULT_CONTROLLER_ADDR: &str = "0.0.0.0:8080";
@@ -258,12 +259,14 @@ pub fn controller_config(env: &dyn EnvSource) -> Result<ControllerConfig, Config
     let max_body = match c.get("CONTROLLER_MAX_BODY_BYTES") {
         None => DEFAULT_MAX_BODY_BYTES,
         Some(v) => match v.parse::<usize>() {
-            Ok(n) if n >= 1024 => n,
+            Ok(n) if (1024..=MAX_CONTROLLER_BODY_BYTES).contains(&n) => n,
             _ => {
                 c.bad(
                     "CONTROLLER_MAX_BODY_BYTES",
                     Some(&v),
-                    "the largest webhook payload accepted, in bytes, at least 1024",
+                    format!(
+                        "the largest webhook payload accepted, in bytes, from 1024 to {MAX_CONTROLLER_BODY_BYTES} (GitHub's 25 MB cap)"
+                    ),
                 );
                 DEFAULT_MAX_BODY_BYTES
             }
@@ -371,7 +374,8 @@ fn single_pool(c: &mut Collector<'_>) -> Option<PoolConfig> {
         let raw = binds.join(",");
         c.bad("CONTROLLER_RUNNER_BINDS", Some(&raw), "comma-separated /host/path:/container/path[:ro] bind mounts");
     }
-    let max_lifetime = c.positive_seconds("CONTROLLER_MAX_LIFETIME_SEC", DEFAULT_MAX_LIFETIME_SEC);
+    let max_lifetime =
+        c.positive_seconds("CONTROLLER_MAX_LIFETIME_SEC", DEFAULT_MAX_LIFETIME_SEC, MAX_CONTROLLER_LIFETIME_SEC);
     let name_prefix = c.get("RUNNER_NAME_PREFIX").unwrap_or_else(|| "ci-runner".into());
     if !valid_runner_name(&name_prefix) || name_prefix.len() > 30 {
         c.bad("RUNNER_NAME_PREFIX", Some(&name_prefix), "1-30 characters of A-Z a-z 0-9 . _ -");
@@ -447,13 +451,18 @@ fn file_pools(c: &mut Collector<'_>, path: &str) -> Vec<PoolConfig> {
             let t = std::fs::read_to_string(c.secrets_dir.join(name)).ok()?;
             Some(t.trim().to_string()).filter(|t| !t.is_empty())
         };
+        // A token or a webhook secret is one line; only a key spans several.
+        let read_line = |c: &Collector<'_>, name: &str| read(c, name).filter(|t| !t.chars().any(char::is_control));
         let credentials = match (&e.token_secret, &e.app) {
-            (Some(name), None) => match read(c, name) {
+            (Some(name), None) => match read_line(c, name) {
                 Some(t) => Some(Credentials::Pat(Secret::new(t))),
                 None => {
                     bad(
                         c,
-                        format!("token_secret {name:?}: a non-empty file of that name in {}", c.secrets_dir.display()),
+                        format!(
+                            "token_secret {name:?}: a non-empty file of that name in {}, one line without control characters",
+                            c.secrets_dir.display()
+                        ),
                     );
                     None
                 }
@@ -480,12 +489,12 @@ fn file_pools(c: &mut Collector<'_>, path: &str) -> Vec<PoolConfig> {
         };
         let webhook_secret = match &e.webhook_secret {
             Some(name) => {
-                let s = read(c, name);
+                let s = read_line(c, name);
                 if s.is_none() {
                     bad(
                         c,
                         format!(
-                            "webhook_secret {name:?}: a non-empty file of that name in {}",
+                            "webhook_secret {name:?}: a non-empty file of that name in {}, one line without control characters",
                             c.secrets_dir.display()
                         ),
                     );
@@ -521,6 +530,27 @@ fn file_pools(c: &mut Collector<'_>, path: &str) -> Vec<PoolConfig> {
         if e.binds.iter().any(|b| !valid_bind(b)) {
             bad(c, "binds: /host/path:/container/path[:ro] bind mounts".into());
         }
+        let texts = e.image.iter().chain(&e.network).chain(&e.binds).chain(e.env.keys()).chain(e.env.values());
+        if texts.clone().any(|t| t.chars().any(char::is_control))
+            || texts.map(String::len).sum::<usize>() > super::limits::MAX_VALUE_LEN
+        {
+            bad(
+                c,
+                format!(
+                    "image, network, binds and env: no control characters, at most {} bytes in all",
+                    super::limits::MAX_VALUE_LEN
+                ),
+            );
+        }
+        if e.max_lifetime_sec.is_some_and(|s| !(1..=MAX_CONTROLLER_LIFETIME_SEC).contains(&s)) {
+            bad(
+                c,
+                format!(
+                    "max_lifetime_sec: whole seconds from 1 to {MAX_CONTROLLER_LIFETIME_SEC} ({})",
+                    super::limits::human_seconds(MAX_CONTROLLER_LIFETIME_SEC)
+                ),
+            );
+        }
         let name_prefix = e.name_prefix.clone().unwrap_or_else(|| format!("ci-runner-{}", e.id));
         if !valid_runner_name(&name_prefix) || name_prefix.len() > 40 {
             bad(c, "name_prefix: 1-40 characters of A-Z a-z 0-9 . _ -".into());
@@ -539,7 +569,9 @@ fn file_pools(c: &mut Collector<'_>, path: &str) -> Vec<PoolConfig> {
             env,
             network: e.network.clone(),
             binds: e.binds.clone(),
-            max_lifetime: Duration::from_secs(e.max_lifetime_sec.unwrap_or(DEFAULT_MAX_LIFETIME_SEC).max(1)),
+            max_lifetime: Duration::from_secs(
+                e.max_lifetime_sec.unwrap_or(DEFAULT_MAX_LIFETIME_SEC).clamp(1, MAX_CONTROLLER_LIFETIME_SEC),
+            ),
             name_prefix,
             runner_group_id: e.runner_group_id.unwrap_or(crate::github::DEFAULT_RUNNER_GROUP_ID),
         });
