@@ -237,7 +237,16 @@ pub struct Config {
     pub admin: Option<AdminSettings>,
     /// `STATE_DIR`: where runners added over the admin API are kept across restarts.
     pub state_dir: Option<PathBuf>,
+    /// `CI_RUNNER_TEST_PANIC`, test-only and in debug builds only: the n-th runner of
+    /// `RUNNER_COUNT` panics in its task once registered, so the tests can check the panic
+    /// path (de-registered, exit 1). Release builds neither read nor have it.
+    #[cfg(debug_assertions)]
+    pub test_panic_runner: Option<u32>,
 }
+
+/// The test-only variable of [`Config::test_panic_runner`] (debug builds only).
+#[cfg(debug_assertions)]
+pub const TEST_PANIC_VAR: &str = "CI_RUNNER_TEST_PANIC";
 
 /// The admin API's address and bearer token.
 #[derive(Debug, Clone)]
@@ -866,6 +875,14 @@ impl Config {
             }
         }
 
+        #[cfg(debug_assertions)]
+        let test_panic_runner = c.get(TEST_PANIC_VAR).map(|v| {
+            v.parse::<u32>().ok().filter(|n| *n >= 1).unwrap_or_else(|| {
+                c.bad(TEST_PANIC_VAR, Some(&v), "test-only: the index (from 1) of the runner whose task panics");
+                0
+            })
+        });
+
         if !c.problems.is_empty() {
             return Err(ConfigError(c.problems));
         }
@@ -909,6 +926,8 @@ impl Config {
             roots_dir,
             admin,
             state_dir,
+            #[cfg(debug_assertions)]
+            test_panic_runner,
         })
     }
 

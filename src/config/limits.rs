@@ -55,6 +55,18 @@ pub const MULTILINE_VARS: &[&str] = &["GH_APP_PRIVATE_KEY", "CI_STORAGE_PRIVATE_
 /// Variables that are whitespace-separated lists, where a newline or a tab separates too.
 pub const LIST_VARS: &[&str] = &["FORWARD_HOST", "FORWARD_PORTS"];
 
+/// `now + d`, or a century from `now` when that would overflow the clock: a deadline computed
+/// from a configured duration never panics.
+pub fn later(now: std::time::Instant, d: std::time::Duration) -> std::time::Instant {
+    const CENTURY: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(d).or_else(|| now.checked_add(CENTURY)).unwrap_or(now)
+}
+
+/// [`later`] on tokio's clock.
+pub fn later_tokio(now: tokio::time::Instant, d: std::time::Duration) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(later(now.into_std(), d))
+}
+
 /// `secs` in the largest whole unit, for messages: `432000` is "5 days".
 pub fn human_seconds(secs: u64) -> String {
     let plural = |n: u64, unit: &str| format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
@@ -220,6 +232,18 @@ mod tests {
         }
         assert!(valid_ssh_user("guest") && valid_ssh_user("ci.user-1"));
         assert!(!valid_ssh_user("-oProxyCommand") && !valid_ssh_user("a b") && !valid_ssh_user(&"u".repeat(33)));
+    }
+
+    #[test]
+    fn a_deadline_past_the_clock_s_end_saturates_instead_of_panicking() {
+        use std::time::{Duration, Instant};
+        let now = Instant::now();
+        assert_eq!(later(now, Duration::from_secs(5)), now + Duration::from_secs(5));
+        let far = later(now, Duration::from_secs(10_000_000_000_000_000_000));
+        assert!(far > now + Duration::from_secs(99 * 365 * 86_400), "not far enough: {:?}", far - now);
+        assert!(later(now, Duration::MAX) > now);
+        let t = tokio::time::Instant::now();
+        assert!(later_tokio(t, Duration::MAX) > t);
     }
 
     #[test]
