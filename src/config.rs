@@ -734,7 +734,7 @@ impl Config {
                 c.bad(
                     "GH_LABELS",
                     Some(&raw),
-                    "comma-separated labels of at most 256 characters each, e.g. linux,docker",
+                    "comma-separated labels of at most 256 characters each, without control characters, e.g. linux,docker",
                 );
                 Vec::new()
             }),
@@ -2235,4 +2235,172 @@ c2VjcmV0LWJ5dGVz
         .unwrap_err();
         assert_eq!(vars_of(&e), vec!["CI_STORAGE_HOST"]);
     }
+
+    /// One malformed value: set over [`GOOD`] (less `without`), it must fail the start naming
+    /// exactly `var`; a secret's value must never be shown.
+    struct Malformed {
+        var: &'static str,
+        value: String,
+        extra: &'static [(&'static str, &'static str)],
+        without: &'static [&'static str],
+        secret: bool,
+        /// Part of the message, e.g. the allowed range.
+        says: &'static str,
+    }
+
+    fn bad(var: &'static str, value: impl Into<String>, says: &'static str) -> Malformed {
+        Malformed { var, value: value.into(), extra: &[], without: &[], secret: false, says }
+    }
+
+    const STORAGE: &[(&str, &str)] = &[("CI_STORAGE_HOST", "127.0.0.1:10022"), ("CI_STORAGE_PRIVATE_KEY", "k")];
+
+    #[test]
+    fn malformed_values_are_refused_each_named_with_its_variable() {
+        let huge = "10000000000000000000";
+        let storage = |m: Malformed| Malformed { extra: STORAGE, ..m };
+        let secret = |m: Malformed| Malformed { secret: true, ..m };
+        let cases = [
+            // Durations: each bounded, the message giving the value and the range.
+            bad("DRAIN_TIMEOUT_SEC", huge, "from 0 to 432000 (5 days)"),
+            bad("DRAIN_TIMEOUT_SEC", "432001", "from 0 to 432000"),
+            bad("DRAIN_TIMEOUT_SEC", "99999999999999999999999", "from 0 to 432000"),
+            bad("DRAIN_TIMEOUT_SEC", "-1", "whole number of seconds"),
+            bad("DEBUG_SHUTDOWN_DELAY_SEC", "3601", "from 0 to 3600 (1 hour)"),
+            bad("RUNNER_LOCK_TIMEOUT_SEC", huge, "from 0 to 604800 (7 days)"),
+            bad("RUNNER_SWEEP_OFFLINE_SEC", "31536001", "at most 31536000 (365 days)"),
+            bad("CLOUDWATCH_HEARTBEAT_SEC", "86401", "from 1 to 86400 (1 day)"),
+            bad("SPOT_POLL_SEC", huge, "from 1 to 600"),
+            bad("FORWARD_CONNECT_TIMEOUT_SEC", "3601", "from 1 to 3600"),
+            bad("FORWARD_UDP_IDLE_SEC", huge, "from 1 to 86400"),
+            storage(bad("CI_STORAGE_TIMEOUT_SEC", huge, "from 1 to 86400 (1 day)")),
+            storage(bad("CI_STORAGE_TIMEOUT_SEC", "0", "from 1 to 86400")),
+            storage(bad("CI_STORAGE_CONNECT_TIMEOUT_SEC", "3601", "from 1 to 3600")),
+            storage(bad("CI_STORAGE_STALL_TIMEOUT_SEC", huge, "from 1 to 3600")),
+            storage(bad("CI_STORAGE_MAX_AGE_SEC", "2592001", "from 0 to 2592000 (30 days)")),
+            // URLs: parsed, with a valid port, no control characters, no credentials.
+            bad("GH_SERVER_URL", "https://github.com:99999", "invalid port"),
+            bad("GH_SERVER_URL", "https://git\nhub.com", "control characters"),
+            bad("GH_SERVER_URL", "https://user:pw@ghes.example", "no user or password"),
+            bad("GH_SERVER_URL", "https://ghes.example:0", "a port from 1 to 65535"),
+            bad("GH_API_URL", "http://127.0.0.1:99999/api/v3", "invalid port"),
+            bad("GH_API_URL", "https://api.github.com/x\ny", "control characters"),
+            bad("GH_API_URL", "https://api.github.com/?per_page=1", "no ?query"),
+            bad("ECS_AGENT_URI", "http://127.0.0.1:70000", "invalid port"),
+            bad("AWS_ENDPOINT_URL_CLOUDWATCH", "http://cw\t.local", "control characters"),
+            // Tokens and secrets: refused, never shown.
+            secret(Malformed { without: &["GH_TOKEN"], ..bad("GH_TOKEN", "ghp_abc\ndef", "control characters") }),
+            secret(Malformed { without: &["GH_TOKEN"], ..bad("GH_TOKEN", "ghp_abc def", "without spaces") }),
+            secret(Malformed {
+                without: &["GH_TOKEN"],
+                ..bad("GH_RUNNER_TOKEN", "AABB\u{1b}CC", "control characters")
+            }),
+            secret(bad("ADMIN_TOKEN", "0123456789abcdef\n0123", "control characters")),
+            secret(Malformed {
+                extra: &[("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")],
+                ..bad("AWS_SECRET_ACCESS_KEY", "wJalr\nXUtnFEMI", "control characters")
+            }),
+            // Labels, hosts, names and paths.
+            bad("GH_LABELS", "linux,do\ncker", "control characters"),
+            bad("GH_LABELS", format!("linux,{}", "l".repeat(257)), "at most 256"),
+            bad("RUNNER_INSTANCE_LABELS", "1:board,phy\ntiumpi", "control characters"),
+            storage(bad("CI_STORAGE_HOST", "host:notaport", "at most 253")),
+            storage(bad("CI_STORAGE_HOST", "h".repeat(70_000), "at most 32768 bytes")),
+            storage(bad("CI_STORAGE_HOST", format!("{}.com", "h".repeat(300)), "at most 253")),
+            storage(bad("CI_STORAGE_HOST", "guest@storage:99999", "a port from 1 to 65535")),
+            storage(bad("CI_STORAGE_HOST", "-oProxyCommand=x@storage", "a user of")),
+            bad("GH_REPOSITORY", "octo-org/octo\nrepo", "control characters"),
+            bad("RUNNER_NAME_PREFIX", "ci\u{7f}x", "control characters"),
+            bad("RUNNER_WORKDIR", "_work\tx", "control characters"),
+            bad("TZ", "UTC\n", "control characters").with_inner_newline(),
+            // Each region named as the user set it.
+            bad("AWS_DEFAULT_REGION", "US_EAST_1", "an AWS region"),
+            bad("AWS_REGION", "us east 1", "an AWS region"),
+        ];
+        for m in cases {
+            let mut e: BTreeMap<String, String> = env(GOOD);
+            for v in m.without {
+                e.remove(*v);
+            }
+            e.extend(m.extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            e.insert(m.var.to_string(), m.value.clone());
+            e.insert("SECRETS_DIR".into(), "/nonexistent".into());
+            let ok = |_: &std::path::Path| true;
+            let err = Config::from_env(&e, &Host { is_root: false, users: &Users, runner_dir_ok: &ok })
+                .expect_err(&format!("{}={:?} was accepted", m.var, m.value));
+            assert_eq!(vars_of(&err), [m.var], "{}={:?}: {:?}", m.var, m.value, err.0);
+            let text = err.0[0].to_string();
+            assert!(text.contains(m.says), "{}={:?}: {text}", m.var, m.value);
+            if m.secret {
+                assert!(err.0[0].value.is_none(), "{} shown: {text}", m.var);
+                let core = m.value.split(|c: char| c.is_whitespace() || c.is_control()).next().unwrap();
+                assert!(!text.contains(core), "{} leaked: {text}", m.var);
+            } else if m.value.len() <= 256 && !m.value.chars().any(char::is_control) {
+                assert!(text.contains(&format!("{:?}", m.value)), "{}: value not shown: {text}", m.var);
+            }
+        }
+    }
+
+    impl Malformed {
+        /// `TZ=UTC\n` would be trimmed to a valid zone: put the newline inside.
+        fn with_inner_newline(self) -> Self {
+            Malformed { value: "Europe/Ber\nlin".into(), ..self }
+        }
+    }
+
+    #[test]
+    fn values_at_their_bounds_and_multi_line_lists_are_accepted() {
+        let cfg = load(
+            &[
+                GOOD,
+                STORAGE,
+                &[
+                    ("DRAIN_TIMEOUT_SEC", "432000"),
+                    ("DEBUG_SHUTDOWN_DELAY_SEC", "3600"),
+                    ("CI_STORAGE_TIMEOUT_SEC", "86400"),
+                    ("CI_STORAGE_HOST", "guest@storage.example.com:65535"),
+                    ("GH_SERVER_URL", "https://ghes.example:8443/"),
+                    ("AWS_DEFAULT_REGION", "eu-central-1"),
+                    ("FORWARD_HOST", "db\nbackup"),
+                    ("FORWARD_PORTS", "5432\n53/udp\t6379"),
+                    // A trailing newline (a value pasted from a file) is trimmed, not refused.
+                    ("GH_TOKEN", "ghp_secret\n"),
+                ],
+            ]
+            .concat(),
+            true,
+        )
+        .unwrap();
+        assert_eq!(cfg.drain_timeout, Duration::from_secs(limits::MAX_DRAIN_TIMEOUT_SEC));
+        assert_eq!(cfg.api_url, "https://ghes.example:8443/api/v3");
+        assert_eq!(cfg.autoscale.aws.region.as_deref(), Some("eu-central-1"));
+        assert_eq!(cfg.prewarm.unwrap().host.port, 65535);
+        assert_eq!(cfg.forwards.unwrap().0.len(), 3);
+        assert!(matches!(&cfg.credentials, Credentials::Pat(t) if t.expose() == "ghp_secret"));
+    }
+
+    #[test]
+    fn a_bad_server_url_is_named_once_not_again_as_the_derived_api_url() {
+        let e = load(&[GOOD, &[("GH_SERVER_URL", "https://ghes.example:99999")]].concat(), false).unwrap_err();
+        assert_eq!(vars_of(&e), ["GH_SERVER_URL"]);
+        let e = ops_config(&env(&[
+            ("GH_TOKEN", "t"),
+            ("GH_REPOSITORY", "a/b"),
+            ("GH_API_URL", "https://api.github.com:99999"),
+            ("SECRETS_DIR", "/nonexistent"),
+        ]))
+        .unwrap_err();
+        assert_eq!(vars_of(&e), ["GH_API_URL"]);
+    }
+
+    #[test]
+    fn a_token_from_a_secret_file_is_checked_like_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("GH_TOKEN"), "ghp_first\nghp_second\n").unwrap();
+        let d = dir.path().display().to_string();
+        let e = load(&[("SECRETS_DIR", &d), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "x")], false).unwrap_err();
+        assert_eq!(vars_of(&e), ["GH_TOKEN"]);
+        let text = e.0[0].to_string();
+        assert!(!text.contains("ghp_first") && !text.contains("ghp_second"), "{text}");
+    }
+
 }

@@ -334,7 +334,7 @@ fn single_pool(c: &mut Collector<'_>) -> Option<PoolConfig> {
                 c.bad(
                     "GH_LABELS",
                     Some(&raw),
-                    "comma-separated labels of at most 256 characters each, e.g. linux,docker",
+                    "comma-separated labels of at most 256 characters each, without control characters, e.g. linux,docker",
                 );
             }
             l
@@ -668,4 +668,62 @@ mod tests {
         assert!(vars.contains(&"GH_TOKEN") && vars.contains(&"RUNNER_EPHEMERAL"), "{vars:?}");
         assert!(!cfg.runner_env.iter().any(|(k, _)| k == "RUNNER_JITCONFIG"));
     }
+
+    #[test]
+    fn controller_values_are_bounded_and_checked_each_named() {
+        let base = [
+            ("GH_TOKEN", "ghp_x"),
+            ("GH_REPOSITORY", "o/r"),
+            ("WEBHOOK_SECRET", "s3cret"),
+            ("SECRETS_DIR", "/nonexistent"),
+        ];
+        for (var, value, says) in [
+            ("CONTROLLER_MAX_LIFETIME_SEC", "10000000000000000000", "from 1 to 604800 (7 days)"),
+            ("CONTROLLER_MAX_LIFETIME_SEC", "604801", "from 1 to 604800"),
+            ("CONTROLLER_MAX_BODY_BYTES", "99999999999", "from 1024 to 26214400"),
+            ("GH_SERVER_URL", "https://ghes.example:99999", "invalid port"),
+            ("WEBHOOK_URL", "https://hooks.example/\nx", "control characters"),
+            ("WEBHOOK_SECRET", "s3c\nret", "control characters"),
+            ("GH_LABELS", "gpu,do\ncker", "control characters"),
+            ("CONTROLLER_IMAGE", "img:1\u{1b}", "control characters"),
+        ] {
+            let mut pairs = base.to_vec();
+            pairs.retain(|(k, _)| *k != var);
+            pairs.push((var, value));
+            let e = controller_config(&env(&pairs)).expect_err(var);
+            let vars: Vec<&str> = e.0.iter().map(|p| p.var).collect();
+            assert_eq!(vars, [var], "{var}={value:?}: {:?}", e.0);
+            assert!(e.0[0].to_string().contains(says), "{var}: {}", e.0[0]);
+            if var == "WEBHOOK_SECRET" {
+                assert!(!e.0[0].to_string().contains("s3c"), "the secret was shown: {}", e.0[0]);
+            }
+        }
+    }
+
+    #[test]
+    fn config_file_pools_bound_the_lifetime_and_refuse_control_characters() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("PAT"), "ghp_a\n").unwrap();
+        std::fs::write(dir.path().join("TWO_LINES"), "ghp_a\nghp_b\n").unwrap();
+        std::fs::write(dir.path().join("HOOK"), "hook\n").unwrap();
+        let file = dir.path().join("controller.json");
+        let sd = dir.path().display().to_string();
+        let fp = file.display().to_string();
+        for (pool, says) in [
+            (r#""token_secret": "PAT", "max_lifetime_sec": 10000000000000000000"#, "max_lifetime_sec"),
+            (r#""token_secret": "TWO_LINES""#, "one line without control characters"),
+            (r#""token_secret": "PAT", "image": "img\u001b:1""#, "no control characters"),
+            (r#""token_secret": "PAT", "webhook_url": "https://h.example:99999/""#, "webhook_url"),
+        ] {
+            let text = format!(
+                r#"{{"pools": [{{"id": "a", "repository": "o/r", "webhook_secret": "HOOK", "labels": ["gpu"], {pool}}}]}}"#
+            );
+            std::fs::write(&file, text).unwrap();
+            let e = controller_config(&env(&[("SECRETS_DIR", &sd), ("CONTROLLER_CONFIG", &fp)])).unwrap_err();
+            assert!(e.0.iter().all(|p| p.var == "CONTROLLER_CONFIG"), "{e:?}");
+            assert!(e.0.iter().any(|p| p.expected.contains(says)), "{pool}: {e:?}");
+            assert!(!format!("{e:?}").contains("ghp_b"), "{e:?}");
+        }
+    }
+
 }
