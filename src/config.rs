@@ -2402,5 +2402,4 @@ c2VjcmV0LWJ5dGVz
         let text = e.0[0].to_string();
         assert!(!text.contains("ghp_first") && !text.contains("ghp_second"), "{text}");
     }
-
 }

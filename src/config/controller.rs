@@ -725,5 +725,4 @@ mod tests {
             assert!(!format!("{e:?}").contains("ghp_b"), "{e:?}");
         }
     }
-
 }
