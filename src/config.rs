@@ -237,11 +237,12 @@ pub struct Config {
     pub admin: Option<AdminSettings>,
     /// `STATE_DIR`: where runners added over the admin API are kept across restarts.
     pub state_dir: Option<PathBuf>,
-    /// `CI_RUNNER_TEST_PANIC`, test-only and in debug builds only: the n-th runner of
-    /// `RUNNER_COUNT` panics in its task once registered, so the tests can check the panic
-    /// path (de-registered, exit 1). Release builds neither read nor have it.
+    /// `CI_RUNNER_TEST_PANIC=<n>[:busy]`, test-only and in debug builds only: the n-th runner
+    /// of `RUNNER_COUNT` panics in its task once registered (or once busy with a job), so the
+    /// tests can check the panic path (de-registered, exit 1). Release builds neither read nor
+    /// have it.
     #[cfg(debug_assertions)]
-    pub test_panic_runner: Option<u32>,
+    pub test_panic_runner: Option<(u32, bool)>,
 }
 
 /// The test-only variable of [`Config::test_panic_runner`] (debug builds only).
@@ -877,10 +878,12 @@ impl Config {
 
         #[cfg(debug_assertions)]
         let test_panic_runner = c.get(TEST_PANIC_VAR).map(|v| {
-            v.parse::<u32>().ok().filter(|n| *n >= 1).unwrap_or_else(|| {
-                c.bad(TEST_PANIC_VAR, Some(&v), "test-only: the index (from 1) of the runner whose task panics");
+            let (n, busy) = v.strip_suffix(":busy").map_or((v.as_str(), false), |n| (n, true));
+            let n = n.parse::<u32>().ok().filter(|n| *n >= 1).unwrap_or_else(|| {
+                c.bad(TEST_PANIC_VAR, Some(&v), "test-only: <n>[:busy], the runner (from 1) whose task panics");
                 0
-            })
+            });
+            (n, busy)
         });
 
         if !c.problems.is_empty() {

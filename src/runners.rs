@@ -575,10 +575,10 @@ impl Runners {
     /// Runs member `idx`'s supervisor as a task of its own.
     fn spawn(&mut self, idx: usize, sup: Supervisor) {
         #[cfg(debug_assertions)]
-        if let (Origin::Count, Some(n)) = (&self.members[idx].origin, self.cfg.test_panic_runner) {
+        if let (Origin::Count, Some((n, busy))) = (&self.members[idx].origin, self.cfg.test_panic_runner) {
             if idx + 1 == n as usize {
-                let slot = self.members[idx].slot.clone();
-                let handle = self.tasks.spawn(async move { (idx, panic_once_registered(sup, slot).await) });
+                let (slot, status) = (self.members[idx].slot.clone(), self.members[idx].status.clone());
+                let handle = self.tasks.spawn(async move { (idx, panic_once(sup, slot, status, busy).await) });
                 self.task_members.insert(handle.id(), idx);
                 return;
             }
@@ -599,9 +599,15 @@ impl Runners {
         m.done = true;
         let name = m.name();
         error!(runner = %name, error = %error, "A runner's supervisor panicked; removing its registration and stopping the container.");
+        let pgid = m.status.get().pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 1);
         m.status.update(|s| s.last_error = Some(format!("the runner's supervisor panicked: {error}")));
         m.status.set_state(State::Failed);
         let (cfg, slot) = (m.cfg.clone(), m.slot.clone());
+        // Its runner has no supervisor left: stopped first, so that GitHub does not refuse to
+        // remove a runner that is still busy with a job.
+        if let Some(pgid) = pgid {
+            stop_orphaned_runner(nix::unistd::Pid::from_raw(pgid)).await;
+        }
         supervisor::emergency_deregister(&cfg, &slot).await;
     }
 
@@ -739,18 +745,42 @@ impl Runners {
     }
 }
 
+/// The runner of a panicked supervisor (`pgid`: its run.sh's process group): SIGINT to the
+/// Listener, the runner's own clean stop, which cancels a running job and reports it (as the
+/// drain's deadline does); then, after [`supervisor::STOP_GRACE`] at most, SIGKILL to the group.
+async fn stop_orphaned_runner(pgid: nix::unistd::Pid) {
+    use nix::sys::signal::{kill, killpg, Signal};
+    let listeners = runner::find_in_group(pgid, "Runner.Listener");
+    for pid in &listeners {
+        let _ = kill(*pid, Signal::SIGINT);
+    }
+    if listeners.is_empty() {
+        let _ = killpg(pgid, Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + supervisor::STOP_GRACE;
+    while killpg(pgid, None).is_ok() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = killpg(pgid, Signal::SIGKILL);
+}
+
 /// The test hook of `CI_RUNNER_TEST_PANIC` (debug builds only): runs `sup` and panics once its
-/// registration is recorded, as a bug in a runner's supervisor would.
+/// registration is recorded, or once it is busy with a job, as a bug in a runner's supervisor
+/// would.
 #[cfg(debug_assertions)]
-async fn panic_once_registered(sup: Supervisor, slot: RegistrationSlot) -> ExitCode {
-    let registered = async {
-        while slot.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+async fn panic_once(sup: Supervisor, slot: RegistrationSlot, status: StatusHandle, busy: bool) -> ExitCode {
+    let reached = async {
+        loop {
+            let registered = slot.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+            if registered && (!busy || status.get().state == State::Busy) {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
     tokio::select! {
         rc = sup.run() => rc,
-        () = registered => panic!("{} is set: this runner's task panics once registered (a test hook)", config::TEST_PANIC_VAR),
+        () = reached => panic!("{} is set: this runner's task panics now (a test hook)", config::TEST_PANIC_VAR),
     }
 }
 

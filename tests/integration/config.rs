@@ -14,14 +14,16 @@ fn api_requests(gh: &FakeGithub) -> Vec<serde_json::Value> {
     gh.requests().into_iter().filter(|r| !r["path"].as_str().unwrap_or("").contains("/_fake/")).collect()
 }
 
+/// The variables set, the text naming the bad one, and text that must never be logged.
+type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, Option<&'a str>);
+
 #[test]
 fn a_malformed_value_exits_3_before_any_request_and_registers_nothing() {
     let gh = FakeGithub::start();
     let runner = RunnerDir::new();
     let secret = "ghp_admin\nX-Injected: 1";
     let long_host = "h".repeat(70_000);
-    // (variables set, the variable that must be named, text that must never be logged)
-    let cases: Vec<(Vec<(&str, &str)>, &str, Option<&str>)> = vec![
+    let cases: Vec<Case> = vec![
         // Accepted until #16, then SIGTERM panicked: overflow when adding duration to instant.
         (vec![("DRAIN_TIMEOUT_SEC", "10000000000000000000")], "DRAIN_TIMEOUT_SEC=\"10000000000000000000\"", None),
         (vec![("GH_TOKEN", secret)], "GH_TOKEN: expected no control characters", Some("X-Injected")),
@@ -56,6 +58,21 @@ fn a_malformed_value_exits_3_before_any_request_and_registers_nothing() {
     assert!(gh.runners().is_empty(), "registered: {:?}", gh.runners());
 }
 
+/// Live processes whose working directory is under one of `dirs`.
+fn processes_in(dirs: &[std::path::PathBuf]) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')));
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"));
+            !zombie && cwd.is_ok_and(|c| dirs.iter().any(|d| c.starts_with(d)))
+        })
+        .collect()
+}
+
 /// The names the log says were registered.
 fn registered_names(log: &str) -> Vec<String> {
     log.lines()
@@ -88,5 +105,36 @@ fn a_panic_in_a_runner_s_task_deregisters_it_and_exits_1() {
     }
     assert!(gh.runners().is_empty(), "left registered: {:?}", gh.runners());
     assert!(!gh.rest_requests("DELETE", "/actions/runners/").is_empty(), "no DELETE was sent");
+    // Nor a runner process of either root left running without its supervisor.
+    let roots = [runner.path().to_path_buf(), roots.path().to_path_buf()];
+    wait_for("no runner process left in the runner roots", Duration::from_secs(10), || {
+        processes_in(&roots).is_empty().then_some(())
+    });
     assert!(!log.contains(PAT), "the token reached the log");
+}
+
+#[test]
+fn a_panic_mid_job_cancels_the_job_deregisters_and_exits_1() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let scratch = runner.scratch();
+    let env = env_with(&gh, &runner, &[("CI_RUNNER_TEST_PANIC", "1:busy")]);
+    let mut sup = Supervisor::start(&env);
+    // A job that never ends by itself: only a cancel stops it.
+    let id = gh.enqueue("held", &["ci-test"], &gated_steps(&scratch, "held"));
+    let status = sup.wait_exit(LONG);
+    let log = sup.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(scratch.join("held.started").exists(), "the job never started, so the panic was not mid-job:\n{log}");
+    assert!(log.contains("A runner's supervisor panicked"), "{log}");
+    // What must never happen: the registration left behind because GitHub saw the runner busy,
+    // or the job left running with no supervisor.
+    let job = gh.job(id);
+    assert_eq!(job["status"], "completed", "{job}\n{log}");
+    assert_eq!(job["result"], "Canceled", "{job}");
+    assert!(gh.runners().is_empty(), "left registered: {:?}\n{log}", gh.runners());
+    let roots = [runner.path().to_path_buf()];
+    wait_for("no runner process left in the runner root", Duration::from_secs(10), || {
+        processes_in(&roots).is_empty().then_some(())
+    });
 }
