@@ -508,7 +508,7 @@ impl Github {
                 }
             };
             attempt += 1;
-            let out_of_time = budget.deadline.is_some_and(|d| Instant::now() + wait > d);
+            let out_of_time = budget.deadline.is_some_and(|d| Instant::now().checked_add(wait).is_none_or(|t| t > d));
             if attempt >= budget.max_attempts || out_of_time {
                 return Err(GithubError::GaveUp { path: shown, attempts: attempt, last: Box::new(err) });
             }

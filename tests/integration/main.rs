@@ -3,6 +3,7 @@
 
 mod app;
 mod autoscale;
+mod config;
 mod controller;
 mod docker;
 mod drain;
