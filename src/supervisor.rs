@@ -259,7 +259,7 @@ impl Supervisor {
         let gate = Arc::new(prewarm::Gate::default());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let started = Instant::now();
-        let deadline = started + settings.timeout;
+        let deadline = crate::config::limits::later_tokio(started, settings.timeout);
         let host = format!("{}:{}", settings.host.host, settings.host.port);
         let thread_gate = gate.clone();
         let span = tracing::info_span!("prewarm");
@@ -283,7 +283,7 @@ impl Supervisor {
         let Some(mut task) = self.prewarm.take() else { return Ok(()) };
         // The load enforces its own deadline; this one only guards against a thread stuck
         // where it cannot look (name resolution, a dead peer mid-handshake).
-        let give_up = task.deadline + Duration::from_secs(5);
+        let give_up = crate::config::limits::later_tokio(task.deadline, Duration::from_secs(5));
         let outcome = tokio::select! {
             r = tokio::time::timeout_at(give_up, &mut task.result) => match r {
                 Ok(Ok(r)) => Some(r),
