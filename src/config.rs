@@ -840,6 +840,7 @@ impl Config {
         let guest_hooks_dir = PathBuf::from(c.get("GUEST_HOOKS_DIR").unwrap_or_else(|| "/home/guest".into()));
 
         let runner_env = runner_env(env);
+        job_hooks(&mut c);
         let prewarm = prewarm_settings(&mut c, scope.as_ref(), &runner_dir, &work_dir, runner_user.as_ref());
         let forwards = forward_settings(env).unwrap_or_else(|p| {
             c.problems.extend(p);
@@ -1005,6 +1006,18 @@ fn runner_env(env: &dyn EnvSource) -> Vec<(String, String)> {
                 && k != "RUNNER_MANUALLY_TRAP_SIG"
         })
         .collect()
+}
+
+/// The runner's own job hooks (`ACTIONS_RUNNER_HOOK_JOB_STARTED`/`_COMPLETED`): the runner
+/// runs an absolute path to a `.sh` script with `bash --noprofile --norc -e -o pipefail` (its
+/// `.ps1` needs PowerShell, which this image has not); anything else would fail every job.
+fn job_hooks(c: &mut Collector<'_>) {
+    for var in ["ACTIONS_RUNNER_HOOK_JOB_STARTED", "ACTIONS_RUNNER_HOOK_JOB_COMPLETED"] {
+        let Some(v) = c.get(var).filter(|v| !v.is_empty()) else { continue };
+        if !v.starts_with('/') || !v.ends_with(".sh") {
+            c.bad(var, Some(&v), "an absolute path to a .sh script (the runner runs it with bash)");
+        }
+    }
 }
 
 /// `RUNNER_COUNT`, `RUNNER_ROOTS_DIR`, `ADMIN_TOKEN` with `ADMIN_ADDR`, and `STATE_DIR`.
@@ -2264,6 +2277,8 @@ c2VjcmV0LWJ5dGVz
         let secret = |m: Malformed| Malformed { secret: true, ..m };
         let cases = [
             // Durations: each bounded, the message giving the value and the range.
+            bad("ACTIONS_RUNNER_HOOK_JOB_STARTED", "hooks/started.sh", "an absolute path to a .sh script"),
+            bad("ACTIONS_RUNNER_HOOK_JOB_COMPLETED", "/hooks/done.ps1", "an absolute path to a .sh script"),
             bad("DRAIN_TIMEOUT_SEC", huge, "from 0 to 432000 (5 days)"),
             bad("DRAIN_TIMEOUT_SEC", "432001", "from 0 to 432000"),
             bad("DRAIN_TIMEOUT_SEC", "99999999999999999999999", "from 0 to 432000"),

@@ -128,6 +128,9 @@ struct PrewarmTask {
     deadline: Instant,
 }
 
+/// How the runner runs a `.sh` job hook.
+const BASH_AS_RUNNER: &str = "bash --noprofile --norc -e -o pipefail";
+
 /// Writes a job hook script (0755) that runs `ci-runner hook <kind>`, chained with the
 /// user's own hook of that kind, if any.
 fn write_hook(
@@ -140,8 +143,12 @@ fn write_hook(
     let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
     let exe = q(&exe.display().to_string());
     let body = match (kind, user_hook) {
-        ("job-started", Some(h)) => format!("{exe} hook job-started || exit $?\nexec bash -e {}\n", q(h)),
-        ("job-completed", Some(h)) => format!("bash -e {}\nrc=$?\n{exe} hook job-completed\nexit $rc\n", q(h)),
+        // The user's hook runs as the runner itself runs a job hook (its ScriptHandler's
+        // default for bash).
+        ("job-started", Some(h)) => format!("{exe} hook job-started || exit $?\nexec {BASH_AS_RUNNER} {}\n", q(h)),
+        ("job-completed", Some(h)) => {
+            format!("{BASH_AS_RUNNER} {}\nrc=$?\n{exe} hook job-completed\nexit $rc\n", q(h))
+        }
         (k, _) => format!("exec {exe} hook {k}\n"),
     };
     std::fs::write(
