@@ -4,6 +4,7 @@
 mod app;
 mod autoscale;
 mod controller;
+mod deploy;
 mod docker;
 mod drain;
 mod ephemeral;

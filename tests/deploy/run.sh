@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The deployment files' offline checks (deploy/, .github/workflows/, image/Dockerfile); .ci/run
+# calls it after `cargo test`, which runs the checks that need the binary
+# (tests/integration/deploy.rs). The tools come from PyPI (.ci/run installs them):
+# cfn-lint, moto, and the wheels named below.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+# The tools of the Python that runs the tests, not whatever else is on PATH.
+bin="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+tool() {
+  if [ -x "$bin/$1" ]; then echo "$bin/$1"; elif command -v "$1" >/dev/null 2>&1; then command -v "$1"; else
+    echo "missing tool: $1 (pip install $2)" >&2; exit 1; fi
+}
+
+echo "== cfn-lint deploy/ecs"
+"$(tool cfn-lint cfn-lint)" deploy/ecs/ci-runner.yaml
+
+echo "== python3 -m unittest tests/deploy"
+python3 -m unittest discover -s tests/deploy -p 'test_*.py' 2>&1 \
+  | grep -v -E "No Moto CloudFormation support|UserWarning: Tried to parse|^  parse_resource"
