@@ -265,8 +265,10 @@ fn dashboard_and_keda_queries_name_only_metrics_a_real_scrape_exports() {
     let missing: Vec<_> = wanted
         .iter()
         .filter(|(m, _)| {
-            let controller_metric = m.starts_with("ci_runner_controller_");
-            !exported.contains(*m) && !(controller_metric && controller.is_none())
+            // The controller's metrics are only checked where its scrape ran (skipped locally
+            // without a Docker engine; on CI docker_available() fails the test instead).
+            let unchecked = m.starts_with("ci_runner_controller_") && controller.is_none();
+            !(exported.contains(*m) || unchecked)
         })
         .collect();
     assert!(missing.is_empty(), "not in a real /metrics scrape: {missing:?}\nexported: {exported:?}");
