@@ -201,6 +201,8 @@ pub struct Config {
     /// `None` when the supervisor is not root: everything then runs as the current user.
     pub runner_user: Option<RunnerUser>,
     pub drain_timeout: Duration,
+    /// `RUNNER_STOP_GRACE_SEC`: how long a Listener told to stop may take before it is killed.
+    pub stop_grace: Duration,
     pub shutdown_delay: Duration,
     pub status_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
@@ -787,6 +789,11 @@ impl Config {
         let runner_user = c.runner_user(host);
 
         let drain_timeout = c.seconds("DRAIN_TIMEOUT_SEC", DEFAULT_DRAIN_TIMEOUT_SEC, limits::MAX_DRAIN_TIMEOUT_SEC);
+        let stop_grace = c.positive_seconds(
+            "RUNNER_STOP_GRACE_SEC",
+            crate::supervisor::STOP_GRACE.as_secs(),
+            limits::MAX_STOP_GRACE_SEC,
+        );
         let shutdown_delay = c.seconds("DEBUG_SHUTDOWN_DELAY_SEC", 0, limits::MAX_SHUTDOWN_DELAY_SEC);
 
         let status_addr = match status_addr(env) {
@@ -911,6 +918,7 @@ impl Config {
             runner_dir,
             runner_user,
             drain_timeout,
+            stop_grace,
             shutdown_delay,
             status_addr,
             log_format,
@@ -2284,6 +2292,8 @@ c2VjcmV0LWJ5dGVz
             bad("DRAIN_TIMEOUT_SEC", "99999999999999999999999", "from 0 to 432000"),
             bad("DRAIN_TIMEOUT_SEC", "-1", "whole number of seconds"),
             bad("DEBUG_SHUTDOWN_DELAY_SEC", "3601", "from 0 to 3600 (1 hour)"),
+            bad("RUNNER_STOP_GRACE_SEC", "0", "from 1 to 3600 (1 hour)"),
+            bad("RUNNER_STOP_GRACE_SEC", huge, "from 1 to 3600"),
             bad("RUNNER_LOCK_TIMEOUT_SEC", huge, "from 0 to 604800 (7 days)"),
             bad("RUNNER_SWEEP_OFFLINE_SEC", "31536001", "at most 31536000 (365 days)"),
             bad("CLOUDWATCH_HEARTBEAT_SEC", "86401", "from 1 to 86400 (1 day)"),

@@ -870,7 +870,7 @@ impl Supervisor {
                             None => info!("No job running: removing the runner."),
                         }
                         let api = drain::Api { available: self.github.is_some() && self.registered_id().is_some() };
-                        let (d, actions) = Drain::start(now, deadline, busy.clone(), api);
+                        let (d, actions) = Drain::start(now, deadline, busy.clone(), api, self.cfg.stop_grace);
                         drain = Some(d);
                         self.carry_out(actions, &proc, &mut calls);
                         continue;

@@ -22,6 +22,8 @@ pub const MAX_SSH_USER_LEN: usize = 32;
 
 /// `DRAIN_TIMEOUT_SEC`: 5 days, the longest a job may run on a self-hosted runner.
 pub const MAX_DRAIN_TIMEOUT_SEC: u64 = 5 * DAY;
+/// `RUNNER_STOP_GRACE_SEC`: an hour (a cancelled job's post steps, at most).
+pub const MAX_STOP_GRACE_SEC: u64 = HOUR;
 /// `DEBUG_SHUTDOWN_DELAY_SEC`: an hour.
 pub const MAX_SHUTDOWN_DELAY_SEC: u64 = HOUR;
 /// `RUNNER_LOCK_TIMEOUT_SEC`: a week.
