@@ -167,6 +167,26 @@ fn init_pid(mode: &str, child: &std::process::Child) -> u32 {
     wait_for("the namespace's PID 1", Duration::from_secs(10), || descendants(child.id()).first().copied())
 }
 
+/// A started init that is killed with everything under it when the test ends, even by a
+/// failed assertion (an init that hangs must not outlive the test and hold its pipes).
+struct Started(std::process::Child);
+
+impl Started {
+    fn spawn(cmd: &mut Command) -> Self {
+        Self(cmd.spawn().unwrap())
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        for p in descendants(self.0.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), Signal::SIGKILL);
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with('Z')))
@@ -192,9 +212,9 @@ fn death_by_every_deadly_signal_up_to_64_is_128_plus_n() {
     // Never: a hang (nix could not hold 32-64, the init waited forever) or another code.
     for sig in deadly_signals() {
         for (mode, mut cmd) in both_modes(&["sh", "-c", &format!("kill -{sig} $$")]) {
-            let mut child = clean_start(&mut cmd).spawn().unwrap();
+            let mut child = Started::spawn(clean_start(&mut cmd));
             let status = wait_for(&format!("init ({mode}) to exit after signal {sig}"), Duration::from_secs(10), || {
-                child.try_wait().unwrap()
+                child.0.try_wait().unwrap()
             });
             assert_eq!(status.code(), Some(128 + sig), "{mode}: child killed by signal {sig}");
         }
@@ -218,17 +238,16 @@ fn alrm_pwr_rtmin3_to_the_init_reach_the_child_in_both_modes() {
     // dropped and the init waiting on (PID 1).
     for (name, sig) in [("ALRM", libc::SIGALRM), ("PWR", libc::SIGPWR), ("RTMIN+3", 37)] {
         for (mode, mut cmd) in both_modes(&["sleep", "77"]) {
-            let mut child = cmd.spawn().unwrap();
-            let init = init_pid(mode, &child);
+            let mut child = Started::spawn(&mut cmd);
+            let init = init_pid(mode, &child.0);
             let sleep = wait_for(&format!("{mode}: sleep under the init"), Duration::from_secs(10), || {
                 descendants(init).into_iter().find(|p| comm(*p) == "sleep")
             });
             // SAFETY: kill with plain integers.
             assert_eq!(unsafe { libc::kill(init as i32, sig) }, 0);
             let status = wait_for(&format!("{mode}: init to exit after SIG{name}"), Duration::from_secs(10), || {
-                child.try_wait().unwrap()
+                child.0.try_wait().unwrap()
             });
-            let _ = child.kill();
             assert_eq!(status.code(), Some(128 + sig), "{mode}: SIG{name} to the init: {status:?}");
             assert!(!alive(sleep), "{mode}: sleep {sleep} left running after SIG{name}");
         }
@@ -263,8 +282,8 @@ fn thousand_orphans_dying_of_mixed_signals_leave_no_zombie() {
         let Some(mut cmd) = (if mode == "subreaper" { Some(init(&args)) } else { in_namespace(&args) }) else {
             continue;
         };
-        let mut child = cmd.spawn().unwrap();
-        let init = init_pid(mode, &child);
+        let mut child = Started::spawn(&mut cmd);
+        let init = init_pid(mode, &child.0);
         wait_for(&format!("{mode}: 1,000 orphans started and killed"), Duration::from_secs(60), || {
             dir.path().join("killed").exists().then_some(())
         });
@@ -275,7 +294,7 @@ fn thousand_orphans_dying_of_mixed_signals_leave_no_zombie() {
         }
         let (zombies, sleeping) = left();
         std::fs::write(dir.path().join("go"), "\n").unwrap();
-        let status = wait_for(&format!("{mode}: init to exit"), Duration::from_secs(10), || child.try_wait().unwrap());
+        let status = wait_for(&format!("{mode}: init to exit"), Duration::from_secs(10), || child.0.try_wait().unwrap());
         assert_eq!((zombies, sleeping), (0, 0), "{mode}: zombies and live sleeps left under the init after 10 s");
         assert_eq!(status.code(), Some(0), "{mode}");
         let pids = std::fs::read_to_string(dir.path().join("pids")).unwrap();
@@ -340,12 +359,12 @@ fn group_option_signals_the_whole_process_group() {
     let script = format!("sleep 77 & echo $! > {}; wait", pidfile.display());
     let mut c = Command::new(bin());
     c.args(["init", "-g", "--", "sh", "-c", &script]);
-    let mut child = c.spawn().unwrap();
+    let mut child = Started::spawn(&mut c);
     let sleep: u32 = wait_for("the sleep's pid", Duration::from_secs(10), || {
         std::fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse().ok())
     });
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let status = wait_for("init -g to exit", Duration::from_secs(10), || child.try_wait().unwrap());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.0.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_for("init -g to exit", Duration::from_secs(10), || child.0.try_wait().unwrap());
     assert_eq!(status.code(), Some(143));
     wait_for("the group's sleep to die", Duration::from_secs(10), || (!alive(sleep)).then_some(()));
 }
