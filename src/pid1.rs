@@ -98,7 +98,14 @@ pub fn action(mode: Mode, sig: i32) -> Action {
 pub fn default_ends_process(sig: i32) -> bool {
     !matches!(
         sig,
-        libc::SIGCHLD | libc::SIGCONT | libc::SIGURG | libc::SIGWINCH | libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+        libc::SIGCHLD
+            | libc::SIGCONT
+            | libc::SIGURG
+            | libc::SIGWINCH
+            | libc::SIGSTOP
+            | libc::SIGTSTP
+            | libc::SIGTTIN
+            | libc::SIGTTOU
     )
 }
 
@@ -117,9 +124,9 @@ pub fn supervisor_logged() -> impl Iterator<Item = i32> {
 /// A signal's name as `kill -l` prints it: `SIGALRM`, `SIGRTMIN+3`, `SIGRTMAX-2`.
 pub fn signal_name(sig: i32) -> String {
     const CLASSIC: [&str; 31] = [
-        "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2", "PIPE", "ALRM", "TERM",
-        "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG", "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO",
-        "PWR", "SYS",
+        "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2", "PIPE", "ALRM",
+        "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG", "XCPU", "XFSZ", "VTALRM", "PROF",
+        "WINCH", "IO", "PWR", "SYS",
     ];
     // glibc's SIGRTMIN is 34: it keeps 32 and 33.
     match sig {
@@ -492,7 +499,8 @@ mod tests {
         for sig in 1..=SIGRTMAX {
             let want = if sig == libc::SIGCHLD {
                 Action::Reap
-            } else if [libc::SIGTTIN, libc::SIGTTOU, libc::SIGKILL, libc::SIGSTOP].contains(&sig) || FAULTS.contains(&sig)
+            } else if [libc::SIGTTIN, libc::SIGTTOU, libc::SIGKILL, libc::SIGSTOP].contains(&sig)
+                || FAULTS.contains(&sig)
             {
                 Action::Ignore
             } else {

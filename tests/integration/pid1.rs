@@ -213,9 +213,10 @@ fn death_by_every_deadly_signal_up_to_64_is_128_plus_n() {
     for sig in deadly_signals() {
         for (mode, mut cmd) in both_modes(&["sh", "-c", &format!("kill -{sig} $$")]) {
             let mut child = Started::spawn(clean_start(&mut cmd));
-            let status = wait_for(&format!("init ({mode}) to exit after signal {sig}"), Duration::from_secs(10), || {
-                child.0.try_wait().unwrap()
-            });
+            let status =
+                wait_for(&format!("init ({mode}) to exit after signal {sig}"), Duration::from_secs(10), || {
+                    child.0.try_wait().unwrap()
+                });
             assert_eq!(status.code(), Some(128 + sig), "{mode}: child killed by signal {sig}");
         }
     }
@@ -294,7 +295,8 @@ fn thousand_orphans_dying_of_mixed_signals_leave_no_zombie() {
         }
         let (zombies, sleeping) = left();
         std::fs::write(dir.path().join("go"), "\n").unwrap();
-        let status = wait_for(&format!("{mode}: init to exit"), Duration::from_secs(10), || child.0.try_wait().unwrap());
+        let status =
+            wait_for(&format!("{mode}: init to exit"), Duration::from_secs(10), || child.0.try_wait().unwrap());
         assert_eq!((zombies, sleeping), (0, 0), "{mode}: zombies and live sleeps left under the init after 10 s");
         assert_eq!(status.code(), Some(0), "{mode}");
         let pids = std::fs::read_to_string(dir.path().join("pids")).unwrap();
