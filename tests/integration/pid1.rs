@@ -343,7 +343,7 @@ fn inherited_ignores_and_blocks_are_kept_like_tini() {
         (field("SigIgn:"), field("SigBlk:"))
     };
     let args = ["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"];
-    let direct = report(&mut Command::new(args[0]).args(&args[1..]));
+    let direct = report(Command::new(args[0]).args(&args[1..]));
     assert_eq!(direct.0 & mask(&ignored), mask(&ignored), "the test's own ignores");
     assert_eq!(direct.1, mask(&blocked), "the test's own blocks");
     assert_eq!(direct.0 & (1 << (libc::SIGPIPE - 1)), 0, "SIGPIPE default when started directly");
