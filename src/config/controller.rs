@@ -37,7 +37,8 @@ pub struct PoolConfig {
     /// Where GitHub should deliver: the repository's or organization's webhook is created or
     /// updated to point here.
     pub webhook_url: Option<String>,
-    /// The runners' custom labels (the defaults self-hosted, Linux, X64 come with them).
+    /// The runners' custom labels (the built-in self-hosted, Linux and the engine host's
+    /// architecture come with them).
     pub labels: Vec<String>,
     pub max_runners: usize,
     pub min_idle: usize,

@@ -51,6 +51,11 @@ pub enum EngineError {
         #[source]
         source: bollard::errors::Error,
     },
+    #[error("read the Docker engine's system information")]
+    Info {
+        #[source]
+        source: bollard::errors::Error,
+    },
     #[error("pull image {image}")]
     Pull {
         image: String,
@@ -100,6 +105,13 @@ impl Engine {
         let docker = self.docker.negotiate_version().await.map_err(err)?;
         docker.ping().await.map_err(err)?;
         Ok(Self { docker, controller: self.controller })
+    }
+
+    /// The engine host's architecture (`docker info`'s `Architecture`, e.g. `x86_64`): where
+    /// the runner containers run, which may not be where the controller runs.
+    pub async fn architecture(&self) -> Result<String, EngineError> {
+        let info = self.docker.info().await.map_err(|source| EngineError::Info { source })?;
+        Ok(info.architecture.unwrap_or_default())
     }
 
     /// Create, upload the JIT configuration, start. A container that fails to start is removed.

@@ -159,7 +159,7 @@ async fn deliver(s: &Shared, id: &str, headers: &HeaderMap, body: Result<Bytes, 
     }
     match job.action {
         JobAction::Queued => {
-            if !webhook::serves(&pool.labels, &job.labels) {
+            if !pool.labels.serves(&job.labels) {
                 s.count("unserved_labels");
                 info!(pool = %id, job_id = job.job_id, labels = ?job.labels, "Job not for this pool's runners.");
                 return reply(StatusCode::OK, "unserved_labels", format!("labels {:?} are not all served", job.labels));

@@ -13,6 +13,7 @@ use tracing::{info, warn, Instrument};
 
 use super::engine::{Engine, RunnerSpec};
 use super::pool::{Action, Admission, Event, Pool, Stats};
+use super::webhook::RunnerLabels;
 use super::ControllerError;
 use crate::config::{ControllerConfig, PoolConfig, Scope, Secret};
 use crate::error::chain;
@@ -30,7 +31,8 @@ pub enum Command {
 pub struct PoolHandle {
     pub id: String,
     pub scope: Scope,
-    pub labels: Vec<String>,
+    /// What its runners register with, and the jobs they can take.
+    pub labels: RunnerLabels,
     pub secret: Secret,
     pub tx: mpsc::UnboundedSender<Command>,
     pub stats: Arc<Mutex<Stats>>,
@@ -49,6 +51,7 @@ pub struct Latency {
 pub async fn start_pools(
     cfg: &ControllerConfig,
     engine: &Engine,
+    arch: &str,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) -> Result<Vec<PoolHandle>, ControllerError> {
@@ -68,10 +71,12 @@ pub async fn start_pools(
         let stats = Arc::new(Mutex::new(Stats::default()));
         let latency = Arc::new(Mutex::new(Latency::default()));
         let queue_file = cfg.state_dir.join(format!("{}.queue.json", p.id));
+        let labels = RunnerLabels::new(&p.labels, arch);
         let task = PoolTask {
             queue_file,
             saved: Vec::new(),
             cfg: p.clone(),
+            labels: labels.clone(),
             server_url: cfg.server_url.clone(),
             api_url: cfg.api_url.clone(),
             pool: Pool::new(p.max_runners, p.min_idle, p.max_lifetime, format!("{}-{nonce}", p.name_prefix)),
@@ -89,15 +94,7 @@ pub async fn start_pools(
         tracker.spawn(
             pull_if_missing(engine.clone(), p.image.clone()).instrument(tracing::info_span!("pool", id = %p.id)),
         );
-        handles.push(PoolHandle {
-            id: p.id.clone(),
-            scope: p.scope.clone(),
-            labels: p.labels.clone(),
-            secret,
-            tx,
-            stats,
-            latency,
-        });
+        handles.push(PoolHandle { id: p.id.clone(), scope: p.scope.clone(), labels, secret, tx, stats, latency });
     }
     Ok(handles)
 }
@@ -125,6 +122,7 @@ struct PoolTask {
     queue_file: std::path::PathBuf,
     saved: Vec<u64>,
     cfg: PoolConfig,
+    labels: RunnerLabels,
     server_url: String,
     api_url: String,
     pool: Pool,
@@ -251,6 +249,7 @@ impl PoolTask {
                         name,
                         for_job,
                         cfg: self.cfg.clone(),
+                        labels: self.labels.clone(),
                         server_url: self.server_url.clone(),
                         api_url: self.api_url.clone(),
                         engine: self.engine.clone(),
@@ -299,6 +298,7 @@ struct StartJob {
     name: String,
     for_job: Option<u64>,
     cfg: PoolConfig,
+    labels: RunnerLabels,
     server_url: String,
     api_url: String,
     engine: Engine,
@@ -311,14 +311,15 @@ struct StartJob {
 
 impl StartJob {
     async fn run(self) {
-        let labels = crate::runner::jit_labels(&self.cfg.labels, false);
+        // The labels jobs are matched against (`RunnerLabels::serves`), architecture included.
+        let labels = self.labels.registered();
         let jit = match self
             .github
             .generate_jitconfig(
                 &self.cfg.scope,
                 &self.name,
                 self.cfg.runner_group_id,
-                &labels,
+                labels,
                 "_work",
                 Budget::attempts(3),
                 &self.cancel,

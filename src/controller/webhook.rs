@@ -1,5 +1,5 @@
 //! GitHub's deliveries, as pure functions: the `X-Hub-Signature-256` check, the
-//! `workflow_job` payload, and whether a pool serves a job's labels.
+//! `workflow_job` payload, and whether a pool's runners can take a job (GitHub's label rule).
 
 use serde::Deserialize;
 
@@ -124,18 +124,55 @@ pub fn parse(event: Option<&str>, body: &[u8]) -> Result<Delivery, PayloadError>
     }
 }
 
-/// The labels every runner has unless registered without them (config.sh's defaults).
-pub const DEFAULT_LABELS: [&str; 3] = ["self-hosted", "linux", "x64"];
+/// GitHub's architecture label for the Docker engine's `Architecture` (`docker info`: the
+/// host's `uname -m`, e.g. `x86_64`, `aarch64`), as the runner names it when it registers its
+/// built-in labels (`X64`, `ARM64`, `ARM`, `X86`). Another architecture keeps its own name,
+/// upper-cased, and is logged by the caller.
+pub fn arch_label(engine_arch: &str) -> Result<&'static str, String> {
+    match engine_arch.trim().to_ascii_lowercase().as_str() {
+        "x86_64" | "amd64" | "x64" => Ok("X64"),
+        "aarch64" | "arm64" => Ok("ARM64"),
+        "armv7l" | "armv6l" | "armhf" | "arm" => Ok("ARM"),
+        "i386" | "i686" | "x86" => Ok("X86"),
+        other => Err(other.to_ascii_uppercase()),
+    }
+}
 
-/// Whether runners with `pool` labels (plus the defaults) can take a job asking for `job`:
-/// every job label is among them, case-insensitively. A job that does not ask for
-/// `self-hosted` is for GitHub's hosted runners, and an empty label list (which GitHub never
-/// sends for a self-hosted job) matches nothing: the seed started a runner for every job.
-pub fn serves(pool: &[String], job: &[String]) -> bool {
-    let has = |l: &str| {
-        DEFAULT_LABELS.iter().any(|d| d.eq_ignore_ascii_case(l)) || pool.iter().any(|p| p.eq_ignore_ascii_case(l))
-    };
-    job.iter().any(|l| l.eq_ignore_ascii_case("self-hosted")) && job.iter().all(|l| has(l))
+/// A pool's runners' labels: the built-in ones every runner registers with (`self-hosted`,
+/// the OS, the architecture of the engine's host, where its containers run), then the pool's
+/// own. The same list is registered (the JIT configuration's `labels`) and matched against
+/// jobs, so a runner is never started for a job it cannot take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerLabels(Vec<String>);
+
+impl RunnerLabels {
+    pub fn new(custom: &[String], arch: &str) -> Self {
+        let mut all: Vec<String> = vec!["self-hosted".into(), "Linux".into(), arch.into()];
+        for l in custom {
+            if !all.iter().any(|x| x.eq_ignore_ascii_case(l)) {
+                all.push(l.clone());
+            }
+        }
+        Self(all)
+    }
+
+    /// What a runner of the pool registers with.
+    pub fn registered(&self) -> &[String] {
+        &self.0
+    }
+
+    /// Whether a runner with these labels can take a job whose `runs-on` is `job`: GitHub's
+    /// rule is that every label of the job is among the runner's, case-insensitively. The
+    /// runner's built-in labels count like any other, so `self-hosted` is not required:
+    /// `runs-on: [gpu]` goes to a runner labelled `gpu`, and a pool labelled `ubuntu-latest`
+    /// takes `runs-on: ubuntu-latest` (actions/runner docs/adrs/0397-runner-registration-labels.md,
+    /// line 50: registering GitHub-hosted labels like `ubuntu-latest` "is not considered an
+    /// error", so that admins route such jobs to their own runners). A job for GitHub's hosted
+    /// runners is therefore recognised by a label the pool does not have. An empty list (which
+    /// GitHub never sends: `runs-on` is required) matches nothing.
+    pub fn serves(&self, job: &[String]) -> bool {
+        !job.is_empty() && job.iter().all(|l| self.0.iter().any(|r| r.eq_ignore_ascii_case(l.trim())))
+    }
 }
 
 /// Whether a job of `repository` (`owner/repo`) belongs to `scope`.
@@ -177,15 +214,63 @@ mod tests {
     }
 
     #[test]
-    fn labels_are_served_only_when_every_one_is_the_pool_s_or_a_default() {
-        let pool = s(&["gpu", "docker"]);
-        assert!(serves(&pool, &s(&["self-hosted", "gpu"])));
-        assert!(serves(&pool, &s(&["Self-Hosted", "LINUX", "x64", "GPU", "docker"])));
-        assert!(!serves(&pool, &s(&["self-hosted", "gpu", "arm64"])), "an unserved label");
-        assert!(!serves(&pool, &s(&["ubuntu-latest"])), "a GitHub-hosted job");
-        assert!(!serves(&pool, &s(&["gpu"])), "no self-hosted: not ours");
-        assert!(!serves(&pool, &[]), "no labels at all");
-        assert!(serves(&[], &s(&["self-hosted"])));
+    fn the_engine_s_architecture_maps_to_github_s_label() {
+        for (engine, label) in [
+            ("x86_64", Ok("X64")),
+            ("amd64", Ok("X64")),
+            ("aarch64", Ok("ARM64")),
+            ("arm64", Ok("ARM64")),
+            ("armv7l", Ok("ARM")),
+            ("i686", Ok("X86")),
+            ("s390x", Err("S390X".to_string())),
+        ] {
+            assert_eq!(arch_label(engine), label, "{engine}");
+        }
+    }
+
+    #[test]
+    fn registered_labels_are_the_built_in_ones_then_the_pool_s_without_duplicates() {
+        let l = RunnerLabels::new(&s(&["gpu", "linux", "ARM64"]), "ARM64");
+        assert_eq!(l.registered(), ["self-hosted", "Linux", "ARM64", "gpu"]);
+    }
+
+    /// GitHub's rule, from its documented examples: every `runs-on` label among the runner's
+    /// (built-in `self-hosted`, OS, architecture, plus custom), case-insensitively; `self-hosted`
+    /// itself not required. actions/runner docs/adrs/0397-runner-registration-labels.md:
+    /// lines 20-26 (`--labels mylabel` → `runs-on: [self-hosted, mylabel]`), lines 31-37
+    /// (`--labels mylabel,anotherlabel` → `runs-on: [self-hosted, mylabel, anotherlabel]`),
+    /// line 50 (a runner registered with `ubuntu-latest` takes `runs-on: ubuntu-latest`).
+    #[test]
+    fn jobs_are_served_when_every_runs_on_label_is_the_runner_s() {
+        let x64 = |custom: &[&str]| RunnerLabels::new(&s(custom), "X64");
+        let cases: &[(&[&str], &[&str], bool, &str)] = &[
+            // ADR 0397, lines 20-26 and 31-37.
+            (&["mylabel"], &["self-hosted", "mylabel"], true, "one custom label"),
+            (&["mylabel", "anotherlabel"], &["self-hosted", "mylabel", "anotherlabel"], true, "two custom labels"),
+            (&["mylabel"], &["self-hosted", "mylabel", "anotherlabel"], false, "a label the runner lacks"),
+            // ADR 0397, line 50: GitHub-hosted labels registered on purpose.
+            (&["ubuntu-latest"], &["ubuntu-latest"], true, "ubuntu-latest registered"),
+            (&["gpu"], &["ubuntu-latest"], false, "a GitHub-hosted job"),
+            (&["gpu"], &["windows-latest"], false, "a GitHub-hosted job"),
+            // self-hosted is a label like any other: not required.
+            (&["gpu"], &["gpu"], true, "runs-on: [gpu]"),
+            (&["gpu"], &["self-hosted", "linux", "gpu"], true, "runs-on: [self-hosted, linux, gpu]"),
+            (&[], &["self-hosted"], true, "any runner"),
+            (&[], &["linux"], true, "the OS alone"),
+            (&[], &["self-hosted", "linux", "x64"], true, "the built-in labels, in any case"),
+            (&["gpu", "docker"], &["Self-Hosted", "LINUX", "x64", "GPU", "docker"], true, "case-insensitive"),
+            // The architecture is the engine host's.
+            (&["gpu"], &["self-hosted", "ARM64"], false, "another architecture"),
+            (&[], &["self-hosted", "windows"], false, "another OS"),
+            (&[], &["macOS"], false, "another OS"),
+            (&["gpu"], &[], false, "no labels at all"),
+        ];
+        for (custom, job, want, why) in cases {
+            assert_eq!(x64(custom).serves(&s(job)), *want, "{why}: pool {custom:?}, runs-on {job:?}");
+        }
+        let arm = RunnerLabels::new(&s(&["gpu"]), "ARM64");
+        assert!(arm.serves(&s(&["self-hosted", "arm64", "gpu"])));
+        assert!(!arm.serves(&s(&["self-hosted", "x64", "gpu"])), "an x64 job on an arm64 host");
     }
 
     #[test]

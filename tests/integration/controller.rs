@@ -303,6 +303,73 @@ fn bad_missing_and_oversized_deliveries_are_refused_duplicates_and_unserved_labe
     assert_eq!(gh.job(unserved)["status"], "queued", "the gpu job must wait for a gpu runner");
 }
 
+/// The delivery of `action` for job `id`, once the controller has answered it.
+fn wait_answered(gh: &FakeGithub, id: u64, action: &str) -> Value {
+    wait_for(&format!("the {action} delivery of job {id} to be answered"), LONG, || {
+        gh.get("/_fake/deliveries")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["job_id"] == id && d["action"] == action && d["status"].is_u64())
+            .cloned()
+    })
+}
+
+/// GitHub's architecture label for the engine's host, as the controller reads it.
+fn engine_arch_label() -> String {
+    let arch = docker_ok(&["info", "-f", "{{.Architecture}}"]);
+    ci_runner::controller::webhook::arch_label(arch.trim()).map(str::to_string).unwrap_or_else(|l| l)
+}
+
+#[test]
+fn jobs_are_served_by_github_s_label_rule_with_the_engine_host_s_architecture() {
+    // Never: a container for a job the pool's runners cannot take (it would idle until its
+    // lifetime), nor a job they can take left without one (`self-hosted` is not required).
+    let Some(t) = Fixture::new() else { return };
+    let (gh, scratch) = (&t.gh, &t.scratch);
+    let setup = t.setup().with("GH_LABELS", "gpu");
+    setup.hook("/webhook");
+    let ctl = setup.start();
+    let arch = engine_arch_label();
+    let other_arch = if arch == "ARM64" { "X64" } else { "ARM64" };
+    assert!(ctl.proc.log_has(&format!("label={arch}")), "the architecture is not logged:\n{}", ctl.proc.log());
+
+    let hosted = gh.enqueue("hosted", &["ubuntu-latest"], "true");
+    let elsewhere = gh.enqueue("elsewhere", &["self-hosted", other_arch, "gpu"], "true");
+    for id in [hosted, elsewhere] {
+        let d = wait_answered(gh, id, "queued");
+        assert_eq!(d["status"], 200, "{d}");
+    }
+    assert_eq!(ctl.metric("ci_runner_controller_webhook_deliveries_total{outcome=\"unserved_labels\"}"), 2.0);
+    assert!(ctl.containers().is_empty(), "a container for a job it cannot take: {:?}", ctl.containers());
+
+    // `runs-on: [gpu]`, no `self-hosted`: a runner starts, registered with the built-in labels
+    // and the engine host's architecture, and takes it.
+    let bare = gh.enqueue("bare", &["gpu"], &gated_steps(scratch, "bare"));
+    wait_for("the gpu-only job to start", LONG, || scratch.join("bare.started").exists().then_some(()));
+    let runner = gh.job(bare)["runner_name"].as_str().unwrap().to_string();
+    let registered: Vec<String> = gh
+        .runners()
+        .into_iter()
+        .find(|r| r["name"] == runner.as_str())
+        .map(|r| r["labels"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    assert_eq!(registered, ["self-hosted", "Linux", arch.as_str(), "gpu"], "runner {runner}");
+    release(scratch, "bare");
+    let full = gh.enqueue("full", &["self-hosted", "linux", "gpu"], "true");
+    let lower = arch.to_lowercase();
+    let by_arch = gh.enqueue("by-arch", &["gpu", lower.as_str()], "true");
+    for id in [bare, full, by_arch] {
+        assert_eq!(wait_job_done(gh, id)["result"], "Succeeded", "job {id}");
+    }
+    ctl.wait_no_containers();
+    assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 3.0);
+    for id in [hosted, elsewhere] {
+        assert_eq!(gh.job(id)["status"], "queued", "job {id} is not this pool's");
+    }
+    assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
+}
+
 #[test]
 fn twenty_queued_jobs_with_max_three_never_run_more_than_three_containers_and_all_run() {
     let Some(t) = Fixture::new() else { return };
