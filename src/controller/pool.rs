@@ -17,6 +17,10 @@ use tokio::time::Instant;
 /// ids of a busy pool's last 100,000 jobs are a few MiB at most).
 const SEEN_CAP: usize = 100_000;
 
+/// How many ended containers' names are remembered, so that a listing taken before their end
+/// cannot bring them back (a listing is at most one poll old; names never repeat).
+const ENDED_CAP: usize = 10_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotState {
     /// The start (JIT configuration, create, upload, start) is under way.
@@ -25,6 +29,8 @@ pub enum SlotState {
     Exited,
     /// Removal requested.
     Removing,
+    /// The engine refused the removal: asked again at the next listing that shows it.
+    RemoveFailed,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +91,10 @@ pub enum Event {
     Removed {
         name: String,
     },
+    /// The engine did not remove it; the container is still there.
+    RemoveFailed {
+        name: String,
+    },
     Tick,
 }
 
@@ -133,6 +143,9 @@ pub struct Pool {
     seen: HashSet<u64>,
     seen_order: VecDeque<u64>,
     slots: BTreeMap<String, Slot>,
+    /// Containers this pool ended (removed, failed to start, gone): never adopted again.
+    ended: HashSet<String>,
+    ended_order: VecDeque<String>,
     failures: u32,
     paused_until: Option<Instant>,
     stats: Stats,
@@ -157,6 +170,8 @@ impl Pool {
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
             slots: BTreeMap::new(),
+            ended: HashSet::new(),
+            ended_order: VecDeque::new(),
             failures: 0,
             paused_until: None,
             stats: Stats::default(),
@@ -174,6 +189,22 @@ impl Pool {
             }
         }
         true
+    }
+
+    /// Drops slot `name` for good: a listing asked for before it ended still shows the
+    /// container, and must not adopt it again (issue #18: the re-adopted container took a
+    /// place under the maximum and was removed, and de-registered, a second time).
+    fn end(&mut self, name: &str) -> Option<Slot> {
+        let slot = self.slots.remove(name);
+        if self.ended.insert(name.to_string()) {
+            self.ended_order.push_back(name.to_string());
+            if self.ended_order.len() > ENDED_CAP {
+                if let Some(old) = self.ended_order.pop_front() {
+                    self.ended.remove(&old);
+                }
+            }
+        }
+        slot
     }
 
     /// A `queued` job: waits for a runner unless this job id was seen before.
@@ -222,15 +253,20 @@ impl Pool {
                 }
             }
             Event::StartFailed { name } => {
-                self.slots.remove(&name);
+                self.end(&name);
                 self.stats.start_failures += 1;
                 self.failures += 1;
                 self.paused_until = Some(now + start_backoff(self.failures));
             }
             Event::Observed { list, asked } => actions.extend(self.observe(list, asked, now)),
             Event::Removed { name } => {
-                if self.slots.remove(&name).is_some() {
+                if self.end(&name).is_some() {
                     self.stats.removals += 1;
+                }
+            }
+            Event::RemoveFailed { name } => {
+                if let Some(slot) = self.slots.get_mut(&name) {
+                    slot.state = SlotState::RemoveFailed;
                 }
             }
             Event::Tick => {}
@@ -270,7 +306,7 @@ impl Pool {
             .map(|(n, _)| n.clone())
             .collect();
         for name in vanished {
-            let slot = self.slots.remove(&name).expect("listed above");
+            let slot = self.end(&name).expect("listed above");
             if slot.state != SlotState::Removing && !slot.completed {
                 if let Some(id) = slot.runner_id {
                     actions.push(Action::Remove { name, deregister: Some(id) });
@@ -278,6 +314,10 @@ impl Pool {
             }
         }
         for o in list {
+            if self.ended.contains(&o.name) {
+                // Listed before its removal finished: gone, or going.
+                continue;
+            }
             let slot = self.slots.entry(o.name.clone()).or_insert_with(|| {
                 // Started by an earlier run of the controller: adopted.
                 self.stats.adopted += 1;
@@ -292,8 +332,13 @@ impl Pool {
                     since: now.checked_sub(o.age).unwrap_or(now),
                 }
             });
-            if slot.state == SlotState::Starting || slot.state == SlotState::Removing {
-                continue;
+            match slot.state {
+                SlotState::Starting | SlotState::Removing => continue,
+                SlotState::RemoveFailed => {
+                    actions.push(self.remove(&o.name));
+                    continue;
+                }
+                SlotState::Running | SlotState::Exited => {}
             }
             if !o.running {
                 slot.state = SlotState::Exited;
@@ -339,7 +384,11 @@ impl Pool {
         s.starting = self.slots.values().filter(|x| x.state == SlotState::Starting).count();
         s.idle = self.slots.values().filter(|x| x.state == SlotState::Running && x.took.is_none()).count();
         s.busy = self.slots.values().filter(|x| x.state == SlotState::Running && x.took.is_some()).count();
-        s.exited = self.slots.values().filter(|x| matches!(x.state, SlotState::Exited | SlotState::Removing)).count();
+        s.exited = self
+            .slots
+            .values()
+            .filter(|x| matches!(x.state, SlotState::Exited | SlotState::Removing | SlotState::RemoveFailed))
+            .count();
         s.containers = self.slots.len();
         s.high_water = s.high_water.max(self.slots.len());
     }
@@ -496,6 +545,55 @@ mod tests {
         assert_eq!(starts.len(), 1, "max still holds: {starts:?}");
         assert_eq!(q.waiting(), [3, 4, 5]);
         assert_eq!(q.admit(4, now).0, Admission::Duplicate);
+    }
+
+    /// Issue #18: a listing asked for before a removal, applied after the `Removed` event,
+    /// must never bring the container back (it took a place under the maximum, and was
+    /// removed and de-registered a second time).
+    #[test]
+    fn a_stale_listing_after_a_removal_does_not_resurrect_the_container() {
+        let t0 = Instant::now();
+        let mut p = pool(1);
+        p.admit(1, t0);
+        p.on_event(Event::Started { name: "r-1".into(), runner_id: 7 }, t0);
+        let asked = t0 + Duration::from_millis(100);
+        let now = t0 + Duration::from_millis(200);
+        // The container exited; the pool removes it.
+        let out = p.on_event(Event::Observed { list: vec![exited("r-1")], asked }, now);
+        assert_eq!(out, [Action::Remove { name: "r-1".into(), deregister: Some(7) }]);
+        // A listing is asked for while the removal runs; the removal finishes first.
+        let stale_asked = now + Duration::from_millis(10);
+        let out = p.on_event(Event::Removed { name: "r-1".into() }, now + Duration::from_millis(20));
+        assert_eq!(p.stats().containers, 1, "the job still waits, so a new runner starts: {out:?}");
+        assert_eq!(starts(&out), ["r-2"]);
+        // The stale listing still shows r-1: nothing is adopted, removed again, or counted.
+        let later = now + Duration::from_millis(30);
+        let out = p.on_event(Event::Observed { list: vec![exited("r-1")], asked: stale_asked }, later);
+        assert!(out.is_empty(), "acted on an ended container: {out:?}");
+        assert!(!p.owns("r-1"), "r-1 came back");
+        assert_eq!((p.stats().adopted, p.stats().containers, p.stats().high_water), (0, 1, 1));
+        assert_eq!(p.stats().removals, 1);
+        // Also a running one (listed before an idle removal), and one whose start failed.
+        let out = p.on_event(Event::Observed { list: vec![running("r-1")], asked: stale_asked }, later);
+        assert!(out.is_empty() && !p.owns("r-1"), "{out:?}");
+        p.on_event(Event::StartFailed { name: "r-2".into() }, later);
+        let out = p.on_event(Event::Observed { list: vec![exited("r-2")], asked: later }, later);
+        assert!(out.is_empty() && !p.owns("r-2"), "{out:?}");
+        assert_eq!(p.stats().adopted, 0);
+    }
+
+    #[test]
+    fn a_removal_the_engine_refused_is_asked_again_at_the_next_listing() {
+        let now = Instant::now();
+        let mut p = pool(1);
+        p.admit(1, now);
+        p.on_event(Event::Started { name: "r-1".into(), runner_id: 7 }, now);
+        p.on_event(Event::Observed { list: vec![exited("r-1")], asked: now }, now);
+        let out = p.on_event(Event::RemoveFailed { name: "r-1".into() }, now);
+        assert!(starts(&out).is_empty(), "the container still exists and counts: {out:?}");
+        let out = p.on_event(Event::Observed { list: vec![exited("r-1")], asked: now }, now);
+        assert_eq!(out, [Action::Remove { name: "r-1".into(), deregister: Some(7) }]);
+        assert_eq!(p.stats().adopted, 0);
     }
 
     #[test]

@@ -273,8 +273,8 @@ impl PoolTask {
                             Ok(()) => info!(container = %name, "Runner container removed."),
                             Err(e) => {
                                 warn!(container = %name, error = %chain(&e), "Failed to remove the runner container; trying again at the next tick.");
-                                // Seen again at the next listing, and removed then.
-                                let _ = tx.send(Command::Event(Event::Removed { name: name.clone() }));
+                                // Asked again at the next listing that shows it.
+                                let _ = tx.send(Command::Event(Event::RemoveFailed { name: name.clone() }));
                                 return;
                             }
                         }

@@ -421,6 +421,21 @@ fn twenty_queued_jobs_with_max_three_never_run_more_than_three_containers_and_al
     let high = ctl.metric("ci_runner_controller_containers_high_water{pool=\"default\"}");
     assert_eq!(high, 3.0, "the controller never reached its maximum");
     assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 20.0);
+    // Issue #18's phantom slot: a stale listing re-adopted a removed container, which took a
+    // place under the maximum and was removed a second time.
+    assert_eq!(ctl.metric("ci_runner_controller_adopted_total{pool=\"default\"}"), 0.0, "a container was adopted");
+    assert_eq!(ctl.metric("ci_runner_controller_removals_total{pool=\"default\"}"), 20.0);
+    let log = ctl.proc.log();
+    for name in &runners {
+        let removed = log
+            .lines()
+            .filter(|l| {
+                l.contains("Runner container removed.")
+                    && l.split_whitespace().any(|w| w.trim_end_matches(',') == format!("container={name}"))
+            })
+            .count();
+        assert_eq!(removed, 1, "container {name} removed {removed} times");
+    }
     assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
 }
 
