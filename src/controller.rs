@@ -7,6 +7,7 @@
 //! - [`webhook`]: signatures, payloads, label matching (pure).
 //! - [`pool`]: a pool's decisions as a state machine (pure).
 //! - [`engine`]: the Docker engine's API on its socket.
+//! - [`reconcile`]: the queued jobs listed through the REST API, for missed deliveries.
 //! - [`service`]: the pools' tasks carrying the decisions out.
 //! - [`server`]: `POST /webhook`, `POST /webhook/{id}`, `/health`, `/metrics`.
 //! - [`hook`]: `WEBHOOK_URL`: the webhook created or updated, its secret kept.
@@ -14,6 +15,7 @@
 pub mod engine;
 pub mod hook;
 pub mod pool;
+pub mod reconcile;
 pub mod server;
 pub mod service;
 pub mod webhook;

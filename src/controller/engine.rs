@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions,
-    UploadToContainerOptions,
+    CreateContainerOptions, CreateImageOptions, KillContainerOptions, ListContainersOptions, RemoveContainerOptions,
+    StartContainerOptions, UploadToContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -223,7 +223,22 @@ impl Engine {
             .collect())
     }
 
-    /// Removes container `name` (force: one past its lifetime may still run); gone already is fine.
+    /// SIGTERM to container `name`'s PID 1, the supervisor, which drains: a running job
+    /// finishes, the runner de-registers, the container exits. The pool waits for the exit
+    /// (and kills past its grace), not this call: `docker stop`'s wait would outlast the API
+    /// client's timeout. Gone already, or no longer running, is fine.
+    pub async fn stop(&self, name: &str) -> Result<(), EngineError> {
+        let options = KillContainerOptions { signal: "SIGTERM".into() };
+        match self.docker.kill_container(name, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) || is_not_running(&e) => Ok(()),
+            Err(source) => Err(EngineError::Api { what: "stop", name: name.into(), source }),
+        }
+    }
+
+    /// Removes container `name`; gone already is fine. Force: the pool removes only exited
+    /// containers, except one whose drain overran the grace period (then this is the kill of
+    /// `docker stop`).
     pub async fn remove(&self, name: &str) -> Result<(), EngineError> {
         let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
         match self.docker.remove_container(name, Some(options)).await {
@@ -236,6 +251,11 @@ impl Engine {
 
 fn is_not_found(e: &bollard::errors::Error) -> bool {
     matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
+}
+
+/// The engine's 409 to a kill: "container … is not running".
+fn is_not_running(e: &bollard::errors::Error) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 409, .. })
 }
 
 /// `image` as the engine's pull wants it: with a tag, `latest` when it names none (a pull

@@ -26,6 +26,9 @@ pub enum SlotState {
     /// The start (JIT configuration, create, upload, start) is under way.
     Starting,
     Running,
+    /// Sent SIGTERM (past its lifetime, or an idle runner no job needs): the supervisor in
+    /// it lets a running job finish, de-registers, and exits; removed once it has exited.
+    Draining,
     Exited,
     /// Removal requested.
     Removing,
@@ -43,6 +46,8 @@ pub struct Slot {
     pub completed: bool,
     pub runner_id: Option<u64>,
     pub since: Instant,
+    /// When the SIGTERM was sent (`Draining`).
+    pub draining_since: Option<Instant>,
 }
 
 impl Slot {
@@ -91,6 +96,10 @@ pub enum Event {
     Removed {
         name: String,
     },
+    /// The SIGTERM was not delivered; the container runs on as before.
+    StopFailed {
+        name: String,
+    },
     /// The engine did not remove it; the container is still there.
     RemoveFailed {
         name: String,
@@ -102,6 +111,10 @@ pub enum Event {
 pub enum Action {
     /// Mint a JIT configuration for runner `name` and start its container.
     Start { name: String, for_job: Option<u64> },
+    /// SIGTERM to container `name`, once (a second one would escalate the supervisor's drain):
+    /// the first half of `docker stop`; the pool removes it when it has exited, or, as
+    /// `docker stop` kills, when the grace period has passed.
+    Stop { name: String },
     /// Remove container `name`; then de-register runner `deregister` (a runner that never
     /// finished a job stays registered, offline, when its container dies).
     Remove { name: String, deregister: Option<u64> },
@@ -119,6 +132,7 @@ pub struct Stats {
     pub waiting: usize,
     pub starting: usize,
     pub idle: usize,
+    pub draining: usize,
     pub busy: usize,
     pub exited: usize,
     pub containers: usize,
@@ -126,6 +140,7 @@ pub struct Stats {
     pub starts: u64,
     pub start_failures: u64,
     pub removals: u64,
+    pub stops: u64,
     pub adopted: u64,
     pub queue_wait_sum: f64,
     pub queue_wait_count: u64,
@@ -136,6 +151,7 @@ pub struct Pool {
     max: usize,
     min_idle: usize,
     max_lifetime: Duration,
+    stop_grace: Duration,
     prefix: String,
     counter: u64,
     /// Jobs known queued on GitHub and not yet taken, oldest first, with when they came.
@@ -151,6 +167,17 @@ pub struct Pool {
     stats: Stats,
 }
 
+/// How long a stopped runner container has to exit before it is removed by force: longer
+/// than the whole drain of the supervisor in it (README "Shutdown sequence and time budgets":
+/// `DRAIN_TIMEOUT_SEC` + 30 s + 20 s + 10 s + 3.5 s, plus `DEBUG_SHUTDOWN_DELAY_SEC`), read
+/// from the pool's runner environment, with a margin.
+pub fn stop_grace(env: &[(String, String)]) -> Duration {
+    let secs = |name: &str, default: u64| {
+        env.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.trim().parse::<u64>().ok()).unwrap_or(default)
+    };
+    Duration::from_secs(secs("DRAIN_TIMEOUT_SEC", 600) + secs("DEBUG_SHUTDOWN_DELAY_SEC", 0) + 90)
+}
+
 /// The pause after `n` failed starts in a row: 1 s, 2 s, 4 s … 60 s.
 pub fn start_backoff(n: u32) -> Duration {
     Duration::from_secs((1u64 << n.saturating_sub(1).min(6)).min(60))
@@ -164,6 +191,7 @@ impl Pool {
             max: max.max(1),
             min_idle,
             max_lifetime,
+            stop_grace: stop_grace(&[]),
             prefix,
             counter: 0,
             waiting: VecDeque::new(),
@@ -189,6 +217,12 @@ impl Pool {
             }
         }
         true
+    }
+
+    /// The grace period of [`Action::Stop`] (default: [`stop_grace`] of no settings).
+    pub fn with_stop_grace(mut self, grace: Duration) -> Self {
+        self.stop_grace = grace;
+        self
     }
 
     /// Drops slot `name` for good: a listing asked for before it ended still shows the
@@ -264,6 +298,15 @@ impl Pool {
                     self.stats.removals += 1;
                 }
             }
+            Event::StopFailed { name } => {
+                if let Some(slot) = self.slots.get_mut(&name) {
+                    if slot.state == SlotState::Draining {
+                        // Stopped again at the next listing if it is still due.
+                        slot.state = SlotState::Running;
+                        slot.draining_since = None;
+                    }
+                }
+            }
             Event::RemoveFailed { name } => {
                 if let Some(slot) = self.slots.get_mut(&name) {
                     slot.state = SlotState::RemoveFailed;
@@ -271,6 +314,7 @@ impl Pool {
             }
             Event::Tick => {}
         }
+        actions.extend(self.shrink(now));
         actions.extend(self.dispatch(now));
         actions
     }
@@ -293,6 +337,30 @@ impl Pool {
         // registered and would linger offline.
         let deregister = if slot.completed { None } else { slot.runner_id };
         Action::Remove { name: name.to_string(), deregister }
+    }
+
+    fn stop(&mut self, name: &str, now: Instant) -> Action {
+        let slot = self.slots.get_mut(name).expect("stopping a known slot");
+        slot.state = SlotState::Draining;
+        slot.draining_since = Some(now);
+        self.stats.stops += 1;
+        Action::Stop { name: name.to_string() }
+    }
+
+    /// Idle runners beyond the waiting jobs plus `min_idle` (a job cancelled while queued, or
+    /// taken by a runner started for another) are stopped, newest first. A stop is a drain:
+    /// one that took a job in the meantime finishes it.
+    fn shrink(&mut self, now: Instant) -> Vec<Action> {
+        let idle = self.slots.values().filter(|s| s.idle()).count();
+        let surplus = idle.saturating_sub(self.waiting.len() + self.min_idle);
+        let mut running: Vec<(Instant, String)> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.state == SlotState::Running && s.took.is_none())
+            .map(|(n, s)| (s.since, n.clone()))
+            .collect();
+        running.sort();
+        running.into_iter().rev().take(surplus).map(|(_, n)| self.stop(&n, now)).collect()
     }
 
     fn observe(&mut self, list: Vec<Observed>, asked: Instant, now: Instant) -> Vec<Action> {
@@ -330,6 +398,7 @@ impl Pool {
                     completed: false,
                     runner_id: o.runner_id,
                     since: now.checked_sub(o.age).unwrap_or(now),
+                    draining_since: None,
                 }
             });
             match slot.state {
@@ -338,13 +407,21 @@ impl Pool {
                     actions.push(self.remove(&o.name));
                     continue;
                 }
-                SlotState::Running | SlotState::Exited => {}
+                SlotState::Running | SlotState::Exited | SlotState::Draining => {}
             }
+            let draining = slot.draining_since;
             if !o.running {
                 slot.state = SlotState::Exited;
                 actions.push(self.remove(&o.name));
+            } else if let Some(since) = draining {
+                // `docker stop`'s kill: the drain overran even its generous budget.
+                if now.saturating_duration_since(since) > self.stop_grace {
+                    actions.push(self.remove(&o.name));
+                }
             } else if o.age > self.max_lifetime {
-                actions.push(self.remove(&o.name));
+                // Never removed while its job runs (issue #18): stopped, the runner
+                // finishes the job, de-registers and exits; an idle one exits at once.
+                actions.push(self.stop(&o.name, now));
             }
         }
         actions
@@ -370,7 +447,15 @@ impl Pool {
             let name = format!("{}-{}", self.prefix, self.counter);
             self.slots.insert(
                 name.clone(),
-                Slot { state: SlotState::Starting, for_job, took: None, completed: false, runner_id: None, since: now },
+                Slot {
+                    state: SlotState::Starting,
+                    for_job,
+                    took: None,
+                    completed: false,
+                    runner_id: None,
+                    since: now,
+                    draining_since: None,
+                },
             );
             actions.push(Action::Start { name, for_job });
         }
@@ -383,6 +468,7 @@ impl Pool {
         s.waiting = self.waiting.len();
         s.starting = self.slots.values().filter(|x| x.state == SlotState::Starting).count();
         s.idle = self.slots.values().filter(|x| x.state == SlotState::Running && x.took.is_none()).count();
+        s.draining = self.slots.values().filter(|x| x.state == SlotState::Draining).count();
         s.busy = self.slots.values().filter(|x| x.state == SlotState::Running && x.took.is_some()).count();
         s.exited = self
             .slots
@@ -596,13 +682,70 @@ mod tests {
         assert_eq!(p.stats().adopted, 0);
     }
 
+    /// Issue #18: a container past its lifetime while its job runs was removed by force, the
+    /// job lost. It is stopped (SIGTERM once), removed only once it has exited, and killed only
+    /// past a grace period longer than the supervisor's drain.
     #[test]
-    fn containers_past_their_lifetime_are_removed() {
+    fn containers_past_their_lifetime_drain_and_are_removed_only_once_exited() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(700);
+        let mut p = Pool::new(2, 0, Duration::from_secs(60), "r".into()).with_stop_grace(grace);
+        let old = |running| Observed { age: Duration::from_secs(61), running, ..super::tests::running("old") };
+        let out = p.on_event(Event::Observed { list: vec![old(true)], asked: t0 }, t0);
+        assert_eq!(out, [Action::Stop { name: "old".into() }]);
+        assert_eq!((p.stats().draining, p.stats().stops), (1, 1));
+        // Still running (its job goes on): no second SIGTERM, no removal, up to the grace.
+        for after in [1, 300, 700] {
+            let now = t0 + Duration::from_secs(after);
+            let out = p.on_event(Event::Observed { list: vec![old(true)], asked: now }, now);
+            assert!(out.is_empty(), "acted on a draining container after {after} s: {out:?}");
+        }
+        // Exited: removed (its runner de-registered itself, or GitHub did after the job).
+        let now = t0 + Duration::from_secs(701);
+        let mut q = Pool::new(2, 0, Duration::from_secs(60), "r".into()).with_stop_grace(grace);
+        q.on_event(Event::Observed { list: vec![old(true)], asked: t0 }, t0);
+        let out = q.on_event(Event::Observed { list: vec![old(false)], asked: now }, now);
+        assert_eq!(out, [Action::Remove { name: "old".into(), deregister: Some(1) }]);
+        // Past the grace and still running: removed by force, as `docker stop` kills.
+        let out = p.on_event(Event::Observed { list: vec![old(true)], asked: now }, now);
+        assert_eq!(out, [Action::Remove { name: "old".into(), deregister: Some(1) }]);
+    }
+
+    #[test]
+    fn a_stop_that_failed_is_sent_again_at_the_next_listing() {
         let now = Instant::now();
         let mut p = Pool::new(2, 0, Duration::from_secs(60), "r".into());
         let old = Observed { age: Duration::from_secs(61), ..running("old") };
+        p.on_event(Event::Observed { list: vec![old.clone()], asked: now }, now);
+        assert!(p.on_event(Event::StopFailed { name: "old".into() }, now).is_empty());
         let out = p.on_event(Event::Observed { list: vec![old], asked: now }, now);
-        assert_eq!(out, [Action::Remove { name: "old".into(), deregister: Some(1) }]);
+        assert_eq!(out, [Action::Stop { name: "old".into() }]);
+    }
+
+    #[test]
+    fn the_grace_period_outlasts_the_runner_s_drain() {
+        assert_eq!(stop_grace(&[]), Duration::from_secs(690));
+        let env = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let custom = [env("DRAIN_TIMEOUT_SEC", "3300"), env("DEBUG_SHUTDOWN_DELAY_SEC", "10")];
+        assert_eq!(stop_grace(&custom), Duration::from_secs(3400));
+    }
+
+    #[test]
+    fn idle_runners_no_job_needs_are_stopped_never_removed_by_force() {
+        let now = Instant::now();
+        let mut p = Pool::new(3, 1, Duration::from_secs(3600), "r".into());
+        p.on_event(Event::Tick, now);
+        p.admit(1, now);
+        for (n, id) in [("r-1", 1), ("r-2", 2)] {
+            p.on_event(Event::Started { name: n.into(), runner_id: id }, now);
+        }
+        // Job 1 is cancelled while queued: one idle runner more than min_idle needs.
+        let later = now + Duration::from_secs(1);
+        let out = p.on_event(Event::Completed { job_id: 1, runner_name: None }, later);
+        assert_eq!(out, [Action::Stop { name: "r-2".into() }], "the newest idle one drains");
+        assert_eq!((p.stats().idle, p.stats().draining), (1, 1));
+        let out = p.on_event(Event::Tick, later);
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]

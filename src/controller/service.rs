@@ -12,7 +12,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use super::engine::{Engine, RunnerSpec};
-use super::pool::{Action, Admission, Event, Pool, Stats};
+use super::pool::{stop_grace, Action, Admission, Event, Pool, Stats};
+use super::reconcile;
 use super::webhook::RunnerLabels;
 use super::ControllerError;
 use crate::config::{ControllerConfig, PoolConfig, Scope, Secret};
@@ -21,9 +22,17 @@ use crate::github::{Auth, Budget, Deleted, Github};
 
 /// What the HTTP side sends a pool's task.
 pub enum Command {
-    Queued { job_id: u64, received: Instant, reply: oneshot::Sender<Admission> },
+    Queued {
+        job_id: u64,
+        received: Instant,
+        reply: oneshot::Sender<Admission>,
+    },
     Event(Event),
     ListFailed,
+    /// Queued jobs the pool serves, listed through the REST API: admitted as deliveries are.
+    Reconciled {
+        jobs: Vec<u64>,
+    },
 }
 
 /// A pool as the HTTP side sees it: its secret, labels and scope, its task's mailbox, its stats.
@@ -37,6 +46,7 @@ pub struct PoolHandle {
     pub tx: mpsc::UnboundedSender<Command>,
     pub stats: Arc<Mutex<Stats>>,
     pub latency: Arc<Mutex<Latency>>,
+    pub reconcile: Arc<reconcile::Counters>,
 }
 
 /// Webhook received → runner container started (the Docker engine's start returned).
@@ -72,6 +82,7 @@ pub async fn start_pools(
         let latency = Arc::new(Mutex::new(Latency::default()));
         let queue_file = cfg.state_dir.join(format!("{}.queue.json", p.id));
         let labels = RunnerLabels::new(&p.labels, arch);
+        let counters = Arc::new(reconcile::Counters::default());
         let task = PoolTask {
             queue_file,
             saved: Vec::new(),
@@ -79,22 +90,51 @@ pub async fn start_pools(
             labels: labels.clone(),
             server_url: cfg.server_url.clone(),
             api_url: cfg.api_url.clone(),
-            pool: Pool::new(p.max_runners, p.min_idle, p.max_lifetime, format!("{}-{nonce}", p.name_prefix)),
+            pool: Pool::new(p.max_runners, p.min_idle, p.max_lifetime, format!("{}-{nonce}", p.name_prefix))
+                .with_stop_grace(stop_grace(&p.env)),
             engine: engine.clone(),
             github,
             tx: tx.clone(),
             stats: stats.clone(),
             latency: latency.clone(),
             received: std::collections::HashMap::new(),
+            counters: counters.clone(),
             tracker: tracker.clone(),
             cancel: cancel.clone(),
             poll: cfg.poll,
         };
+        match cfg.reconcile {
+            Some(period) if reconcile::supported(&p.scope) => {
+                let run = reconcile::run(
+                    task.github.clone(),
+                    p.scope.clone(),
+                    labels.clone(),
+                    period,
+                    tx.clone(),
+                    counters.clone(),
+                    cancel.clone(),
+                );
+                tracker.spawn(run.instrument(tracing::info_span!("reconcile", id = %p.id)));
+            }
+            Some(_) => {
+                info!(pool = %p.id, scope = %p.scope, "No reconciliation for an organization's pool: its jobs come by webhook only.")
+            }
+            None => {}
+        }
         tracker.spawn(task.run(rx).instrument(tracing::info_span!("pool", id = %p.id)));
         tracker.spawn(
             pull_if_missing(engine.clone(), p.image.clone()).instrument(tracing::info_span!("pool", id = %p.id)),
         );
-        handles.push(PoolHandle { id: p.id.clone(), scope: p.scope.clone(), labels, secret, tx, stats, latency });
+        handles.push(PoolHandle {
+            id: p.id.clone(),
+            scope: p.scope.clone(),
+            labels,
+            secret,
+            tx,
+            stats,
+            latency,
+            reconcile: counters,
+        });
     }
     Ok(handles)
 }
@@ -133,6 +173,7 @@ struct PoolTask {
     latency: Arc<Mutex<Latency>>,
     /// When the delivery that asked for a runner arrived, by runner name, for the latency.
     received: std::collections::HashMap<String, Instant>,
+    counters: Arc<reconcile::Counters>,
     tracker: TaskTracker,
     cancel: CancellationToken,
     poll: Duration,
@@ -188,6 +229,18 @@ impl PoolTask {
                     Command::Event(e) => e,
                     Command::ListFailed => {
                         listing = false;
+                        continue;
+                    }
+                    Command::Reconciled { jobs } => {
+                        for job_id in jobs {
+                            let (admission, actions) = self.pool.admit(job_id, Instant::now());
+                            if admission == Admission::Queued {
+                                self.counters.found.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                info!(job_id, "Job found queued by reconciliation; no delivery had brought it.");
+                            }
+                            self.execute(actions, None);
+                        }
+                        self.publish();
                         continue;
                     }
                 },
@@ -260,6 +313,19 @@ impl PoolTask {
                         cancel: self.cancel.clone(),
                     };
                     self.tracker.spawn(job.run());
+                }
+                Action::Stop { name } => {
+                    let engine = self.engine.clone();
+                    let tx = self.tx.clone();
+                    self.tracker.spawn(async move {
+                        match engine.stop(&name).await {
+                            Ok(()) => info!(container = %name, "Runner container stopping: its runner finishes a running job, de-registers and exits."),
+                            Err(e) => {
+                                warn!(container = %name, error = %chain(&e), "Failed to stop the runner container; trying again at the next listing.");
+                                let _ = tx.send(Command::Event(Event::StopFailed { name }));
+                            }
+                        }
+                    });
                 }
                 Action::Remove { name, deregister } => {
                     self.received.remove(&name);

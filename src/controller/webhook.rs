@@ -40,6 +40,58 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
+/// Why a delivery's body could not be read as a payload (answered 415 or 400).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error(
+        "read the delivery: Content-Type {0:?} is neither application/json nor application/x-www-form-urlencoded; \
+         set the webhook's \"Content type\" to application/json"
+    )]
+    ContentType(String),
+    #[error("read the form-encoded delivery: no payload=<JSON> field (the webhook's \"Content type\" is application/x-www-form-urlencoded)")]
+    NoPayload,
+}
+
+/// The JSON payload of a delivery, by its `Content-Type`: the webhook's "Content type"
+/// setting is `application/json` (the body is the payload) or, GitHub's default,
+/// `application/x-www-form-urlencoded` (the body is `payload=<the JSON, percent-encoded>`).
+/// The signature is over the raw body either way, so this comes after [`verify`]. No
+/// `Content-Type` at all is read as JSON.
+pub fn payload(content_type: Option<&str>, body: &[u8]) -> Result<Vec<u8>, BodyError> {
+    let media = content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    match media.as_deref() {
+        None | Some("") | Some("application/json") => Ok(body.to_vec()),
+        Some("application/x-www-form-urlencoded") => body
+            .split(|b| *b == b'&')
+            .find_map(|pair| pair.strip_prefix(b"payload="))
+            .map(form_decode)
+            .ok_or(BodyError::NoPayload),
+        Some(_) => Err(BodyError::ContentType(content_type.unwrap_or_default().to_string())),
+    }
+}
+
+/// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a byte; a `%` not
+/// followed by two hex digits is kept as it is (as browsers and the `url` crate do).
+fn form_decode(v: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    while i < v.len() {
+        match v[i] {
+            b'+' => out.push(b' '),
+            b'%' => match v.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()) {
+                Some(b) => {
+                    out.push(b);
+                    i += 2;
+                }
+                None => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
 /// What a `workflow_job` delivery says happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobAction {
@@ -53,6 +105,9 @@ pub enum JobAction {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobEvent {
     pub action: JobAction,
+    /// `workflow_job.status`: a `queued` delivery may say `waiting` (held for an
+    /// environment's approval), and then no runner can take it yet.
+    pub status: String,
     pub job_id: u64,
     pub labels: Vec<String>,
     /// The runner that took the job (`in_progress`, `completed`); none for a job cancelled
@@ -90,6 +145,8 @@ struct Payload {
 struct WorkflowJob {
     id: u64,
     #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
     labels: Vec<String>,
     #[serde(default)]
     runner_name: Option<String>,
@@ -114,6 +171,7 @@ pub fn parse(event: Option<&str>, body: &[u8]) -> Result<Delivery, PayloadError>
             };
             Ok(Delivery::Job(JobEvent {
                 action,
+                status: p.workflow_job.status.unwrap_or_else(|| p.action.clone()),
                 job_id: p.workflow_job.id,
                 labels: p.workflow_job.labels,
                 runner_name: p.workflow_job.runner_name.filter(|n| !n.is_empty()),
@@ -144,6 +202,14 @@ pub fn arch_label(engine_arch: &str) -> Result<&'static str, String> {
 /// jobs, so a runner is never started for a job it cannot take.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunnerLabels(Vec<String>);
+
+impl JobEvent {
+    /// A job held for an environment's approval (`status: waiting`): GitHub sends it to no
+    /// runner until it is approved, and then sends `queued` again with `status: queued`.
+    pub fn held(&self) -> bool {
+        self.status.eq_ignore_ascii_case("waiting")
+    }
+}
 
 impl RunnerLabels {
     pub fn new(custom: &[String], arch: &str) -> Self {
@@ -271,6 +337,38 @@ mod tests {
         let arm = RunnerLabels::new(&s(&["gpu"]), "ARM64");
         assert!(arm.serves(&s(&["self-hosted", "arm64", "gpu"])));
         assert!(!arm.serves(&s(&["self-hosted", "x64", "gpu"])), "an x64 job on an arm64 host");
+    }
+
+    #[test]
+    fn json_and_form_encoded_bodies_give_the_payload_and_other_content_types_name_the_setting() {
+        let json = br#"{"action":"queued","n":"a b&c"}"#;
+        assert_eq!(payload(Some("application/json"), json).unwrap(), json);
+        assert_eq!(payload(Some("application/json; charset=utf-8"), json).unwrap(), json);
+        assert_eq!(payload(None, json).unwrap(), json);
+        // What GitHub sends with the default "Content type": payload=<percent-encoded JSON>.
+        let form = b"payload=%7B%22action%22%3A%22queued%22%2C%22n%22%3A%22a+b%26c%22%7D";
+        assert_eq!(payload(Some("application/x-www-form-urlencoded"), form).unwrap(), json);
+        assert_eq!(payload(Some("Application/X-WWW-Form-Urlencoded"), b"x=1&payload=%7B%7D").unwrap(), b"{}");
+        assert_eq!(form_decode(b"100%+sure%2"), b"100% sure%2");
+        assert_eq!(payload(Some("application/x-www-form-urlencoded"), b"x=1"), Err(BodyError::NoPayload));
+        let err = payload(Some("text/plain"), json).unwrap_err();
+        assert!(err.to_string().contains("\"Content type\" to application/json"), "{err}");
+    }
+
+    #[test]
+    fn a_queued_job_waiting_for_approval_is_held() {
+        let body = |status: &str| {
+            format!(
+                r#"{{"action":"queued","workflow_job":{{"id":7,"status":"{status}","labels":["x"]}},"repository":{{"full_name":"o/r"}}}}"#
+            )
+        };
+        let job = |status| match parse(Some("workflow_job"), body(status).as_bytes()).unwrap() {
+            Delivery::Job(j) => j,
+            other => panic!("{other:?}"),
+        };
+        assert!(job("waiting").held());
+        assert!(!job("queued").held());
+        assert_eq!(job("waiting").action, JobAction::Queued);
     }
 
     #[test]
