@@ -162,6 +162,9 @@ pub struct Pool {
     /// Containers this pool ended (removed, failed to start, gone): never adopted again.
     ended: HashSet<String>,
     ended_order: VecDeque<String>,
+    /// Containers an earlier run of the controller had already stopped: adopted as draining,
+    /// never sent a second SIGTERM (the supervisor would escalate its drain and cancel the job).
+    stopped_before: HashSet<String>,
     failures: u32,
     paused_until: Option<Instant>,
     stats: Stats,
@@ -200,6 +203,7 @@ impl Pool {
             slots: BTreeMap::new(),
             ended: HashSet::new(),
             ended_order: VecDeque::new(),
+            stopped_before: HashSet::new(),
             failures: 0,
             paused_until: None,
             stats: Stats::default(),
@@ -223,6 +227,18 @@ impl Pool {
     pub fn with_stop_grace(mut self, grace: Duration) -> Self {
         self.stop_grace = grace;
         self
+    }
+
+    /// The containers that were draining when the controller last stopped (kept in the state
+    /// directory): adopted as draining, their grace counted from now.
+    pub fn with_stopped_before(mut self, names: Vec<String>) -> Self {
+        self.stopped_before = names.into_iter().collect();
+        self
+    }
+
+    /// The names of the containers sent their SIGTERM and not yet gone.
+    pub fn draining(&self) -> Vec<String> {
+        self.slots.iter().filter(|(_, s)| s.state == SlotState::Draining).map(|(n, _)| n.clone()).collect()
     }
 
     /// Drops slot `name` for good: a listing asked for before it ended still shows the
@@ -386,11 +402,12 @@ impl Pool {
                 // Listed before its removal finished: gone, or going.
                 continue;
             }
+            let stopped_before = self.stopped_before.remove(&o.name);
             let slot = self.slots.entry(o.name.clone()).or_insert_with(|| {
                 // Started by an earlier run of the controller: adopted.
                 self.stats.adopted += 1;
                 Slot {
-                    state: SlotState::Running,
+                    state: if stopped_before { SlotState::Draining } else { SlotState::Running },
                     for_job: o.for_job,
                     // Whether it took a job is unknown after a restart: assumed busy, so jobs
                     // waiting get runners of their own (within the maximum).
@@ -398,7 +415,7 @@ impl Pool {
                     completed: false,
                     runner_id: o.runner_id,
                     since: now.checked_sub(o.age).unwrap_or(now),
-                    draining_since: None,
+                    draining_since: stopped_before.then_some(now),
                 }
             });
             match slot.state {
@@ -708,6 +725,19 @@ mod tests {
         assert_eq!(out, [Action::Remove { name: "old".into(), deregister: Some(1) }]);
         // Past the grace and still running: removed by force, as `docker stop` kills.
         let out = p.on_event(Event::Observed { list: vec![old(true)], asked: now }, now);
+        assert_eq!(out, [Action::Remove { name: "old".into(), deregister: Some(1) }]);
+    }
+
+    #[test]
+    fn a_container_stopped_by_an_earlier_run_is_adopted_draining_and_never_stopped_twice() {
+        let now = Instant::now();
+        let mut p = Pool::new(2, 0, Duration::from_secs(60), "r".into()).with_stopped_before(vec!["old".into()]);
+        let old = Observed { age: Duration::from_secs(61), ..running("old") };
+        let out = p.on_event(Event::Observed { list: vec![old.clone()], asked: now }, now);
+        assert!(out.is_empty(), "a second SIGTERM: {out:?}");
+        assert_eq!((p.stats().adopted, p.stats().draining), (1, 1));
+        assert_eq!(p.draining(), ["old"]);
+        let out = p.on_event(Event::Observed { list: vec![Observed { running: false, ..old }], asked: now }, now);
         assert_eq!(out, [Action::Remove { name: "old".into(), deregister: Some(1) }]);
     }
 

@@ -81,17 +81,23 @@ pub async fn start_pools(
         let stats = Arc::new(Mutex::new(Stats::default()));
         let latency = Arc::new(Mutex::new(Latency::default()));
         let queue_file = cfg.state_dir.join(format!("{}.queue.json", p.id));
+        let draining_file = cfg.state_dir.join(format!("{}.draining.json", p.id));
+        let stopped_before: Vec<String> =
+            std::fs::read(&draining_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         let labels = RunnerLabels::new(&p.labels, arch);
         let counters = Arc::new(reconcile::Counters::default());
         let task = PoolTask {
             queue_file,
             saved: Vec::new(),
+            draining_saved: stopped_before.clone(),
+            draining_file,
             cfg: p.clone(),
             labels: labels.clone(),
             server_url: cfg.server_url.clone(),
             api_url: cfg.api_url.clone(),
             pool: Pool::new(p.max_runners, p.min_idle, p.max_lifetime, format!("{}-{nonce}", p.name_prefix))
-                .with_stop_grace(stop_grace(&p.env)),
+                .with_stop_grace(stop_grace(&p.env))
+                .with_stopped_before(stopped_before),
             engine: engine.clone(),
             github,
             tx: tx.clone(),
@@ -161,6 +167,10 @@ struct PoolTask {
     /// `<state dir>/<pool>.queue.json`: the waiting jobs' ids, so that a restart drops none.
     queue_file: std::path::PathBuf,
     saved: Vec<u64>,
+    /// `<state dir>/<pool>.draining.json`: the containers sent their SIGTERM, so that a
+    /// restarted controller never sends a second one (it would escalate the drain).
+    draining_file: std::path::PathBuf,
+    draining_saved: Vec<String>,
     cfg: PoolConfig,
     labels: RunnerLabels,
     server_url: String,
@@ -267,6 +277,13 @@ impl PoolTask {
                 warn!(path = %self.queue_file.display(), error = %e, "Failed to save the waiting jobs; a restart now would forget them.");
             }
             self.saved = waiting;
+        }
+        let draining = self.pool.draining();
+        if draining != self.draining_saved {
+            if let Err(e) = save_json(&self.draining_file, &draining) {
+                warn!(path = %self.draining_file.display(), error = %e, "Failed to save the draining containers; a restart now would stop them again.");
+            }
+            self.draining_saved = draining;
         }
     }
 
@@ -447,11 +464,15 @@ impl StartJob {
 
 /// Written whole to a temporary file, then renamed over the old one.
 fn save_queue(path: &std::path::Path, waiting: &[u64]) -> std::io::Result<()> {
+    save_json(path, waiting)
+}
+
+fn save_json<T: serde::Serialize + ?Sized>(path: &std::path::Path, value: &T) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(waiting).map_err(std::io::Error::other)?)?;
+    std::fs::write(&tmp, serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
     std::fs::rename(&tmp, path)
 }
 

@@ -488,6 +488,38 @@ fn a_container_past_its_lifetime_while_its_job_runs_drains_the_job_succeeds_then
 }
 
 #[test]
+fn a_controller_restarted_while_a_container_drains_never_stops_it_a_second_time() {
+    // Never: a second SIGTERM to a draining runner container (its supervisor would escalate
+    // and cancel the job) because the controller that sent the first one restarted.
+    let Some(t) = Fixture::new() else { return };
+    let (gh, scratch) = (&t.gh, &t.scratch);
+    let setup = t.setup().with("CONTROLLER_MAX_LIFETIME_SEC", "6");
+    setup.hook("/webhook");
+    let first = setup.start();
+    let id = gh.enqueue("drained", &["self-hosted", "ci-test"], &gated_steps(scratch, "drained"));
+    wait_for("the job to start", LONG, || scratch.join("drained.started").exists().then_some(()));
+    let names = first.containers();
+    first.proc.wait_log("Runner container stopping", LONG);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.proc.pid() as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let mut first = first;
+    first.proc.wait_exit(LONG);
+    std::mem::forget(first);
+    let second = setup.start();
+    wait_for("the draining container adopted as draining", LONG, || {
+        let h = second.health();
+        (h["pools"][0]["adopted"] == 1 && h["pools"][0]["draining"] == 1).then_some(())
+    });
+    release(scratch, "drained");
+    let job = wait_job_done(gh, id);
+    assert_eq!((job["result"].as_str(), job["runner_name"].as_str()), (Some("Succeeded"), Some(names[0].as_str())));
+    second.wait_no_containers();
+    assert!(!second.proc.log_has("Runner container stopping"), "stopped twice:\n{}", second.proc.log());
+    assert_eq!(second.metric("ci_runner_controller_stops_total{pool=\"default\"}"), 0.0);
+    assert!(gh.runners().is_empty(), "a runner was left registered: {:?}", gh.runners());
+}
+
+#[test]
 fn a_form_encoded_delivery_starts_a_runner_and_a_job_held_for_approval_waits_until_released() {
     // Never: a delivery sent with the webhook's default content type refused, nor a container
     // started (and held for hours) for a job no runner may take before its approval.
