@@ -123,6 +123,8 @@ def reconcile_runs(gh, binary, runs, period):
     port = b.free_port()
     state = tempfile.mkdtemp()
     env = controller_env(gh, name, port, state, 1, {"CONTROLLER_RECONCILE_SEC": str(period)})
+    # Only this controller's webhook: a drop must hit its delivery, not an earlier phase's.
+    b.post(gh, "/_fake/reset", {})
     b.post(gh, "/_fake/hooks", {"scope": "octo-org/octo-repo", "url": "http://127.0.0.1:%d/webhook" % port,
                                 "secret": SECRET})
     p = subprocess.Popen([binary, "controller"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -141,6 +143,8 @@ def reconcile_runs(gh, binary, runs, period):
                        interval=0.02)
             b.wait_for("its container removed", 120, lambda: not containers(name), interval=0.05)
         found = metric(port, 'ci_runner_controller_reconcile_jobs_found_total{pool="default"}')
+        queued = metric(port, 'ci_runner_controller_webhook_deliveries_total{outcome="queued"}')
+        assert queued == 0, "%d jobs came by webhook: not the reconcile path" % queued
     finally:
         b.kill_tree(p)
         for c in containers(name):
