@@ -391,7 +391,10 @@ impl Pool {
             .collect();
         for name in vanished {
             let slot = self.end(&name).expect("listed above");
-            if slot.state != SlotState::Removing && !slot.completed {
+            if slot.state == SlotState::Removing {
+                // Our removal, seen done before its `Removed` event (which then finds no slot).
+                self.stats.removals += 1;
+            } else if !slot.completed {
                 if let Some(id) = slot.runner_id {
                     actions.push(Action::Remove { name, deregister: Some(id) });
                 }
@@ -683,6 +686,20 @@ mod tests {
         let out = p.on_event(Event::Observed { list: vec![exited("r-2")], asked: later }, later);
         assert!(out.is_empty() && !p.owns("r-2"), "{out:?}");
         assert_eq!(p.stats().adopted, 0);
+    }
+
+    #[test]
+    fn a_removal_seen_done_by_a_listing_before_its_event_is_counted_once() {
+        let now = Instant::now();
+        let mut p = pool(1);
+        p.admit(1, now);
+        p.on_event(Event::Started { name: "r-1".into(), runner_id: 7 }, now);
+        p.on_event(Event::Observed { list: vec![exited("r-1")], asked: now }, now);
+        let later = now + Duration::from_millis(10);
+        let out = p.on_event(Event::Observed { list: vec![], asked: later }, later);
+        assert!(!out.iter().any(|a| matches!(a, Action::Remove { .. })), "removed twice: {out:?}");
+        p.on_event(Event::Removed { name: "r-1".into() }, later);
+        assert_eq!(p.stats().removals, 1);
     }
 
     #[test]
