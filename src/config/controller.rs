@@ -20,6 +20,9 @@ pub const DEFAULT_CONTROLLER_IMAGE: &str = "ci-runner:latest";
 pub const DEFAULT_MAX_RUNNERS: usize = 4;
 pub const DEFAULT_MAX_LIFETIME_SEC: u64 = 6 * 3600;
 pub const DEFAULT_POLL_MS: u64 = 500;
+/// Issue #18: how often the queued jobs are listed through the REST API, for the deliveries
+/// that never arrived.
+pub const DEFAULT_RECONCILE_SEC: u64 = 60;
 /// GitHub caps a delivery at 25 MB; a `workflow_job` payload is a few KiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 /// The pool `POST /webhook` serves.
@@ -38,7 +41,8 @@ pub struct PoolConfig {
     /// Where GitHub should deliver: the repository's or organization's webhook is created or
     /// updated to point here.
     pub webhook_url: Option<String>,
-    /// The runners' custom labels (the defaults self-hosted, Linux, X64 come with them).
+    /// The runners' custom labels (the built-in self-hosted, Linux and the engine host's
+    /// architecture come with them).
     pub labels: Vec<String>,
     pub max_runners: usize,
     pub min_idle: usize,
@@ -69,6 +73,8 @@ pub struct ControllerConfig {
     /// `POST /webhook/{id}`'s pools, from `CONTROLLER_CONFIG`.
     pub pools: Vec<PoolConfig>,
     pub poll: Duration,
+    /// `CONTROLLER_RECONCILE_SEC`; `None` (`0`): off.
+    pub reconcile: Option<Duration>,
     pub max_body: usize,
     pub log_format: LogFormat,
     pub log_filter: String,
@@ -256,6 +262,21 @@ pub fn controller_config(env: &dyn EnvSource) -> Result<ControllerConfig, Config
             }
         },
     });
+    let reconcile = match c.get("CONTROLLER_RECONCILE_SEC") {
+        None => Some(Duration::from_secs(DEFAULT_RECONCILE_SEC)),
+        Some(v) => match v.parse::<u64>() {
+            Ok(0) => None,
+            Ok(n) if n <= 86_400 => Some(Duration::from_secs(n)),
+            _ => {
+                c.bad(
+                    "CONTROLLER_RECONCILE_SEC",
+                    Some(&v),
+                    "seconds between listings of the queued jobs, 1 to 86400, or 0 for none",
+                );
+                Some(Duration::from_secs(DEFAULT_RECONCILE_SEC))
+            }
+        },
+    };
     let max_body = match c.get("CONTROLLER_MAX_BODY_BYTES") {
         None => DEFAULT_MAX_BODY_BYTES,
         Some(v) => match v.parse::<usize>() {
@@ -299,6 +320,7 @@ pub fn controller_config(env: &dyn EnvSource) -> Result<ControllerConfig, Config
         single,
         pools,
         poll,
+        reconcile,
         max_body,
         log_format,
         log_filter,
@@ -603,6 +625,23 @@ mod tests {
         assert_eq!(p.max_runners, 3);
         assert_eq!(p.webhook_secret.unwrap().expose(), "s3cret");
         assert!(cfg.pools.is_empty());
+    }
+
+    #[test]
+    fn reconciliation_runs_every_minute_by_default_and_0_turns_it_off() {
+        let base = [("GH_TOKEN", "ghp_x"), ("GH_REPOSITORY", "o/r"), ("WEBHOOK_SECRET", "s"), ("SECRETS_DIR", "/no")];
+        let with = |extra: Option<&str>| {
+            let mut pairs = base.to_vec();
+            pairs.extend(extra.map(|v| ("CONTROLLER_RECONCILE_SEC", v)));
+            controller_config(&env(&pairs))
+        };
+        assert_eq!(with(None).unwrap().reconcile, Some(Duration::from_secs(60)));
+        assert_eq!(with(Some("5")).unwrap().reconcile, Some(Duration::from_secs(5)));
+        assert_eq!(with(Some("0")).unwrap().reconcile, None);
+        for bad in ["-1", "soon", "86401"] {
+            let e = with(Some(bad)).unwrap_err();
+            assert!(e.0.iter().any(|p| p.var == "CONTROLLER_RECONCILE_SEC"), "{bad}: {e:?}");
+        }
     }
 
     #[test]
