@@ -17,7 +17,14 @@ the other: each waits for the job to complete and its container to be removed.
 Baseline, in the same run: the same image started by hand (`docker run -d` with GH_TOKEN and
 RUNNER_EPHEMERAL=true, so the supervisor mints its own JIT configuration), from the
 `docker run` call to the same assignment. API calls: every REST call the fake saw during the
-controller runs (control endpoints excluded), by endpoint. Prints Markdown.
+controller runs (control endpoints excluded), by endpoint.
+
+Reconcile path (issue #18), in the same run: a controller with `CONTROLLER_RECONCILE_SEC`
+(`--reconcile-sec`, default 5) whose `queued` delivery is dropped by the fake for every job,
+so the job is found only by the next listing; latency from the (lost) delivery to the same
+assignment. Idle cost: a controller with no job for `--idle-sec` seconds at a 1 s period;
+the REST calls the fake saw per reconcile pass, and per hour at the default 60 s period.
+Prints Markdown.
 """
 import argparse
 import collections
@@ -86,6 +93,88 @@ def assigned_at(gh, jid):
     j = b.wait_for("job %d assigned" % jid, 120, lambda: (lambda j: j if j["assigned_at"] else None)(get(gh, "/_fake/jobs/%d" % jid)),
                    interval=0.01)
     return j
+
+
+def controller_env(gh, name, port, state, max_runners, extra=None):
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin", "GH_TOKEN": "ghp_admin", "GH_REPOSITORY": "octo-org/octo-repo",
+        "GH_LABELS": "bench", "GH_SERVER_URL": gh.url, "GH_API_URL": gh.url + "/api/v3",
+        "WEBHOOK_SECRET": SECRET, "CONTROLLER_NAME": name, "CONTROLLER_ADDR": "127.0.0.1:%d" % port,
+        "CONTROLLER_STATE_DIR": state, "CONTROLLER_IMAGE": IMAGE, "CONTROLLER_NETWORK": "host",
+        "CONTROLLER_RUNNER_ENV": ",".join("%s=%s" % kv for kv in RUNNER_ENV.items()),
+        "CONTROLLER_POLL_MS": "200", "CONTROLLER_MAX_RUNNERS": str(max(max_runners, 1)),
+        "SECRETS_DIR": os.path.join(state, "none"), "RUST_LOG": "warn",
+    }
+    env.update(extra or {})
+    return env
+
+
+def metric(port, prefix):
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(prefix):
+                return float(line.rsplit(" ", 1)[1])
+    raise RuntimeError("no metric " + prefix)
+
+
+def reconcile_runs(gh, binary, runs, period):
+    """Every job's `queued` delivery lost: the job is found by the next reconcile pass."""
+    name = "bench-rec-%d" % os.getpid()
+    port = b.free_port()
+    state = tempfile.mkdtemp()
+    env = controller_env(gh, name, port, state, 1, {"CONTROLLER_RECONCILE_SEC": str(period)})
+    # Only this controller's webhook: a drop must hit its delivery, not an earlier phase's.
+    b.post(gh, "/_fake/reset", {})
+    b.post(gh, "/_fake/hooks", {"scope": "octo-org/octo-repo", "url": "http://127.0.0.1:%d/webhook" % port,
+                                "secret": SECRET})
+    p = subprocess.Popen([binary, "controller"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lat = []
+    try:
+        b.wait_for("the controller", 30, lambda: _up(port), interval=0.02)
+        for i in range(runs):
+            b.post(gh, "/_fake/deliveries/drop", {"count": 1, "action": "queued"})
+            jid = b.post(gh, "/_fake/jobs", {"scope": "octo-org/octo-repo", "labels": ["self-hosted", "bench"],
+                                             "name": "r%d" % i, "steps": "true"})["id"]
+            j = assigned_at(gh, jid)
+            sent = next(d["queued_at"] for d in get(gh, "/_fake/deliveries")
+                        if d["job_id"] == jid and d["action"] == "queued" and d["error"])
+            lat.append(epoch(j["assigned_at"]) - sent)
+            b.wait_for("job %d completed" % jid, 120, lambda: get(gh, "/_fake/jobs/%d" % jid)["status"] == "completed",
+                       interval=0.02)
+            b.wait_for("its container removed", 120, lambda: not containers(name), interval=0.05)
+        found = metric(port, 'ci_runner_controller_reconcile_jobs_found_total{pool="default"}')
+        queued = metric(port, 'ci_runner_controller_webhook_deliveries_total{outcome="queued"}')
+        assert queued == 0, "%d jobs came by webhook: not the reconcile path" % queued
+    finally:
+        b.kill_tree(p)
+        for c in containers(name):
+            subprocess.run(["docker", "rm", "-f", c], stdout=subprocess.DEVNULL)
+        shutil.rmtree(state, ignore_errors=True)
+    return lat, found
+
+
+def idle_cost(gh, binary, seconds):
+    """REST calls of an idle controller's reconciliation, at a 1 s period, per pass."""
+    name = "bench-idle-%d" % os.getpid()
+    port = b.free_port()
+    state = tempfile.mkdtemp()
+    env = controller_env(gh, name, port, state, 1, {"CONTROLLER_RECONCILE_SEC": "1"})
+    p = subprocess.Popen([binary, "controller"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    passes = 'ci_runner_controller_reconcile_passes_total{pool="default"}'
+    try:
+        b.wait_for("the controller", 30, lambda: _up(port), interval=0.02)
+        b.wait_for("a first pass", 30, lambda: metric(port, passes) >= 1, interval=0.05)
+        b.post(gh, "/_fake/requests/clear", {})
+        p0 = metric(port, passes)
+        time.sleep(seconds)
+        p1 = metric(port, passes)
+        calls = collections.Counter("%s %s" % (r["method"], endpoint(r["path"]))
+                                    for r in get(gh, "/_fake/requests") if "/_fake/" not in r["path"])
+        counted = metric(port, 'ci_runner_controller_reconcile_api_calls_total{pool="default"}')
+    finally:
+        b.kill_tree(p)
+        shutil.rmtree(state, ignore_errors=True)
+    return calls, p1 - p0, counted
 
 
 def controller_runs(gh, binary, runs, burst):
@@ -175,6 +264,8 @@ def main():
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--burst", type=int, default=5, help="then this many jobs queued at once (0: none)")
     ap.add_argument("--bin", default=os.environ.get("CI_RUNNER_BIN", b.BIN))
+    ap.add_argument("--reconcile-sec", type=int, default=5, help="the reconcile path's CONTROLLER_RECONCILE_SEC")
+    ap.add_argument("--idle-sec", type=int, default=30, help="how long the idle controller is watched")
     args = ap.parse_args()
     build_image(args.bin)
     gh = b.FakeGithub()
@@ -182,6 +273,8 @@ def main():
         # The fake's default 1 s cool-down between a runner's jobs does not apply: each runner is new.
         lat, calls, left, blat = controller_runs(gh, args.bin, args.runs, args.burst)
         base = baseline_runs(gh, args.runs)
+        rlat, found = reconcile_runs(gh, args.bin, args.runs, args.reconcile_sec)
+        icalls, ipasses, icounted = idle_cost(gh, args.bin, args.idle_sec)
     finally:
         gh.close()
     total = sum(calls.values())
@@ -204,6 +297,22 @@ def main():
     print()
     print("GitHub API calls during the %d controller runs: %d (%.2f per job): %s. Runners left registered: %d."
           % (args.runs, total, total / args.runs, ", ".join("%s ×%d" % kv for kv in sorted(calls.items())), len(left)))
+    print()
+    print("| Path (issue #18) | Median | Min | Max |")
+    print("|---|---|---|---|")
+    print("| webhook sent → job assigned (as above) | %.3f s | %.3f s | %.3f s |" % (med, min(lat), max(lat)))
+    print("| delivery lost → job assigned, found by reconciliation (`CONTROLLER_RECONCILE_SEC=%d`) | %.3f s | %.3f s | %.3f s |"
+          % (args.reconcile_sec, statistics.median(rlat), min(rlat), max(rlat)))
+    print()
+    print("Reconcile path: %d jobs found by reconciliation for %d lost deliveries. All runs (s): %s."
+          % (found, args.runs, ", ".join("%.3f" % x for x in rlat)))
+    itotal = sum(icalls.values())
+    per_pass = itotal / ipasses if ipasses else float("nan")
+    print()
+    print("Idle controller, %d s at a 1 s period: %d reconcile passes, %d REST calls seen by the fake (%s; the "
+          "controller counted %d since its start), %.2f per pass: **%.0f calls an hour per repository** at the "
+          "default 60 s period." % (args.idle_sec, ipasses, itotal, ", ".join("%s ×%d" % kv for kv in sorted(icalls.items())),
+                                    icounted, per_pass, per_pass * 60))
 
 
 if __name__ == "__main__":

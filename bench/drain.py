@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -86,8 +87,9 @@ def main():
     args = ap.parse_args()
     gh = bench.FakeGithub()
     call(gh, "POST", "/_fake/config", {"assign_cooldown_ms": 0, "assign_on_complete": True})
-    scratch = os.path.join(gh.dir, "scratch")
-    os.makedirs(scratch)
+    # The jobs run as the runner user: a scratch dir they can write.
+    scratch = tempfile.mkdtemp(prefix="drain-bench-")
+    os.chmod(scratch, 0o1777)
     results, lock, counter = [], threading.Lock(), iter(range(args.drains))
     t0 = time.monotonic()
 
@@ -97,7 +99,10 @@ def main():
                 n = next(counter, None)
             if n is None:
                 return
-            r = one_drain(gh, args.bin, n, scratch)
+            try:
+                r = one_drain(gh, args.bin, n, scratch)
+            except BaseException as e:  # noqa: BLE001 - a drain that went wrong is a result too
+                r = {"rc": "error: %s" % e, "cancelled": 0, "taken": 0, "first_ok": False, "left": True, "calls": 0}
             with lock:
                 results.append(r)
                 if len(results) % 100 == 0:
@@ -111,6 +116,9 @@ def main():
         t.join()
     took = time.monotonic() - t0
     gh.close()
+    shutil.rmtree(scratch, ignore_errors=True)
+    if not results:
+        raise SystemExit("no drain completed")
     n = len(results)
     cancelled = sum(r["cancelled"] for r in results)
     rcs = {}

@@ -201,6 +201,8 @@ pub struct Config {
     /// `None` when the supervisor is not root: everything then runs as the current user.
     pub runner_user: Option<RunnerUser>,
     pub drain_timeout: Duration,
+    /// `RUNNER_STOP_GRACE_SEC`: how long a Listener told to stop may take before it is killed.
+    pub stop_grace: Duration,
     pub shutdown_delay: Duration,
     pub status_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
@@ -239,7 +241,17 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// `SECRETS_DIR`: where secret files were read from; kept from the runner user (secrets.rs).
     pub secrets_dir: PathBuf,
+    /// `CI_RUNNER_TEST_PANIC=<n>[:busy]`, test-only and in debug builds only: the n-th runner
+    /// of `RUNNER_COUNT` panics in its task once registered (or once busy with a job), so the
+    /// tests can check the panic path (de-registered, exit 1). Release builds neither read nor
+    /// have it.
+    #[cfg(debug_assertions)]
+    pub test_panic_runner: Option<(u32, bool)>,
 }
+
+/// The test-only variable of [`Config::test_panic_runner`] (debug builds only).
+#[cfg(debug_assertions)]
+pub const TEST_PANIC_VAR: &str = "CI_RUNNER_TEST_PANIC";
 
 /// The admin API's address and bearer token.
 #[derive(Debug, Clone)]
@@ -374,23 +386,61 @@ struct Collector<'a> {
     env: &'a dyn EnvSource,
     problems: Vec<Problem>,
     secrets_dir: PathBuf,
+    /// Variables refused as a whole (a control character, too long): reported once, and no
+    /// further complaint about them, which would only repeat it.
+    refused: Vec<&'static str>,
+}
+
+/// Variables whose value is never shown in a problem: the secrets, and the controller's
+/// webhook secret and runner environment (which may carry one).
+fn hidden(var: &str) -> bool {
+    SECRET_VARS.contains(&var) || matches!(var, "WEBHOOK_SECRET" | "CONTROLLER_RUNNER_ENV")
 }
 
 impl<'a> Collector<'a> {
     /// Secrets are read from `SECRETS_DIR` (default `/run/secrets`) when their variable is unset.
     fn new(env: &'a dyn EnvSource) -> Self {
-        let secrets_dir =
-            env.get("SECRETS_DIR").filter(|d| !d.trim().is_empty()).unwrap_or_else(|| DEFAULT_SECRETS_DIR.into());
-        Collector { env, problems: Vec::new(), secrets_dir: PathBuf::from(secrets_dir) }
+        let mut c = Collector::bare(env);
+        if let Some(dir) = c.get("SECRETS_DIR") {
+            c.secrets_dir = PathBuf::from(dir);
+        }
+        c
+    }
+
+    /// A collector for commands that read no secret.
+    fn bare(env: &'a dyn EnvSource) -> Self {
+        Collector { env, problems: Vec::new(), secrets_dir: PathBuf::from(DEFAULT_SECRETS_DIR), refused: Vec::new() }
     }
 
     /// A secret from its variable, or else from the file `<SECRETS_DIR>/<NAME>` (Docker and
-    /// compose secrets), read once here and trimmed.
-    fn secret(&self, var: &'static str) -> Option<String> {
-        self.get(var).or_else(|| {
+    /// compose secrets), read once here and trimmed; checked as every value is, never shown.
+    fn secret(&mut self, var: &'static str) -> Option<String> {
+        let value = self.raw(var).or_else(|| {
             let text = std::fs::read_to_string(self.secrets_dir.join(var)).ok()?;
             Some(text.trim().to_string()).filter(|t| !t.is_empty())
-        })
+        })?;
+        self.check(var, &value, true);
+        Some(value)
+    }
+
+    /// Refuses `value` of `var` as a whole when it is too long or holds a control character
+    /// ([`limits::refused`]); once per variable.
+    fn check(&mut self, var: &'static str, value: &str, secret: bool) {
+        if self.refused.contains(&var) {
+            return;
+        }
+        if let Some(expected) = limits::refused(var, value) {
+            let shown = (!secret && value.len() <= 256).then_some(value);
+            self.bad(var, shown, expected);
+            self.refused.push(var);
+        }
+    }
+
+    /// A token (a PAT, a registration token, a JIT configuration): one word.
+    fn token(&mut self, var: &'static str, value: &str) {
+        if value.chars().any(char::is_whitespace) {
+            self.bad(var, None, "a token without spaces or line breaks");
+        }
     }
 
     /// `GH_TOKEN` (a PAT), `GH_RUNNER_TOKEN` (a registration token) or a GitHub App
@@ -411,6 +461,12 @@ impl<'a> Collector<'a> {
                     self.bad("GH_APP_ID", None, format!("the GitHub App's id (a number), to go with {var}"));
                 }
             }
+        }
+        if let Some(p) = &pat {
+            self.token("GH_TOKEN", p);
+        }
+        if let Some(r) = &reg {
+            self.token("GH_RUNNER_TOKEN", r);
         }
         match (pat, reg, app_id) {
             (Some(p), None, None) => Some(Credentials::Pat(Secret::new(p))),
@@ -478,11 +534,22 @@ impl<'a> Collector<'a> {
     }
 
     /// A non-empty value, trimmed; empty counts as unset (as in the original image's `${X:=}`).
-    fn get(&self, var: &'static str) -> Option<String> {
+    /// Every value is checked for control characters and length here ([`Collector::check`]).
+    fn get(&mut self, var: &'static str) -> Option<String> {
+        let value = self.raw(var)?;
+        self.check(var, &value, hidden(var));
+        Some(value)
+    }
+
+    /// [`Collector::get`] without the check, for [`Collector::secret`], which checks its own.
+    fn raw(&self, var: &'static str) -> Option<String> {
         self.env.get(var).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
     }
 
     fn bad(&mut self, var: &'static str, value: Option<&str>, expected: impl Into<String>) {
+        if self.refused.contains(&var) {
+            return;
+        }
         self.problems.push(Problem { var, value: value.map(str::to_string), expected: expected.into() });
     }
 
@@ -517,14 +584,9 @@ impl<'a> Collector<'a> {
         (log_format, log_filter)
     }
 
-    /// Whole seconds, at least 1.
-    fn positive_seconds(&mut self, var: &'static str, default: u64) -> Duration {
-        let d = self.seconds(var, default);
-        if d.is_zero() {
-            self.bad(var, Some("0"), "a whole number of seconds, at least 1");
-            return Duration::from_secs(default);
-        }
-        d
+    /// Whole seconds from 1 to `max`.
+    fn positive_seconds(&mut self, var: &'static str, default: u64, max: u64) -> Duration {
+        self.seconds_in(var, default, 1, max)
     }
 
     /// `RUNNER_USER` (default `guest`) when the supervisor is root; `None` otherwise, as
@@ -541,16 +603,24 @@ impl<'a> Collector<'a> {
         user
     }
 
-    fn seconds(&mut self, var: &'static str, default: u64) -> Duration {
-        match self.get(var) {
-            None => Duration::from_secs(default),
-            Some(v) => match v.parse::<u64>() {
-                Ok(n) => Duration::from_secs(n),
-                Err(_) => {
-                    self.bad(var, Some(&v), "a whole number of seconds, e.g. 600");
-                    Duration::from_secs(default)
-                }
-            },
+    /// Whole seconds from 0 to `max`.
+    fn seconds(&mut self, var: &'static str, default: u64, max: u64) -> Duration {
+        self.seconds_in(var, default, 0, max)
+    }
+
+    /// Whole seconds from `min` to `max`: every duration from the environment is bounded here,
+    /// so that no deadline computed from one can overflow. A value outside is named with the
+    /// range, and the default is used meanwhile (the start fails anyway).
+    fn seconds_in(&mut self, var: &'static str, default: u64, min: u64, max: u64) -> Duration {
+        let Some(v) = self.get(var) else { return Duration::from_secs(default) };
+        match v.parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Duration::from_secs(n),
+            _ => {
+                let expected =
+                    format!("a whole number of seconds from {min} to {max} ({})", limits::human_seconds(max));
+                self.bad(var, Some(&v), expected);
+                Duration::from_secs(default)
+            }
         }
     }
 }
@@ -628,9 +698,18 @@ pub fn default_api_url(server_url: &str) -> String {
     }
 }
 
+/// A GitHub server or API URL: [`limits::http_url`], and no query or fragment, as paths are
+/// appended to it.
+fn github_url(s: &str) -> Result<reqwest::Url, String> {
+    let url = limits::http_url(s)?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("no ?query or #fragment".into());
+    }
+    Ok(url)
+}
+
 fn valid_http_url(s: &str) -> bool {
-    let Some((scheme, rest)) = s.split_once("://") else { return false };
-    matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.starts_with('/')
+    limits::http_url(s).is_ok()
 }
 
 impl Config {
@@ -660,7 +739,7 @@ impl Config {
                 c.bad(
                     "GH_LABELS",
                     Some(&raw),
-                    "comma-separated labels of at most 256 characters each, e.g. linux,docker",
+                    "comma-separated labels of at most 256 characters each, without control characters, e.g. linux,docker",
                 );
                 Vec::new()
             }),
@@ -711,8 +790,13 @@ impl Config {
 
         let runner_user = c.runner_user(host);
 
-        let drain_timeout = c.seconds("DRAIN_TIMEOUT_SEC", DEFAULT_DRAIN_TIMEOUT_SEC);
-        let shutdown_delay = c.seconds("DEBUG_SHUTDOWN_DELAY_SEC", 0);
+        let drain_timeout = c.seconds("DRAIN_TIMEOUT_SEC", DEFAULT_DRAIN_TIMEOUT_SEC, limits::MAX_DRAIN_TIMEOUT_SEC);
+        let stop_grace = c.positive_seconds(
+            "RUNNER_STOP_GRACE_SEC",
+            crate::supervisor::STOP_GRACE.as_secs(),
+            limits::MAX_STOP_GRACE_SEC,
+        );
+        let shutdown_delay = c.seconds("DEBUG_SHUTDOWN_DELAY_SEC", 0, limits::MAX_SHUTDOWN_DELAY_SEC);
 
         let status_addr = match status_addr(env) {
             Ok(a) => a,
@@ -725,7 +809,9 @@ impl Config {
         let (log_format, log_filter) = c.log_settings();
 
         let lock_dir = PathBuf::from(c.get("RUNNER_LOCK_DIR").unwrap_or_else(|| DEFAULT_LOCK_DIR.to_string()));
-        let lock_timeout = c.get("RUNNER_LOCK_TIMEOUT_SEC").map(|_| c.seconds("RUNNER_LOCK_TIMEOUT_SEC", 0));
+        let lock_timeout = c
+            .get("RUNNER_LOCK_TIMEOUT_SEC")
+            .map(|_| c.seconds("RUNNER_LOCK_TIMEOUT_SEC", 0, limits::MAX_LOCK_TIMEOUT_SEC));
         let instance_labels = match (c.get("RUNNER_INSTANCE_LABELS"), c.get("RUNNER_INSTANCE")) {
             (None, None) => None,
             (None, Some(_)) => {
@@ -763,6 +849,7 @@ impl Config {
         let guest_hooks_dir = PathBuf::from(c.get("GUEST_HOOKS_DIR").unwrap_or_else(|| "/home/guest".into()));
 
         let runner_env = runner_env(env);
+        job_hooks(&mut c);
         let prewarm = prewarm_settings(&mut c, scope.as_ref(), &runner_dir, &work_dir, runner_user.as_ref());
         let forwards = forward_settings(env).unwrap_or_else(|p| {
             c.problems.extend(p);
@@ -799,6 +886,16 @@ impl Config {
             }
         }
 
+        #[cfg(debug_assertions)]
+        let test_panic_runner = c.get(TEST_PANIC_VAR).map(|v| {
+            let (n, busy) = v.strip_suffix(":busy").map_or((v.as_str(), false), |n| (n, true));
+            let n = n.parse::<u32>().ok().filter(|n| *n >= 1).unwrap_or_else(|| {
+                c.bad(TEST_PANIC_VAR, Some(&v), "test-only: <n>[:busy], the runner (from 1) whose task panics");
+                0
+            });
+            (n, busy)
+        });
+
         if !c.problems.is_empty() {
             return Err(ConfigError(c.problems));
         }
@@ -823,6 +920,7 @@ impl Config {
             runner_dir,
             runner_user,
             drain_timeout,
+            stop_grace,
             shutdown_delay,
             status_addr,
             log_format,
@@ -843,6 +941,8 @@ impl Config {
             admin,
             state_dir,
             secrets_dir: c.secrets_dir.clone(),
+            #[cfg(debug_assertions)]
+            test_panic_runner,
         })
     }
 
@@ -919,6 +1019,18 @@ fn runner_env(env: &dyn EnvSource) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The runner's own job hooks (`ACTIONS_RUNNER_HOOK_JOB_STARTED`/`_COMPLETED`): the runner
+/// runs an absolute path to a `.sh` script with `bash --noprofile --norc -e -o pipefail` (its
+/// `.ps1` needs PowerShell, which this image has not); anything else would fail every job.
+fn job_hooks(c: &mut Collector<'_>) {
+    for var in ["ACTIONS_RUNNER_HOOK_JOB_STARTED", "ACTIONS_RUNNER_HOOK_JOB_COMPLETED"] {
+        let Some(v) = c.get(var).filter(|v| !v.is_empty()) else { continue };
+        if !v.starts_with('/') || !v.ends_with(".sh") {
+            c.bad(var, Some(&v), "an absolute path to a .sh script (the runner runs it with bash)");
+        }
+    }
+}
+
 /// `RUNNER_COUNT`, `RUNNER_ROOTS_DIR`, `ADMIN_TOKEN` with `ADMIN_ADDR`, and `STATE_DIR`.
 fn several_runners(
     c: &mut Collector<'_>,
@@ -987,23 +1099,27 @@ fn several_runners(
 /// An `http://` or `https://` URL, or a problem.
 fn url_var(c: &mut Collector<'_>, var: &'static str) -> Option<String> {
     let v = c.get(var)?;
-    if reqwest::Url::parse(&v).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
-        Some(v.trim_end_matches('/').to_string())
-    } else {
-        c.bad(var, Some(&v), "an http:// or https:// URL");
-        None
+    match limits::http_url(&v) {
+        Ok(_) => Some(v.trim_end_matches('/').to_string()),
+        Err(why) => {
+            c.bad(var, Some(&v), format!("an http:// or https:// URL: {why}"));
+            None
+        }
     }
 }
 
 /// The AWS standard chain's variables, CloudWatch's, the ECS agent's and the spot watch's.
 fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> AutoscaleSettings {
     use crate::aws::{AwsSettings, Credentials as AwsCredentials, DEFAULT_IMDS_URL, ECS_CREDENTIALS_HOST};
-    let region = c.get("AWS_REGION").or_else(|| c.get("AWS_DEFAULT_REGION"));
-    if let Some(r) = &region {
-        if !r.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-') {
-            let r = r.clone();
-            c.bad("AWS_REGION", Some(&r), "an AWS region, e.g. us-east-1");
+    // Each is checked and named as set: AWS_DEFAULT_REGION is the one many images set.
+    let mut region = None;
+    for var in ["AWS_REGION", "AWS_DEFAULT_REGION"] {
+        let Some(r) = c.get(var) else { continue };
+        if !limits::valid_region(&r) {
+            let max = limits::MAX_REGION_LEN;
+            c.bad(var, Some(&r), format!("an AWS region of at most {max} characters of a-z 0-9 -, e.g. us-east-1"));
         }
+        region = region.or(Some(r));
     }
     let static_credentials = match (c.get("AWS_ACCESS_KEY_ID"), c.secret("AWS_SECRET_ACCESS_KEY")) {
         (Some(id), Some(secret)) => Some(AwsCredentials {
@@ -1039,6 +1155,7 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
         .get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
         .and_then(|f| std::fs::read_to_string(f).ok())
         .map(|t| t.trim().to_string())
+        .inspect(|t| c.check("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", t, true))
         .or_else(|| c.secret("AWS_CONTAINER_AUTHORIZATION_TOKEN"))
         .map(Secret::new);
     let ecs_metadata_url = url_var(c, "ECS_CONTAINER_METADATA_URI_V4");
@@ -1081,7 +1198,11 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
             None => Vec::new(),
         },
     };
-    let heartbeat = c.positive_seconds("CLOUDWATCH_HEARTBEAT_SEC", DEFAULT_CLOUDWATCH_HEARTBEAT_SEC);
+    let heartbeat = c.positive_seconds(
+        "CLOUDWATCH_HEARTBEAT_SEC",
+        DEFAULT_CLOUDWATCH_HEARTBEAT_SEC,
+        limits::MAX_CLOUDWATCH_HEARTBEAT_SEC,
+    );
     let storage_resolution = match c.get("CLOUDWATCH_STORAGE_RESOLUTION").as_deref() {
         None | Some("1") => 1,
         Some("60") => 60,
@@ -1103,7 +1224,7 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
         },
     };
     let spot_watch = c.bool("SPOT_WATCH", true);
-    let spot_poll = c.positive_seconds("SPOT_POLL_SEC", DEFAULT_SPOT_POLL_SEC);
+    let spot_poll = c.positive_seconds("SPOT_POLL_SEC", DEFAULT_SPOT_POLL_SEC, limits::MAX_SPOT_POLL_SEC);
     AutoscaleSettings {
         aws: AwsSettings {
             region,
@@ -1153,9 +1274,18 @@ fn prewarm_settings(
 ) -> Option<crate::prewarm::Settings> {
     use crate::prewarm::{Settings, StorageHost};
     let raw = c.get("CI_STORAGE_HOST")?;
-    let host = StorageHost::parse(&raw);
+    let host = StorageHost::parse(&raw)
+        .filter(|h| limits::valid_host(&h.host) && h.user.as_deref().is_none_or(limits::valid_ssh_user));
     if host.is_none() {
-        c.bad("CI_STORAGE_HOST", Some(&raw), "[user@]host[:port], e.g. 127.0.0.1:10022 or guest@storage");
+        let shown = (raw.len() <= 512).then_some(raw.as_str());
+        c.bad(
+            "CI_STORAGE_HOST",
+            shown,
+            format!(
+                "[user@]host[:port], e.g. 127.0.0.1:10022 or guest@storage: a host name of at most {} characters or an IP address, a port from 1 to 65535, a user of A-Z a-z 0-9 . _ -",
+                limits::MAX_HOSTNAME_LEN
+            ),
+        );
     }
     let key = c.secret("CI_STORAGE_PRIVATE_KEY");
     if key.is_none() {
@@ -1180,19 +1310,19 @@ fn prewarm_settings(
     if !root.starts_with('/') && !root.starts_with("~/") {
         c.bad("CI_STORAGE_DIR", Some(&root), "an absolute directory on the storage host, e.g. /mnt");
     }
-    let max_age = c.seconds("CI_STORAGE_MAX_AGE_SEC", DEFAULT_STORAGE_MAX_AGE_SEC);
-    let timeout = c.seconds("CI_STORAGE_TIMEOUT_SEC", DEFAULT_STORAGE_TIMEOUT_SEC);
-    let connect_timeout = c.seconds("CI_STORAGE_CONNECT_TIMEOUT_SEC", DEFAULT_STORAGE_CONNECT_TIMEOUT_SEC);
-    let stall_timeout = c.seconds("CI_STORAGE_STALL_TIMEOUT_SEC", DEFAULT_STORAGE_STALL_TIMEOUT_SEC);
-    for (var, d) in [
-        ("CI_STORAGE_TIMEOUT_SEC", timeout),
-        ("CI_STORAGE_CONNECT_TIMEOUT_SEC", connect_timeout),
-        ("CI_STORAGE_STALL_TIMEOUT_SEC", stall_timeout),
-    ] {
-        if d.is_zero() {
-            c.bad(var, Some("0"), "a whole number of seconds above 0");
-        }
-    }
+    let max_age = c.seconds("CI_STORAGE_MAX_AGE_SEC", DEFAULT_STORAGE_MAX_AGE_SEC, limits::MAX_STORAGE_MAX_AGE_SEC);
+    let timeout =
+        c.positive_seconds("CI_STORAGE_TIMEOUT_SEC", DEFAULT_STORAGE_TIMEOUT_SEC, limits::MAX_STORAGE_TIMEOUT_SEC);
+    let connect_timeout = c.positive_seconds(
+        "CI_STORAGE_CONNECT_TIMEOUT_SEC",
+        DEFAULT_STORAGE_CONNECT_TIMEOUT_SEC,
+        limits::MAX_STORAGE_WAIT_SEC,
+    );
+    let stall_timeout = c.positive_seconds(
+        "CI_STORAGE_STALL_TIMEOUT_SEC",
+        DEFAULT_STORAGE_STALL_TIMEOUT_SEC,
+        limits::MAX_STORAGE_WAIT_SEC,
+    );
     let known_hosts = match c.get("CI_STORAGE_KNOWN_HOSTS") {
         Some(p) => {
             let p = PathBuf::from(p);
@@ -1308,12 +1438,16 @@ pub fn status_addr(env: &dyn EnvSource) -> Result<Option<SocketAddr>, Problem> {
 fn sweep_setting(c: &mut Collector<'_>, credentials: Option<&Credentials>, name: &RunnerName) -> Option<Duration> {
     let raw = c.get("RUNNER_SWEEP_OFFLINE_SEC")?;
     let secs = match raw.parse::<u64>() {
-        Ok(n) if n >= MIN_SWEEP_OFFLINE_SEC => n,
+        Ok(n) if (MIN_SWEEP_OFFLINE_SEC..=limits::MAX_SWEEP_OFFLINE_SEC).contains(&n) => n,
         _ => {
+            let max = limits::MAX_SWEEP_OFFLINE_SEC;
             c.bad(
                 "RUNNER_SWEEP_OFFLINE_SEC",
                 Some(&raw),
-                format!("a whole number of seconds, at least {MIN_SWEEP_OFFLINE_SEC}, e.g. 86400 (unset: no sweep)"),
+                format!(
+                    "a whole number of seconds, at least {MIN_SWEEP_OFFLINE_SEC} and at most {max} ({}), e.g. 86400 (unset: no sweep)",
+                    limits::human_seconds(max)
+                ),
             );
             return None;
         }
@@ -1457,23 +1591,30 @@ impl Collector<'_> {
         }
     }
 
-    /// `GH_SERVER_URL` and `GH_API_URL`, the latter by default derived from the former.
+    /// `GH_SERVER_URL` and `GH_API_URL`, the latter by default derived from the former (and
+    /// then only the former is named when it is bad).
     fn urls(&mut self) -> (String, String) {
         let server_url = strip_slash(&self.get("GH_SERVER_URL").unwrap_or_else(|| "https://github.com".to_string()));
-        if !valid_http_url(&server_url) {
-            self.bad("GH_SERVER_URL", Some(&server_url), "an http(s) URL, e.g. https://github.com");
+        if let Err(why) = github_url(&server_url) {
+            self.bad("GH_SERVER_URL", Some(&server_url), format!("an http(s) URL, e.g. https://github.com: {why}"));
         }
-        let api_url = strip_slash(&self.get("GH_API_URL").unwrap_or_else(|| default_api_url(&server_url)));
-        if !valid_http_url(&api_url) {
-            self.bad("GH_API_URL", Some(&api_url), "an http(s) URL, e.g. https://api.github.com");
-        }
+        let api_url = match self.get("GH_API_URL") {
+            Some(api) => {
+                let api = strip_slash(&api);
+                if let Err(why) = github_url(&api) {
+                    self.bad("GH_API_URL", Some(&api), format!("an http(s) URL, e.g. https://api.github.com: {why}"));
+                }
+                api
+            }
+            None => strip_slash(&default_api_url(&server_url)),
+        };
         (server_url, api_url)
     }
 }
 
 /// `LOG_FORMAT` and `RUST_LOG`, for commands that need no other configuration.
 pub fn log_settings(env: &dyn EnvSource) -> Result<(LogFormat, String), Vec<Problem>> {
-    let mut c = Collector { env, problems: Vec::new(), secrets_dir: PathBuf::new() };
+    let mut c = Collector::bare(env);
     let settings = c.log_settings();
     if c.problems.is_empty() {
         Ok(settings)
@@ -1486,7 +1627,7 @@ pub fn log_settings(env: &dyn EnvSource) -> Result<(LogFormat, String), Vec<Prob
 /// `FORWARD_BIND`, `FORWARD_CONNECT_TIMEOUT_SEC` and `FORWARD_UDP_IDLE_SEC`. Every variable is
 /// checked even when forwarding is off.
 pub fn forward_settings(env: &dyn EnvSource) -> Result<Option<(Vec<Forward>, ForwardOptions)>, Vec<Problem>> {
-    let mut c = Collector { env, problems: Vec::new(), secrets_dir: PathBuf::new() };
+    let mut c = Collector::bare(env);
     let hosts = c.get("FORWARD_HOST").unwrap_or_default();
     let ports = c.get("FORWARD_PORTS").unwrap_or_default();
     let forwards = crate::forward::parse(&hosts, &ports).unwrap_or_else(|p| {
@@ -1501,9 +1642,16 @@ pub fn forward_settings(env: &dyn EnvSource) -> Result<Option<(Vec<Forward>, For
             defaults.bind
         }),
     };
-    let connect_timeout =
-        c.positive_seconds("FORWARD_CONNECT_TIMEOUT_SEC", crate::forward::DEFAULT_CONNECT_TIMEOUT.as_secs());
-    let udp_idle = c.positive_seconds("FORWARD_UDP_IDLE_SEC", crate::forward::DEFAULT_UDP_IDLE.as_secs());
+    let connect_timeout = c.positive_seconds(
+        "FORWARD_CONNECT_TIMEOUT_SEC",
+        crate::forward::DEFAULT_CONNECT_TIMEOUT.as_secs(),
+        limits::MAX_FORWARD_CONNECT_TIMEOUT_SEC,
+    );
+    let udp_idle = c.positive_seconds(
+        "FORWARD_UDP_IDLE_SEC",
+        crate::forward::DEFAULT_UDP_IDLE.as_secs(),
+        limits::MAX_FORWARD_UDP_IDLE_SEC,
+    );
     if !c.problems.is_empty() {
         return Err(c.problems);
     }
@@ -1518,6 +1666,7 @@ pub fn runner_dir_has_scripts(dir: &std::path::Path) -> bool {
 /// `RUNNER_JITCONFIG` (issue #9): alone, as no other credential may come with it.
 impl Collector<'_> {
     fn jit_credentials(&mut self, jit: String) -> Option<Credentials> {
+        self.token("RUNNER_JITCONFIG", &jit);
         for var in ["GH_TOKEN", "GH_RUNNER_TOKEN", "GH_APP_ID"] {
             if self.get(var).is_some() {
                 self.bad(
@@ -1539,6 +1688,7 @@ impl Collector<'_> {
 }
 
 mod controller;
+pub mod limits;
 pub use controller::*;
 
 #[cfg(test)]
@@ -2111,5 +2261,176 @@ c2VjcmV0LWJ5dGVz
         )
         .unwrap_err();
         assert_eq!(vars_of(&e), vec!["CI_STORAGE_HOST"]);
+    }
+
+    /// One malformed value: set over [`GOOD`] (less `without`), it must fail the start naming
+    /// exactly `var`; a secret's value must never be shown.
+    struct Malformed {
+        var: &'static str,
+        value: String,
+        extra: &'static [(&'static str, &'static str)],
+        without: &'static [&'static str],
+        secret: bool,
+        /// Part of the message, e.g. the allowed range.
+        says: &'static str,
+    }
+
+    fn bad(var: &'static str, value: impl Into<String>, says: &'static str) -> Malformed {
+        Malformed { var, value: value.into(), extra: &[], without: &[], secret: false, says }
+    }
+
+    const STORAGE: &[(&str, &str)] = &[("CI_STORAGE_HOST", "127.0.0.1:10022"), ("CI_STORAGE_PRIVATE_KEY", "k")];
+
+    #[test]
+    fn malformed_values_are_refused_each_named_with_its_variable() {
+        let huge = "10000000000000000000";
+        let storage = |m: Malformed| Malformed { extra: STORAGE, ..m };
+        let secret = |m: Malformed| Malformed { secret: true, ..m };
+        let cases = [
+            // Durations: each bounded, the message giving the value and the range.
+            bad("ACTIONS_RUNNER_HOOK_JOB_STARTED", "hooks/started.sh", "an absolute path to a .sh script"),
+            bad("ACTIONS_RUNNER_HOOK_JOB_COMPLETED", "/hooks/done.ps1", "an absolute path to a .sh script"),
+            bad("DRAIN_TIMEOUT_SEC", huge, "from 0 to 432000 (5 days)"),
+            bad("DRAIN_TIMEOUT_SEC", "432001", "from 0 to 432000"),
+            bad("DRAIN_TIMEOUT_SEC", "99999999999999999999999", "from 0 to 432000"),
+            bad("DRAIN_TIMEOUT_SEC", "-1", "whole number of seconds"),
+            bad("DEBUG_SHUTDOWN_DELAY_SEC", "3601", "from 0 to 3600 (1 hour)"),
+            bad("RUNNER_STOP_GRACE_SEC", "0", "from 1 to 3600 (1 hour)"),
+            bad("RUNNER_STOP_GRACE_SEC", huge, "from 1 to 3600"),
+            bad("RUNNER_LOCK_TIMEOUT_SEC", huge, "from 0 to 604800 (7 days)"),
+            bad("RUNNER_SWEEP_OFFLINE_SEC", "31536001", "at most 31536000 (365 days)"),
+            bad("CLOUDWATCH_HEARTBEAT_SEC", "86401", "from 1 to 86400 (1 day)"),
+            bad("SPOT_POLL_SEC", huge, "from 1 to 600"),
+            bad("FORWARD_CONNECT_TIMEOUT_SEC", "3601", "from 1 to 3600"),
+            bad("FORWARD_UDP_IDLE_SEC", huge, "from 1 to 86400"),
+            storage(bad("CI_STORAGE_TIMEOUT_SEC", huge, "from 1 to 86400 (1 day)")),
+            storage(bad("CI_STORAGE_TIMEOUT_SEC", "0", "from 1 to 86400")),
+            storage(bad("CI_STORAGE_CONNECT_TIMEOUT_SEC", "3601", "from 1 to 3600")),
+            storage(bad("CI_STORAGE_STALL_TIMEOUT_SEC", huge, "from 1 to 3600")),
+            storage(bad("CI_STORAGE_MAX_AGE_SEC", "2592001", "from 0 to 2592000 (30 days)")),
+            // URLs: parsed, with a valid port, no control characters, no credentials.
+            bad("GH_SERVER_URL", "https://github.com:99999", "invalid port"),
+            bad("GH_SERVER_URL", "https://git\nhub.com", "control characters"),
+            bad("GH_SERVER_URL", "https://user:pw@ghes.example", "no user or password"),
+            bad("GH_SERVER_URL", "https://ghes.example:0", "a port from 1 to 65535"),
+            bad("GH_API_URL", "http://127.0.0.1:99999/api/v3", "invalid port"),
+            bad("GH_API_URL", "https://api.github.com/x\ny", "control characters"),
+            bad("GH_API_URL", "https://api.github.com/?per_page=1", "no ?query"),
+            bad("ECS_AGENT_URI", "http://127.0.0.1:70000", "invalid port"),
+            bad("AWS_ENDPOINT_URL_CLOUDWATCH", "http://cw\t.local", "control characters"),
+            // Tokens and secrets: refused, never shown.
+            secret(Malformed { without: &["GH_TOKEN"], ..bad("GH_TOKEN", "ghp_abc\ndef", "control characters") }),
+            secret(Malformed { without: &["GH_TOKEN"], ..bad("GH_TOKEN", "ghp_abc def", "without spaces") }),
+            secret(Malformed {
+                without: &["GH_TOKEN"],
+                ..bad("GH_RUNNER_TOKEN", "AABB\u{1b}CC", "control characters")
+            }),
+            secret(bad("ADMIN_TOKEN", "0123456789abcdef\n0123", "control characters")),
+            secret(Malformed {
+                extra: &[("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")],
+                ..bad("AWS_SECRET_ACCESS_KEY", "wJalr\nXUtnFEMI", "control characters")
+            }),
+            // Labels, hosts, names and paths.
+            bad("GH_LABELS", "linux,do\ncker", "control characters"),
+            bad("GH_LABELS", format!("linux,{}", "l".repeat(257)), "at most 256"),
+            bad("RUNNER_INSTANCE_LABELS", "1:board,phy\ntiumpi", "control characters"),
+            storage(bad("CI_STORAGE_HOST", "host:notaport", "at most 253")),
+            storage(bad("CI_STORAGE_HOST", "h".repeat(70_000), "at most 32768 bytes")),
+            storage(bad("CI_STORAGE_HOST", format!("{}.com", "h".repeat(300)), "at most 253")),
+            storage(bad("CI_STORAGE_HOST", "guest@storage:99999", "a port from 1 to 65535")),
+            storage(bad("CI_STORAGE_HOST", "-oProxyCommand=x@storage", "a user of")),
+            bad("GH_REPOSITORY", "octo-org/octo\nrepo", "control characters"),
+            bad("RUNNER_NAME_PREFIX", "ci\u{7f}x", "control characters"),
+            bad("RUNNER_WORKDIR", "_work\tx", "control characters"),
+            bad("TZ", "UTC\n", "control characters").with_inner_newline(),
+            // Each region named as the user set it.
+            bad("AWS_DEFAULT_REGION", "US_EAST_1", "an AWS region"),
+            bad("AWS_REGION", "us east 1", "an AWS region"),
+        ];
+        for m in cases {
+            let mut e: BTreeMap<String, String> = env(GOOD);
+            for v in m.without {
+                e.remove(*v);
+            }
+            e.extend(m.extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            e.insert(m.var.to_string(), m.value.clone());
+            e.insert("SECRETS_DIR".into(), "/nonexistent".into());
+            let ok = |_: &std::path::Path| true;
+            let err = Config::from_env(&e, &Host { is_root: false, users: &Users, runner_dir_ok: &ok })
+                .expect_err(&format!("{}={:?} was accepted", m.var, m.value));
+            assert_eq!(vars_of(&err), [m.var], "{}={:?}: {:?}", m.var, m.value, err.0);
+            let text = err.0[0].to_string();
+            assert!(text.contains(m.says), "{}={:?}: {text}", m.var, m.value);
+            if m.secret {
+                assert!(err.0[0].value.is_none(), "{} shown: {text}", m.var);
+                let core = m.value.split(|c: char| c.is_whitespace() || c.is_control()).next().unwrap();
+                assert!(!text.contains(core), "{} leaked: {text}", m.var);
+            } else if m.value.len() <= 256 && !m.value.chars().any(char::is_control) {
+                assert!(text.contains(&format!("{:?}", m.value)), "{}: value not shown: {text}", m.var);
+            }
+        }
+    }
+
+    impl Malformed {
+        /// `TZ=UTC\n` would be trimmed to a valid zone: put the newline inside.
+        fn with_inner_newline(self) -> Self {
+            Malformed { value: "Europe/Ber\nlin".into(), ..self }
+        }
+    }
+
+    #[test]
+    fn values_at_their_bounds_and_multi_line_lists_are_accepted() {
+        let cfg = load(
+            &[
+                GOOD,
+                STORAGE,
+                &[
+                    ("DRAIN_TIMEOUT_SEC", "432000"),
+                    ("DEBUG_SHUTDOWN_DELAY_SEC", "3600"),
+                    ("CI_STORAGE_TIMEOUT_SEC", "86400"),
+                    ("CI_STORAGE_HOST", "guest@storage.example.com:65535"),
+                    ("GH_SERVER_URL", "https://ghes.example:8443/"),
+                    ("AWS_DEFAULT_REGION", "eu-central-1"),
+                    ("FORWARD_HOST", "db\nbackup"),
+                    ("FORWARD_PORTS", "5432\n53/udp\t6379"),
+                    // A trailing newline (a value pasted from a file) is trimmed, not refused.
+                    ("GH_TOKEN", "ghp_secret\n"),
+                ],
+            ]
+            .concat(),
+            true,
+        )
+        .unwrap();
+        assert_eq!(cfg.drain_timeout, Duration::from_secs(limits::MAX_DRAIN_TIMEOUT_SEC));
+        assert_eq!(cfg.api_url, "https://ghes.example:8443/api/v3");
+        assert_eq!(cfg.autoscale.aws.region.as_deref(), Some("eu-central-1"));
+        assert_eq!(cfg.prewarm.unwrap().host.port, 65535);
+        assert_eq!(cfg.forwards.unwrap().0.len(), 3);
+        assert!(matches!(&cfg.credentials, Credentials::Pat(t) if t.expose() == "ghp_secret"));
+    }
+
+    #[test]
+    fn a_bad_server_url_is_named_once_not_again_as_the_derived_api_url() {
+        let e = load(&[GOOD, &[("GH_SERVER_URL", "https://ghes.example:99999")]].concat(), false).unwrap_err();
+        assert_eq!(vars_of(&e), ["GH_SERVER_URL"]);
+        let e = ops_config(&env(&[
+            ("GH_TOKEN", "t"),
+            ("GH_REPOSITORY", "a/b"),
+            ("GH_API_URL", "https://api.github.com:99999"),
+            ("SECRETS_DIR", "/nonexistent"),
+        ]))
+        .unwrap_err();
+        assert_eq!(vars_of(&e), ["GH_API_URL"]);
+    }
+
+    #[test]
+    fn a_token_from_a_secret_file_is_checked_like_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("GH_TOKEN"), "ghp_first\nghp_second\n").unwrap();
+        let d = dir.path().display().to_string();
+        let e = load(&[("SECRETS_DIR", &d), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "x")], false).unwrap_err();
+        assert_eq!(vars_of(&e), ["GH_TOKEN"]);
+        let text = e.0[0].to_string();
+        assert!(!text.contains("ghp_first") && !text.contains("ghp_second"), "{text}");
     }
 }

@@ -7,6 +7,7 @@
 //! - [`webhook`]: signatures, payloads, label matching (pure).
 //! - [`pool`]: a pool's decisions as a state machine (pure).
 //! - [`engine`]: the Docker engine's API on its socket.
+//! - [`reconcile`]: the queued jobs listed through the REST API, for missed deliveries.
 //! - [`service`]: the pools' tasks carrying the decisions out.
 //! - [`server`]: `POST /webhook`, `POST /webhook/{id}`, `/health`, `/metrics`.
 //! - [`hook`]: `WEBHOOK_URL`: the webhook created or updated, its secret kept.
@@ -14,6 +15,7 @@
 pub mod engine;
 pub mod hook;
 pub mod pool;
+pub mod reconcile;
 pub mod server;
 pub mod service;
 pub mod webhook;
@@ -23,7 +25,7 @@ use std::path::PathBuf;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::config::ControllerConfig;
 
@@ -60,8 +62,17 @@ pub enum ControllerError {
 /// running at the end; the next start adopts them by their labels.
 pub async fn run(cfg: ControllerConfig, cancel: CancellationToken) -> Result<(), ControllerError> {
     let engine = engine::Engine::connect(&cfg.docker_socket, &cfg.name)?.negotiate(&cfg.docker_socket).await?;
+    let engine_arch = engine.architecture().await?;
+    let arch = match webhook::arch_label(&engine_arch) {
+        Ok(label) => label.to_string(),
+        Err(label) => {
+            warn!(engine_arch = %engine_arch, label = %label, "The Docker engine's architecture has no GitHub label of its own; runners register with its name.");
+            label
+        }
+    };
+    info!(engine_arch = %engine_arch, label = %arch, "Runners register with the engine host's architecture.");
     let tracker = TaskTracker::new();
-    let pools = service::start_pools(&cfg, &engine, &tracker, &cancel).await?;
+    let pools = service::start_pools(&cfg, &engine, &arch, &tracker, &cancel).await?;
     let (bound, server) = server::serve(cfg.addr, pools, cfg.max_body, cancel.clone())
         .instrument(tracing::info_span!("server"))
         .await

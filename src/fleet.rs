@@ -114,7 +114,9 @@ pub fn removable(pool: &Pool, r: &RunnerInfo, older_than: Option<Duration>, now:
     }
     match older_than {
         None => true,
-        Some(age) => pool.registered_at(&r.name).is_some_and(|t| now.saturating_sub(t) >= age.as_secs() as i64),
+        Some(age) => pool
+            .registered_at(&r.name)
+            .is_some_and(|t| now.saturating_sub(t) >= i64::try_from(age.as_secs()).unwrap_or(i64::MAX)),
     }
 }
 
@@ -596,6 +598,8 @@ mod tests {
         assert!(!removable(&p, &runner("other-1", "offline", false), None, now));
         // A clock behind the name's: never old enough.
         assert!(!removable(&p, &runner(old, "offline", false), Some(Duration::from_secs(60)), NEW_YEAR - 3600));
+        // An age beyond any clock (`--older-than` huge): never old enough, never wrapped negative.
+        assert!(!removable(&p, &runner(old, "offline", false), Some(Duration::from_secs(u64::MAX)), now));
     }
 
     #[test]

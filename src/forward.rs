@@ -650,7 +650,7 @@ async fn udp_session(socket: Arc<UdpSocket>, client: SocketAddr, mut rx: mpsc::R
     debug!(%client, host = %target.hosts[host], "Session opened.");
     let idle = target.opts.udp_idle;
     let mut last_active = Instant::now();
-    let expiry = tokio::time::sleep_until(last_active + idle);
+    let expiry = tokio::time::sleep_until(crate::config::limits::later_tokio(last_active, idle));
     tokio::pin!(expiry);
     // The latest datagram, resent once to each next host when one refuses, so that a client's
     // first datagram is not lost to a primary that is down.
@@ -693,7 +693,7 @@ async fn udp_session(socket: Arc<UdpSocket>, client: SocketAddr, mut rx: mpsc::R
                 if last_active.elapsed() >= idle {
                     break;
                 }
-                expiry.as_mut().reset(last_active + idle);
+                expiry.as_mut().reset(crate::config::limits::later_tokio(last_active, idle));
                 false
             }
         };

@@ -508,7 +508,7 @@ impl Github {
                 }
             };
             attempt += 1;
-            let out_of_time = budget.deadline.is_some_and(|d| Instant::now() + wait > d);
+            let out_of_time = budget.deadline.is_some_and(|d| Instant::now().checked_add(wait).is_none_or(|t| t > d));
             if attempt >= budget.max_attempts || out_of_time {
                 return Err(GithubError::GaveUp { path: shown, attempts: attempt, last: Box::new(err) });
             }
@@ -821,6 +821,73 @@ impl Github {
             return Err(Self::refusal(status, &text, &Method::PATCH, &path, scope));
         }
         Ok(())
+    }
+}
+
+/// A workflow job as `GET /repos/{o}/{r}/actions/runs/{run_id}/jobs` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ListedJob {
+    pub id: u64,
+    /// `queued`, `in_progress`, `completed`, `waiting`, `requested` or `pending`.
+    pub status: String,
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct RunsPage {
+    workflow_runs: Vec<RunId>,
+}
+
+#[derive(Deserialize)]
+struct RunId {
+    id: u64,
+}
+
+#[derive(Deserialize)]
+struct JobsPage {
+    jobs: Vec<ListedJob>,
+}
+
+/// Workflow runs and their jobs, for `ci-runner controller`'s reconciliation (issue #18):
+/// the queued jobs whose delivery never arrived.
+impl Github {
+    /// `GET /repos/{o}/{r}/actions/runs?status=<status>&per_page=<n>`: the ids of the newest
+    /// `per_page` runs (at most 100) with that status; one page, one call.
+    pub async fn list_runs(
+        &self,
+        scope: &Scope,
+        status: &str,
+        per_page: usize,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<u64>, GithubError> {
+        let path = format!("{}/actions/runs?status={status}&per_page={}", scope.api_path(), per_page.clamp(1, 100));
+        let (code, _, body) = self.call(Method::GET, &path, budget, cancel).await?;
+        if !code.is_success() {
+            return Err(Self::refusal(code, &body, &Method::GET, &path, scope));
+        }
+        let page: RunsPage = parse_answer(code, &body, Method::GET, &path, "the answer has no workflow_runs")?;
+        Ok(page.workflow_runs.into_iter().map(|r| r.id).collect())
+    }
+
+    /// `GET /repos/{o}/{r}/actions/runs/{run_id}/jobs?filter=latest&per_page=100`: the jobs of
+    /// the run's latest attempt (one page, one call: a matrix makes at most 256 jobs, and the
+    /// newest are the queued ones).
+    pub async fn list_run_jobs(
+        &self,
+        scope: &Scope,
+        run_id: u64,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<ListedJob>, GithubError> {
+        let path = format!("{}/actions/runs/{run_id}/jobs?filter=latest&per_page=100", scope.api_path());
+        let (code, _, body) = self.call(Method::GET, &path, budget, cancel).await?;
+        if !code.is_success() {
+            return Err(Self::refusal(code, &body, &Method::GET, &path, scope));
+        }
+        let page: JobsPage = parse_answer(code, &body, Method::GET, &path, "the answer has no jobs")?;
+        Ok(page.jobs)
     }
 }
 

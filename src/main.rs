@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 const USAGE: &str = "usage: ci-runner            run the supervisor (configured by environment variables; see README)
        ci-runner status     print /health from STATUS_ADDR; exit 0 when healthy, 1 otherwise
-       ci-runner init -- COMMAND [ARGS...]
-                            be PID 1 for COMMAND only: reap zombies, forward signals, pass its exit code
+       ci-runner init [-g] -- COMMAND [ARGS...]
+                            be PID 1 for COMMAND only: reap zombies, forward signals (-g: to its
+                            process group), pass its exit code
        ci-runner prewarm    load the work dir from ci-storage now, as the boot does (CI_STORAGE_* variables)
        ci-runner forward    only the port forwards (FORWARD_HOST, FORWARD_PORTS), until SIGTERM or SIGINT
        ci-runner list [--json]
@@ -39,10 +40,7 @@ fn main() {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     match args.first().and_then(|a| a.to_str()) {
         None => supervise(),
-        Some("init") => {
-            let rest = if args.get(1).is_some_and(|a| a == "--") { &args[2..] } else { &args[1..] };
-            pid1::run_init(rest)
-        }
+        Some("init") => pid1::run_init(&args[1..]),
         Some("status") => status_command(),
         Some("prewarm") => prewarm_command(),
         Some("forward") => forward_command(),
@@ -299,8 +297,10 @@ async fn run(mut cfg: Config, registry: Registry, started: std::time::Instant) -
     code
 }
 
-/// TERM and INT drive the drain; HUP, QUIT, USR1 and USR2 (which PID 1 forwards) are logged
-/// and otherwise ignored rather than left to kill the supervisor.
+/// TERM and INT drive the drain; every other signal that PID 1 forwards and whose default
+/// would end the supervisor (HUP, QUIT, USR1, USR2, ALRM, PWR, real-time ones…; see
+/// `pid1::supervisor_logged`) is logged and otherwise ignored, so that `docker kill -s PWR` or
+/// a `STOPSIGNAL SIGRTMIN+3` never ends it without a drain (issue #16).
 fn forward_signals(tx: mpsc::UnboundedSender<SignalKind>) -> std::io::Result<()> {
     for (kind, sig) in [(SignalKind::Term, Sig::terminate()), (SignalKind::Int, Sig::interrupt())] {
         let mut stream = signal(sig)?;
@@ -313,19 +313,29 @@ fn forward_signals(tx: mpsc::UnboundedSender<SignalKind>) -> std::io::Result<()>
             }
         });
     }
-    for (name, sig) in [
-        ("SIGHUP", Sig::hangup()),
-        ("SIGQUIT", Sig::quit()),
-        ("SIGUSR1", Sig::user_defined1()),
-        ("SIGUSR2", Sig::user_defined2()),
-    ] {
-        let mut stream = signal(sig)?;
-        tokio::spawn(async move {
-            while stream.recv().await.is_some() {
-                tracing::info!(signal = name, "Signal ignored.");
-            }
-        });
+    let mut streams = Vec::new();
+    for n in pid1::supervisor_logged() {
+        streams.push((n, signal(Sig::from_raw(n))?));
     }
+    // One task for all of them (about 45 signals).
+    tokio::spawn(async move {
+        loop {
+            let taken = std::future::poll_fn(|cx| {
+                for (n, stream) in streams.iter_mut() {
+                    if let std::task::Poll::Ready(got) = stream.poll_recv(cx) {
+                        return std::task::Poll::Ready(got.map(|()| *n));
+                    }
+                }
+                std::task::Poll::Pending
+            })
+            .await;
+            match taken {
+                Some(n) => tracing::info!(signal = %pid1::signal_name(n), "Signal ignored."),
+                // The runtime is shutting down.
+                None => break,
+            }
+        }
+    });
     Ok(())
 }
 

@@ -288,7 +288,7 @@ impl Gate {
 /// Loads the newest slot into `settings.local_dir`. Blocking; bounded by the settings'
 /// timeouts and by `gate`.
 pub fn load(s: &Settings, gate: &Arc<Gate>) -> Result<Loaded, PrewarmError> {
-    let deadline = Instant::now() + s.timeout;
+    let deadline = crate::config::limits::later(Instant::now(), s.timeout);
     let session = connect(s)?;
 
     let listing = exec_to_string(&session, s, "list the slots", &list_command(&s.storage_dir))?;

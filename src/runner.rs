@@ -515,7 +515,12 @@ pub fn find_in_group(pgid: Pid, name: &str) -> Vec<Pid> {
 }
 
 /// The runner's local registration files.
-pub const LOCAL_FILES: &[&str] = &[".runner", ".credentials", ".credentials_rsaparams"];
+/// A registration's local files. The `_migrated` ones are written by runners moved to
+/// GitHub's newer broker; the runner deletes `.credentials_migrated` with `.credentials`
+/// (actions/runner `src/Runner.Common/ConfigurationStore.cs`, `DeleteCredential`), and a
+/// `.runner_migrated` left behind makes `config.sh` refuse as "already configured".
+pub const LOCAL_FILES: &[&str] =
+    &[".runner", ".credentials", ".credentials_rsaparams", ".runner_migrated", ".credentials_migrated"];
 
 /// The runner id (`agentId`) from `.runner`, read case-insensitively (Newtonsoft writes
 /// camelCase, possibly behind a UTF-8 BOM).
@@ -643,6 +648,20 @@ fn link_tree(from: &Path, to: &Path, made: &mut RootMade) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_files_include_the_migrated_ones_and_nothing_else_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in LOCAL_FILES.iter().chain(&["config.sh", "_diag"]) {
+            std::fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        remove_local_files(dir.path());
+        for f in LOCAL_FILES {
+            assert!(!dir.path().join(f).exists(), "{f} left behind");
+        }
+        assert!(dir.path().join("config.sh").exists(), "a file of the install was removed");
+        assert!(dir.path().join("_diag").exists());
+    }
 
     #[test]
     fn a_root_shares_the_installs_files_and_keeps_its_state_apart() {

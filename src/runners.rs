@@ -7,7 +7,7 @@
 //! gets its own root under `RUNNER_ROOTS_DIR`, made from that install by
 //! [`runner::make_root`]: the large read-only parts shared, its identity and work its own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +25,7 @@ use crate::github::{Auth, Budget, Github};
 use crate::hooks;
 use crate::runner;
 use crate::status::{State, Status, StatusHandle};
-use crate::supervisor::{runner_name, RegistrationSlot, SignalKind, Supervisor};
+use crate::supervisor::{self, runner_name, RegistrationSlot, SignalKind, Supervisor};
 
 /// Every runner's configuration and registration, for main's panic path.
 pub type Registry = Arc<Mutex<Vec<(Config, RegistrationSlot)>>>;
@@ -81,6 +81,10 @@ enum Origin {
 
 struct Member {
     origin: Origin,
+    /// Its configuration and registration, for the panic path: a panicking task is
+    /// de-registered from here ([`supervisor::emergency_deregister`]).
+    cfg: Config,
+    slot: RegistrationSlot,
     signals: mpsc::UnboundedSender<SignalKind>,
     status: StatusHandle,
     root: PathBuf,
@@ -114,6 +118,8 @@ pub struct Runners {
     github: Option<Option<Github>>,
     members: Vec<Member>,
     tasks: JoinSet<(usize, ExitCode)>,
+    /// Which member each task runs: a panicked task's `JoinError` carries only its id.
+    task_members: HashMap<tokio::task::Id, usize>,
     cancel: CancellationToken,
 }
 
@@ -318,6 +324,7 @@ impl Runners {
             github: None,
             members: Vec::new(),
             tasks: JoinSet::new(),
+            task_members: HashMap::new(),
             cancel: CancellationToken::new(),
         }
     }
@@ -381,7 +388,7 @@ impl Runners {
         for (idx, mut sup) in sups.into_iter().enumerate() {
             sup.set_runner_env(self.cfg.runner_env.clone());
             sup.set_runner_group_id(self.group_id);
-            self.tasks.spawn(async move { (idx, sup.run().await) });
+            self.spawn(idx, sup);
         }
         if let Some(dir) = self.cfg.state_dir.clone() {
             for spec in load_specs(&dir) {
@@ -431,13 +438,22 @@ impl Runners {
                     Some(cmd) => self.command(cmd, signalled),
                     None => self.commands = None,
                 },
-                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     let (idx, rc) = match joined {
-                        Ok(r) => r,
+                        Ok((id, r)) => {
+                            self.task_members.remove(&id);
+                            r
+                        }
                         Err(e) => {
-                            // A supervisor panicked: main's panic path cannot see it here.
-                            error!(error = %e, "A runner's supervisor panicked.");
+                            // Main's panic path cannot see a task's panic: handled here.
+                            self.panicked(&e).await;
                             code = ExitCode::Internal;
+                            if !signalled {
+                                signalled = true;
+                                for m in self.members.iter().filter(|m| !m.done) {
+                                    let _ = m.signals.send(SignalKind::Term);
+                                }
+                            }
                             continue;
                         }
                     };
@@ -552,8 +568,47 @@ impl Runners {
         let idx = self.members.len() - 1;
         let status = self.members[idx].status.get();
         sup.set_runner_env(self.cfg.runner_env.clone());
-        self.tasks.spawn(async move { (idx, sup.run().await) });
+        self.spawn(idx, sup);
         Ok(status)
+    }
+
+    /// Runs member `idx`'s supervisor as a task of its own.
+    fn spawn(&mut self, idx: usize, sup: Supervisor) {
+        #[cfg(debug_assertions)]
+        if let (Origin::Count, Some((n, busy))) = (&self.members[idx].origin, self.cfg.test_panic_runner) {
+            if idx + 1 == n as usize {
+                let (slot, status) = (self.members[idx].slot.clone(), self.members[idx].status.clone());
+                let handle = self.tasks.spawn(async move { (idx, panic_once(sup, slot, status, busy).await) });
+                self.task_members.insert(handle.id(), idx);
+                return;
+            }
+        }
+        let handle = self.tasks.spawn(async move { (idx, sup.run().await) });
+        self.task_members.insert(handle.id(), idx);
+    }
+
+    /// A runner's task panicked (a bug): its registration is removed at once, as main does
+    /// after a panic of the whole supervisor (README "Exit codes": 1), and the container ends
+    /// with 1, the other runners draining as on SIGTERM.
+    async fn panicked(&mut self, error: &tokio::task::JoinError) {
+        let Some(idx) = self.task_members.remove(&error.id()) else {
+            error!(error = %error, "A task of unknown runner panicked.");
+            return;
+        };
+        let m = &mut self.members[idx];
+        m.done = true;
+        let name = m.name();
+        error!(runner = %name, error = %error, "A runner's supervisor panicked; removing its registration and stopping the container.");
+        let pgid = m.status.get().pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 1);
+        m.status.update(|s| s.last_error = Some(format!("the runner's supervisor panicked: {error}")));
+        m.status.set_state(State::Failed);
+        let (cfg, slot) = (m.cfg.clone(), m.slot.clone());
+        // Its runner has no supervisor left: stopped first, so that GitHub does not refuse to
+        // remove a runner that is still busy with a job.
+        if let Some(pgid) = pgid {
+            stop_orphaned_runner(nix::unistd::Pid::from_raw(pgid)).await;
+        }
+        supervisor::emergency_deregister(&cfg, &slot).await;
     }
 
     /// A runner's root made, its status entry listed, its supervisor built (not started).
@@ -588,8 +643,8 @@ impl Runners {
             (Origin::Count, _) | (Origin::Added(_), Credentials::Pat(_)) => self.github()?,
             (Origin::Added(_), _) => client_for(&cfg)?,
         };
-        let sup = Supervisor::new(cfg, github, status.clone(), rx, slot, started)?;
-        self.members.push(Member { origin, signals: tx, status, root, removing: false, done: false });
+        let sup = Supervisor::new(cfg.clone(), github, status.clone(), rx, slot.clone(), started)?;
+        self.members.push(Member { origin, cfg, slot, signals: tx, status, root, removing: false, done: false });
         Ok(sup)
     }
 
@@ -687,6 +742,45 @@ impl Runners {
         let Ok(Some(gh)) = self.github() else { return };
         let pool = crate::fleet::Pool::of(&self.cfg.name);
         crate::fleet::sweep(&gh, &self.cfg.scope, &pool, older_than, &self.cancel).await;
+    }
+}
+
+/// The runner of a panicked supervisor (`pgid`: its run.sh's process group): SIGINT to the
+/// Listener, the runner's own clean stop, which cancels a running job and reports it (as the
+/// drain's deadline does); then, after [`supervisor::STOP_GRACE`] at most, SIGKILL to the group.
+async fn stop_orphaned_runner(pgid: nix::unistd::Pid) {
+    use nix::sys::signal::{kill, killpg, Signal};
+    let listeners = runner::find_in_group(pgid, "Runner.Listener");
+    for pid in &listeners {
+        let _ = kill(*pid, Signal::SIGINT);
+    }
+    if listeners.is_empty() {
+        let _ = killpg(pgid, Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + supervisor::STOP_GRACE;
+    while killpg(pgid, None).is_ok() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = killpg(pgid, Signal::SIGKILL);
+}
+
+/// The test hook of `CI_RUNNER_TEST_PANIC` (debug builds only): runs `sup` and panics once its
+/// registration is recorded, or once it is busy with a job, as a bug in a runner's supervisor
+/// would.
+#[cfg(debug_assertions)]
+async fn panic_once(sup: Supervisor, slot: RegistrationSlot, status: StatusHandle, busy: bool) -> ExitCode {
+    let reached = async {
+        loop {
+            let registered = slot.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+            if registered && (!busy || status.get().state == State::Busy) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        rc = sup.run() => rc,
+        () = reached => panic!("{} is set: this runner's task panics now (a test hook)", config::TEST_PANIC_VAR),
     }
 }
 

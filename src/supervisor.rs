@@ -16,9 +16,9 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, Credentials, RunnerName, Scope, Secret};
+use crate::config::{Config, Credentials, RunnerName, Secret};
 use crate::error::{chain, Error, ExitCode};
-use crate::github::{backoff, Auth, Budget, Deleted, Github, GithubError, DEFAULT_RUNNER_GROUP_ID};
+use crate::github::{Budget, Deleted, Github, GithubError, DEFAULT_RUNNER_GROUP_ID};
 use crate::lock;
 use crate::metrics::{self, JobResult};
 use crate::prewarm;
@@ -26,8 +26,14 @@ use crate::runner::{self, describe, parse_line, LineEvent, Registration, RunnerP
 use crate::status::{DrainOutcome, State, StatusHandle};
 
 pub mod drain;
+mod exit;
+mod registration;
 
 use drain::Drain;
+use exit::DEPRECATED;
+pub use exit::{decide, restart_delay, Decision, ExitInfo, Lifetime};
+use registration::{delete_registration, final_budget, remove_registration, DEREGISTER_REQUEST_TIMEOUT};
+pub use registration::{emergency_deregister, DEREGISTER_GRACE};
 
 /// The signals the supervisor acts on; the caller (main, or a test) feeds them in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,132 +59,16 @@ pub struct Registered {
 pub type RegistrationSlot = Arc<Mutex<Option<Registered>>>;
 
 pub use drain::STOP_GRACE;
-/// De-registration may run this long past the drain deadline.
-pub const DEREGISTER_GRACE: Duration = Duration::from_secs(20);
-/// One request of the final de-registration: short enough that a hung one leaves time for a
-/// second attempt (and the client's backoff, at most 1.25 s after the first) within
-/// [`DEREGISTER_GRACE`].
-const DEREGISTER_REQUEST_TIMEOUT: Duration = Duration::from_secs(9);
-const _: () = assert!(2 * DEREGISTER_REQUEST_TIMEOUT.as_millis() + 1250 < DEREGISTER_GRACE.as_millis());
 /// The labels call at a drain's start: the DELETE waits for it, so it is kept short.
 const LABELS_BUDGET: Duration = Duration::from_secs(10);
 const LABELS_REQUEST_TIMEOUT: Duration = Duration::from_secs(4);
 const CONFIG_TIMEOUT: Duration = Duration::from_secs(180);
-const MAX_FAILURES: u32 = 10;
 /// Extra registrations after config.sh fails, before giving up with `RunnerFailed`.
 const CONFIG_RETRIES: u32 = 2;
 /// A run this long (or one that completed a job) resets the failure count.
 const STABLE_RUN: Duration = Duration::from_secs(600);
 /// `bin/Runner.Listener --version` starts the .NET runtime once: well under a second.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The final de-registration's budget: [`DEREGISTER_GRACE`], at least two attempts.
-fn final_budget() -> Budget {
-    Budget::until(Instant::now() + DEREGISTER_GRACE).per_request(DEREGISTER_REQUEST_TIMEOUT)
-}
-
-/// Everything known about one exit of `run.sh`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExitInfo {
-    pub status: String,
-    pub listener_rc: Option<i32>,
-    pub registration_gone: bool,
-    pub session_conflict: bool,
-    pub deprecated: bool,
-    pub jobs_completed: u64,
-    pub still_configured: bool,
-}
-
-/// How long one registration lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lifetime {
-    /// Until the container stops.
-    Persistent,
-    /// One job, then the supervisor exits and the orchestrator recreates the container.
-    Ephemeral,
-    /// One job, then a fresh ephemeral registration in the same container
-    /// (`RUNNER_EPHEMERAL_RESTART`).
-    EphemeralRestart,
-}
-
-impl Lifetime {
-    pub fn of(cfg: &Config) -> Self {
-        match (cfg.ephemeral, cfg.ephemeral_restart) {
-            (false, _) => Lifetime::Persistent,
-            (true, false) => Lifetime::Ephemeral,
-            (true, true) => Lifetime::EphemeralRestart,
-        }
-    }
-}
-
-/// What to do after `run.sh` exits by itself (no drain in progress).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// Start `run.sh` again after the delay, with the same registration.
-    Restart(Duration),
-    /// The runner was updating itself when run.sh ended: start `run.sh` again at once.
-    Updated,
-    /// Register afresh (new token, `config.sh`) after the delay.
-    Reregister(Duration),
-    /// The runner's work is over (an ephemeral runner ran its job): de-register, exit 0.
-    Done,
-    /// An ephemeral runner ran its job and `RUNNER_EPHEMERAL_RESTART` is on: remove whatever
-    /// lingers of it, register a fresh runner (new name) at once and go on.
-    Renew,
-    /// Give up: de-register, exit with `RunnerFailed`.
-    Fatal(String),
-}
-
-/// The fatal verdict on a runner GitHub no longer accepts.
-const DEPRECATED: &str = "GitHub refuses this runner version (deprecated): rebuild the image with a newer runner";
-
-/// Restart delay after `failures` consecutive failed runs: 1 s, 2 s, 4 s … 60 s.
-pub fn restart_delay(failures: u32) -> Duration {
-    Duration::from_secs((1u64 << failures.min(6)).min(60))
-}
-
-/// The table in the README ("What each exit of run.sh means").
-pub fn decide(info: &ExitInfo, lifetime: Lifetime, failures: u32) -> Decision {
-    let delay = restart_delay(failures);
-    if info.jobs_completed > 0 {
-        match lifetime {
-            Lifetime::Persistent => {}
-            Lifetime::Ephemeral => return Decision::Done,
-            Lifetime::EphemeralRestart => return Decision::Renew,
-        }
-    }
-    if info.deprecated || info.listener_rc == Some(7) {
-        // GitHub has sent this for the current version during an outage (actions/runner#4613):
-        // retry a few times before believing it.
-        return if failures >= 2 {
-            Decision::Fatal(DEPRECATED.into())
-        } else {
-            Decision::Restart(delay.max(Duration::from_secs(5)))
-        };
-    }
-    if info.registration_gone || !info.still_configured {
-        return Decision::Reregister(delay);
-    }
-    // A self-update (Listener rc 3, or 4 when ephemeral) never ends run.sh: run-helper waits
-    // for `update.finished` and returns 2, and run.sh starts the new version (reference §3.2,
-    // §4.8). Seeing it here means run.sh stopped in between (killed, or a run.sh that does
-    // not loop): the update is done or will be redone, so start again at once. It still
-    // counts as a failure, so a run.sh that dies at every update cannot loop hot.
-    if matches!(info.listener_rc, Some(3 | 4)) && failures < MAX_FAILURES {
-        return Decision::Updated;
-    }
-    // A conflicting session, or a Listener that died without deleting its session (killed by a
-    // signal: OOM, SIGKILL), means the server holds a stale session for minutes; the Listener
-    // would retry it for 240 s and give up. Re-registering with --replace gets a new one now.
-    let killed = info.listener_rc.is_some_and(|rc| rc > 128);
-    if info.session_conflict || info.listener_rc == Some(5) || killed {
-        return Decision::Reregister(delay);
-    }
-    if failures >= MAX_FAILURES {
-        return Decision::Fatal(format!("run.sh failed {failures} times in a row (last: {})", info.status));
-    }
-    Decision::Restart(delay)
-}
 
 /// A name unique per container start: `<prefix>-<YYYYmmdd-HHMMSS>-<6 random chars>`.
 pub fn runner_name(name: &RunnerName) -> String {
@@ -238,6 +128,9 @@ struct PrewarmTask {
     deadline: Instant,
 }
 
+/// How the runner runs a `.sh` job hook.
+const BASH_AS_RUNNER: &str = "bash --noprofile --norc -e -o pipefail";
+
 /// Writes a job hook script (0755) that runs `ci-runner hook <kind>`, chained with the
 /// user's own hook of that kind, if any.
 fn write_hook(
@@ -250,8 +143,12 @@ fn write_hook(
     let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
     let exe = q(&exe.display().to_string());
     let body = match (kind, user_hook) {
-        ("job-started", Some(h)) => format!("{exe} hook job-started || exit $?\nexec bash -e {}\n", q(h)),
-        ("job-completed", Some(h)) => format!("bash -e {}\nrc=$?\n{exe} hook job-completed\nexit $rc\n", q(h)),
+        // The user's hook runs as the runner itself runs a job hook (its ScriptHandler's
+        // default for bash).
+        ("job-started", Some(h)) => format!("{exe} hook job-started || exit $?\nexec {BASH_AS_RUNNER} {}\n", q(h)),
+        ("job-completed", Some(h)) => {
+            format!("{BASH_AS_RUNNER} {}\nrc=$?\n{exe} hook job-completed\nexit $rc\n", q(h))
+        }
         (k, _) => format!("exec {exe} hook {k}\n"),
     };
     std::fs::write(
@@ -369,7 +266,7 @@ impl Supervisor {
         let gate = Arc::new(prewarm::Gate::default());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let started = Instant::now();
-        let deadline = started + settings.timeout;
+        let deadline = crate::config::limits::later_tokio(started, settings.timeout);
         let host = format!("{}:{}", settings.host.host, settings.host.port);
         let thread_gate = gate.clone();
         let span = tracing::info_span!("prewarm");
@@ -393,7 +290,7 @@ impl Supervisor {
         let Some(mut task) = self.prewarm.take() else { return Ok(()) };
         // The load enforces its own deadline; this one only guards against a thread stuck
         // where it cannot look (name resolution, a dead peer mid-handshake).
-        let give_up = task.deadline + Duration::from_secs(5);
+        let give_up = crate::config::limits::later_tokio(task.deadline, Duration::from_secs(5));
         let outcome = tokio::select! {
             r = tokio::time::timeout_at(give_up, &mut task.result) => match r {
                 Ok(Ok(r)) => Some(r),
@@ -973,7 +870,7 @@ impl Supervisor {
                             None => info!("No job running: removing the runner."),
                         }
                         let api = drain::Api { available: self.github.is_some() && self.registered_id().is_some() };
-                        let (d, actions) = Drain::start(now, deadline, busy.clone(), api);
+                        let (d, actions) = Drain::start(now, deadline, busy.clone(), api, self.cfg.stop_grace);
                         drain = Some(d);
                         self.carry_out(actions, &proc, &mut calls);
                         continue;
@@ -1120,191 +1017,9 @@ impl From<drain::DeleteAnswer> for drain::Event {
     }
 }
 
-/// Deletes `reg` from GitHub (found by name when its id is unknown); a busy answer is retried
-/// within the budget, since the API's busy flag lags the runner by up to a minute.
-async fn remove_registration(
-    gh: &Github,
-    scope: &Scope,
-    reg: &Registered,
-    budget: Budget,
-    cancel: &CancellationToken,
-) -> Result<(), GithubError> {
-    let id = match reg.id {
-        Some(id) => id,
-        None => match gh.find_runner(scope, &reg.name, budget, cancel).await {
-            Ok(Some(r)) => r.id,
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                metrics::global().deregistration_failed();
-                return Err(e);
-            }
-        },
-    };
-    let mut attempt = 0;
-    loop {
-        match delete_registration(gh, scope, id, budget, cancel).await {
-            Ok(Deleted::Removed) => {
-                info!(runner = %reg.name, runner_id = id, "Runner de-registered.");
-                return Ok(());
-            }
-            Ok(Deleted::AlreadyGone) => {
-                info!(runner = %reg.name, runner_id = id, "Runner was already gone from GitHub.");
-                return Ok(());
-            }
-            Err(GithubError::Busy { .. }) => {
-                let wait = backoff(attempt, 0.0).min(Duration::from_secs(5));
-                attempt += 1;
-                if budget.deadline.is_some_and(|d| Instant::now() + wait > d) || attempt >= budget.max_attempts {
-                    return Err(GithubError::Busy { id });
-                }
-                info!(runner_id = id, "GitHub still reports the runner busy; retrying.");
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// `DELETE` of a runner's registration; every failure (a busy 422 included, whether the caller
-/// retries it or not) counts in `ci_runner_deregistration_failures_total`.
-async fn delete_registration(
-    gh: &Github,
-    scope: &Scope,
-    id: u64,
-    budget: Budget,
-    cancel: &CancellationToken,
-) -> Result<Deleted, GithubError> {
-    let result = gh.delete_runner(scope, id, budget, cancel).await;
-    if result.is_err() {
-        metrics::global().deregistration_failed();
-    }
-    result
-}
-
-/// After a panic: remove whatever registration the slot holds, best effort, briefly.
-pub async fn emergency_deregister(cfg: &Config, slot: &RegistrationSlot) {
-    let Some(reg) = slot.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
-    let Some(auth) = Auth::for_config(cfg) else { return };
-    let Ok(gh) = Github::new(&cfg.api_url, auth) else { return };
-    let budget = final_budget();
-    if let Err(e) = remove_registration(&gh, &cfg.scope, &reg, budget, &CancellationToken::new()).await {
-        error!(error = %chain(&e), "Failed to de-register the runner.");
-    }
-    runner::remove_local_files(&cfg.runner_dir);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn info() -> ExitInfo {
-        ExitInfo { status: "exit status 0".into(), still_configured: true, ..Default::default() }
-    }
-
-    #[test]
-    fn ephemeral_runner_is_done_after_its_job() {
-        let i = ExitInfo { jobs_completed: 1, ..info() };
-        assert_eq!(decide(&i, Lifetime::Ephemeral, 0), Decision::Done);
-        assert_eq!(decide(&i, Lifetime::Persistent, 0), Decision::Restart(Duration::from_secs(1)));
-    }
-
-    #[test]
-    fn restart_mode_renews_the_registration_after_the_job() {
-        let done = ExitInfo { jobs_completed: 1, ..info() };
-        assert_eq!(decide(&done, Lifetime::EphemeralRestart, 0), Decision::Renew);
-        // Even when the Listener removed its files (still_configured false) or the server had
-        // already removed the registration: the job ran, so a fresh runner, not a re-register.
-        let gone = ExitInfo { jobs_completed: 1, still_configured: false, registration_gone: true, ..info() };
-        assert_eq!(decide(&gone, Lifetime::EphemeralRestart, 3), Decision::Renew);
-        assert_eq!(decide(&gone, Lifetime::Ephemeral, 3), Decision::Done);
-        // No job yet: an ephemeral runner's crash is handled like any other.
-        let crashed = ExitInfo { status: "signal 9".into(), ..info() };
-        assert_eq!(decide(&crashed, Lifetime::EphemeralRestart, 0), Decision::Restart(Duration::from_secs(1)));
-    }
-
-    #[test]
-    fn lifetime_follows_the_configuration() {
-        struct NoUsers;
-        impl crate::config::UserDb for NoUsers {
-            fn lookup(&self, _: &str) -> Option<crate::config::RunnerUser> {
-                None
-            }
-        }
-        let lifetime = |extra: &[(&str, &str)]| {
-            let base =
-                [("GH_TOKEN", "t"), ("GH_REPOSITORY", "a/b"), ("GH_LABELS", "x"), ("SECRETS_DIR", "/nonexistent")];
-            let env: std::collections::BTreeMap<String, String> =
-                base.iter().chain(extra).map(|(k, v)| (k.to_string(), v.to_string())).collect();
-            let ok = |_: &std::path::Path| true;
-            let host = crate::config::Host { is_root: false, users: &NoUsers, runner_dir_ok: &ok };
-            Lifetime::of(&Config::from_env(&env, &host).unwrap())
-        };
-        assert_eq!(lifetime(&[]), Lifetime::Persistent);
-        assert_eq!(lifetime(&[("RUNNER_EPHEMERAL", "true")]), Lifetime::Ephemeral);
-        assert_eq!(
-            lifetime(&[("RUNNER_EPHEMERAL", "true"), ("RUNNER_EPHEMERAL_RESTART", "yes")]),
-            Lifetime::EphemeralRestart
-        );
-    }
-
-    #[test]
-    fn a_self_update_exit_restarts_at_once_and_never_ends_the_container() {
-        for rc in [3, 4] {
-            let i = ExitInfo { listener_rc: Some(rc), ..info() };
-            for lifetime in [Lifetime::Persistent, Lifetime::Ephemeral, Lifetime::EphemeralRestart] {
-                assert_eq!(decide(&i, lifetime, 0), Decision::Updated, "rc {rc} {lifetime:?}");
-                assert_eq!(decide(&i, lifetime, MAX_FAILURES - 1), Decision::Updated);
-            }
-            // A run.sh that dies at every update gives up like any crash loop.
-            assert!(matches!(decide(&i, Lifetime::Persistent, MAX_FAILURES), Decision::Fatal(_)));
-            // An update whose Listener also lost its files re-registers.
-            let unconfigured = ExitInfo { still_configured: false, ..i };
-            assert_eq!(decide(&unconfigured, Lifetime::Persistent, 0), Decision::Reregister(Duration::from_secs(1)));
-        }
-    }
-
-    #[test]
-    fn crashes_restart_with_growing_backoff_then_give_up() {
-        let i = ExitInfo { status: "signal 9".into(), ..info() };
-        assert_eq!(decide(&i, Lifetime::Persistent, 0), Decision::Restart(Duration::from_secs(1)));
-        assert_eq!(decide(&i, Lifetime::Persistent, 3), Decision::Restart(Duration::from_secs(8)));
-        assert_eq!(decide(&i, Lifetime::Persistent, 9), Decision::Restart(Duration::from_secs(60)));
-        assert!(matches!(decide(&i, Lifetime::Persistent, MAX_FAILURES), Decision::Fatal(_)));
-    }
-
-    #[test]
-    fn lost_registration_reregisters() {
-        assert_eq!(
-            decide(&ExitInfo { registration_gone: true, ..info() }, Lifetime::Persistent, 0),
-            Decision::Reregister(Duration::from_secs(1))
-        );
-        assert_eq!(
-            decide(&ExitInfo { still_configured: false, ..info() }, Lifetime::Persistent, 1),
-            Decision::Reregister(Duration::from_secs(2))
-        );
-    }
-
-    #[test]
-    fn stale_sessions_reregister_at_once() {
-        let i = ExitInfo { listener_rc: Some(5), ..info() };
-        assert_eq!(decide(&i, Lifetime::Persistent, 0), Decision::Reregister(Duration::from_secs(1)));
-        let i = ExitInfo { session_conflict: true, ..info() };
-        assert_eq!(decide(&i, Lifetime::Persistent, 2), Decision::Reregister(Duration::from_secs(4)));
-        let killed = ExitInfo { listener_rc: Some(137), ..info() };
-        assert_eq!(decide(&killed, Lifetime::Persistent, 0), Decision::Reregister(Duration::from_secs(1)));
-        let clean = ExitInfo { listener_rc: Some(0), ..info() };
-        assert_eq!(decide(&clean, Lifetime::Persistent, 0), Decision::Restart(Duration::from_secs(1)));
-    }
-
-    #[test]
-    fn deprecated_is_retried_before_it_is_fatal() {
-        let i = ExitInfo { listener_rc: Some(7), ..info() };
-        assert_eq!(decide(&i, Lifetime::Persistent, 0), Decision::Restart(Duration::from_secs(5)));
-        let Decision::Fatal(msg) = decide(&i, Lifetime::Persistent, 2) else { panic!("not fatal") };
-        assert!(msg.contains("rebuild the image with a newer runner"), "{msg}");
-        let line = ExitInfo { deprecated: true, listener_rc: Some(1), ..info() };
-        assert!(matches!(decide(&line, Lifetime::EphemeralRestart, 2), Decision::Fatal(_)));
-    }
 
     #[test]
     fn generated_names_are_unique_and_valid() {

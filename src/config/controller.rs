@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::limits::{MAX_CONTROLLER_BODY_BYTES, MAX_CONTROLLER_LIFETIME_SEC};
 use super::{valid_runner_name, Collector, ConfigError, Credentials, EnvSource, LogFormat, Scope, Secret};
 
 pub const DEFAULT_CONTROLLER_ADDR: &str = "0.0.0.0:8080";
@@ -19,6 +20,9 @@ pub const DEFAULT_CONTROLLER_IMAGE: &str = "ci-runner:latest";
 pub const DEFAULT_MAX_RUNNERS: usize = 4;
 pub const DEFAULT_MAX_LIFETIME_SEC: u64 = 6 * 3600;
 pub const DEFAULT_POLL_MS: u64 = 500;
+/// Issue #18: how often the queued jobs are listed through the REST API, for the deliveries
+/// that never arrived.
+pub const DEFAULT_RECONCILE_SEC: u64 = 60;
 /// GitHub caps a delivery at 25 MB; a `workflow_job` payload is a few KiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 /// The pool `POST /webhook` serves.
@@ -37,7 +41,8 @@ pub struct PoolConfig {
     /// Where GitHub should deliver: the repository's or organization's webhook is created or
     /// updated to point here.
     pub webhook_url: Option<String>,
-    /// The runners' custom labels (the defaults self-hosted, Linux, X64 come with them).
+    /// The runners' custom labels (the built-in self-hosted, Linux and the engine host's
+    /// architecture come with them).
     pub labels: Vec<String>,
     pub max_runners: usize,
     pub min_idle: usize,
@@ -68,6 +73,8 @@ pub struct ControllerConfig {
     /// `POST /webhook/{id}`'s pools, from `CONTROLLER_CONFIG`.
     pub pools: Vec<PoolConfig>,
     pub poll: Duration,
+    /// `CONTROLLER_RECONCILE_SEC`; `None` (`0`): off.
+    pub reconcile: Option<Duration>,
     pub max_body: usize,
     pub log_format: LogFormat,
     pub log_filter: String,
@@ -255,15 +262,32 @@ pub fn controller_config(env: &dyn EnvSource) -> Result<ControllerConfig, Config
             }
         },
     });
+    let reconcile = match c.get("CONTROLLER_RECONCILE_SEC") {
+        None => Some(Duration::from_secs(DEFAULT_RECONCILE_SEC)),
+        Some(v) => match v.parse::<u64>() {
+            Ok(0) => None,
+            Ok(n) if n <= 86_400 => Some(Duration::from_secs(n)),
+            _ => {
+                c.bad(
+                    "CONTROLLER_RECONCILE_SEC",
+                    Some(&v),
+                    "seconds between listings of the queued jobs, 1 to 86400, or 0 for none",
+                );
+                Some(Duration::from_secs(DEFAULT_RECONCILE_SEC))
+            }
+        },
+    };
     let max_body = match c.get("CONTROLLER_MAX_BODY_BYTES") {
         None => DEFAULT_MAX_BODY_BYTES,
         Some(v) => match v.parse::<usize>() {
-            Ok(n) if n >= 1024 => n,
+            Ok(n) if (1024..=MAX_CONTROLLER_BODY_BYTES).contains(&n) => n,
             _ => {
                 c.bad(
                     "CONTROLLER_MAX_BODY_BYTES",
                     Some(&v),
-                    "the largest webhook payload accepted, in bytes, at least 1024",
+                    format!(
+                        "the largest webhook payload accepted, in bytes, from 1024 to {MAX_CONTROLLER_BODY_BYTES} (GitHub's 25 MB cap)"
+                    ),
                 );
                 DEFAULT_MAX_BODY_BYTES
             }
@@ -296,6 +320,7 @@ pub fn controller_config(env: &dyn EnvSource) -> Result<ControllerConfig, Config
         single,
         pools,
         poll,
+        reconcile,
         max_body,
         log_format,
         log_filter,
@@ -331,7 +356,7 @@ fn single_pool(c: &mut Collector<'_>) -> Option<PoolConfig> {
                 c.bad(
                     "GH_LABELS",
                     Some(&raw),
-                    "comma-separated labels of at most 256 characters each, e.g. linux,docker",
+                    "comma-separated labels of at most 256 characters each, without control characters, e.g. linux,docker",
                 );
             }
             l
@@ -371,7 +396,8 @@ fn single_pool(c: &mut Collector<'_>) -> Option<PoolConfig> {
         let raw = binds.join(",");
         c.bad("CONTROLLER_RUNNER_BINDS", Some(&raw), "comma-separated /host/path:/container/path[:ro] bind mounts");
     }
-    let max_lifetime = c.positive_seconds("CONTROLLER_MAX_LIFETIME_SEC", DEFAULT_MAX_LIFETIME_SEC);
+    let max_lifetime =
+        c.positive_seconds("CONTROLLER_MAX_LIFETIME_SEC", DEFAULT_MAX_LIFETIME_SEC, MAX_CONTROLLER_LIFETIME_SEC);
     let name_prefix = c.get("RUNNER_NAME_PREFIX").unwrap_or_else(|| "ci-runner".into());
     if !valid_runner_name(&name_prefix) || name_prefix.len() > 30 {
         c.bad("RUNNER_NAME_PREFIX", Some(&name_prefix), "1-30 characters of A-Z a-z 0-9 . _ -");
@@ -447,13 +473,18 @@ fn file_pools(c: &mut Collector<'_>, path: &str) -> Vec<PoolConfig> {
             let t = std::fs::read_to_string(c.secrets_dir.join(name)).ok()?;
             Some(t.trim().to_string()).filter(|t| !t.is_empty())
         };
+        // A token or a webhook secret is one line; only a key spans several.
+        let read_line = |c: &Collector<'_>, name: &str| read(c, name).filter(|t| !t.chars().any(char::is_control));
         let credentials = match (&e.token_secret, &e.app) {
-            (Some(name), None) => match read(c, name) {
+            (Some(name), None) => match read_line(c, name) {
                 Some(t) => Some(Credentials::Pat(Secret::new(t))),
                 None => {
                     bad(
                         c,
-                        format!("token_secret {name:?}: a non-empty file of that name in {}", c.secrets_dir.display()),
+                        format!(
+                            "token_secret {name:?}: a non-empty file of that name in {}, one line without control characters",
+                            c.secrets_dir.display()
+                        ),
                     );
                     None
                 }
@@ -480,12 +511,12 @@ fn file_pools(c: &mut Collector<'_>, path: &str) -> Vec<PoolConfig> {
         };
         let webhook_secret = match &e.webhook_secret {
             Some(name) => {
-                let s = read(c, name);
+                let s = read_line(c, name);
                 if s.is_none() {
                     bad(
                         c,
                         format!(
-                            "webhook_secret {name:?}: a non-empty file of that name in {}",
+                            "webhook_secret {name:?}: a non-empty file of that name in {}, one line without control characters",
                             c.secrets_dir.display()
                         ),
                     );
@@ -521,6 +552,27 @@ fn file_pools(c: &mut Collector<'_>, path: &str) -> Vec<PoolConfig> {
         if e.binds.iter().any(|b| !valid_bind(b)) {
             bad(c, "binds: /host/path:/container/path[:ro] bind mounts".into());
         }
+        let texts = e.image.iter().chain(&e.network).chain(&e.binds).chain(e.env.keys()).chain(e.env.values());
+        if texts.clone().any(|t| t.chars().any(char::is_control))
+            || texts.map(String::len).sum::<usize>() > super::limits::MAX_VALUE_LEN
+        {
+            bad(
+                c,
+                format!(
+                    "image, network, binds and env: no control characters, at most {} bytes in all",
+                    super::limits::MAX_VALUE_LEN
+                ),
+            );
+        }
+        if e.max_lifetime_sec.is_some_and(|s| !(1..=MAX_CONTROLLER_LIFETIME_SEC).contains(&s)) {
+            bad(
+                c,
+                format!(
+                    "max_lifetime_sec: whole seconds from 1 to {MAX_CONTROLLER_LIFETIME_SEC} ({})",
+                    super::limits::human_seconds(MAX_CONTROLLER_LIFETIME_SEC)
+                ),
+            );
+        }
         let name_prefix = e.name_prefix.clone().unwrap_or_else(|| format!("ci-runner-{}", e.id));
         if !valid_runner_name(&name_prefix) || name_prefix.len() > 40 {
             bad(c, "name_prefix: 1-40 characters of A-Z a-z 0-9 . _ -".into());
@@ -539,7 +591,9 @@ fn file_pools(c: &mut Collector<'_>, path: &str) -> Vec<PoolConfig> {
             env,
             network: e.network.clone(),
             binds: e.binds.clone(),
-            max_lifetime: Duration::from_secs(e.max_lifetime_sec.unwrap_or(DEFAULT_MAX_LIFETIME_SEC).max(1)),
+            max_lifetime: Duration::from_secs(
+                e.max_lifetime_sec.unwrap_or(DEFAULT_MAX_LIFETIME_SEC).clamp(1, MAX_CONTROLLER_LIFETIME_SEC),
+            ),
             name_prefix,
             runner_group_id: e.runner_group_id.unwrap_or(crate::github::DEFAULT_RUNNER_GROUP_ID),
         });
@@ -571,6 +625,23 @@ mod tests {
         assert_eq!(p.max_runners, 3);
         assert_eq!(p.webhook_secret.unwrap().expose(), "s3cret");
         assert!(cfg.pools.is_empty());
+    }
+
+    #[test]
+    fn reconciliation_runs_every_minute_by_default_and_0_turns_it_off() {
+        let base = [("GH_TOKEN", "ghp_x"), ("GH_REPOSITORY", "o/r"), ("WEBHOOK_SECRET", "s"), ("SECRETS_DIR", "/no")];
+        let with = |extra: Option<&str>| {
+            let mut pairs = base.to_vec();
+            pairs.extend(extra.map(|v| ("CONTROLLER_RECONCILE_SEC", v)));
+            controller_config(&env(&pairs))
+        };
+        assert_eq!(with(None).unwrap().reconcile, Some(Duration::from_secs(60)));
+        assert_eq!(with(Some("5")).unwrap().reconcile, Some(Duration::from_secs(5)));
+        assert_eq!(with(Some("0")).unwrap().reconcile, None);
+        for bad in ["-1", "soon", "86401"] {
+            let e = with(Some(bad)).unwrap_err();
+            assert!(e.0.iter().any(|p| p.var == "CONTROLLER_RECONCILE_SEC"), "{bad}: {e:?}");
+        }
     }
 
     #[test]
@@ -635,5 +706,62 @@ mod tests {
         let vars: Vec<&str> = e.0.iter().map(|p| p.var).collect();
         assert!(vars.contains(&"GH_TOKEN") && vars.contains(&"RUNNER_EPHEMERAL"), "{vars:?}");
         assert!(!cfg.runner_env.iter().any(|(k, _)| k == "RUNNER_JITCONFIG"));
+    }
+
+    #[test]
+    fn controller_values_are_bounded_and_checked_each_named() {
+        let base = [
+            ("GH_TOKEN", "ghp_x"),
+            ("GH_REPOSITORY", "o/r"),
+            ("WEBHOOK_SECRET", "s3cret"),
+            ("SECRETS_DIR", "/nonexistent"),
+        ];
+        for (var, value, says) in [
+            ("CONTROLLER_MAX_LIFETIME_SEC", "10000000000000000000", "from 1 to 604800 (7 days)"),
+            ("CONTROLLER_MAX_LIFETIME_SEC", "604801", "from 1 to 604800"),
+            ("CONTROLLER_MAX_BODY_BYTES", "99999999999", "from 1024 to 26214400"),
+            ("GH_SERVER_URL", "https://ghes.example:99999", "invalid port"),
+            ("WEBHOOK_URL", "https://hooks.example/\nx", "control characters"),
+            ("WEBHOOK_SECRET", "s3c\nret", "control characters"),
+            ("GH_LABELS", "gpu,do\ncker", "control characters"),
+            ("CONTROLLER_IMAGE", "img:1\u{1b}", "control characters"),
+        ] {
+            let mut pairs = base.to_vec();
+            pairs.retain(|(k, _)| *k != var);
+            pairs.push((var, value));
+            let e = controller_config(&env(&pairs)).expect_err(var);
+            let vars: Vec<&str> = e.0.iter().map(|p| p.var).collect();
+            assert_eq!(vars, [var], "{var}={value:?}: {:?}", e.0);
+            assert!(e.0[0].to_string().contains(says), "{var}: {}", e.0[0]);
+            if var == "WEBHOOK_SECRET" {
+                assert!(!e.0[0].to_string().contains("s3c"), "the secret was shown: {}", e.0[0]);
+            }
+        }
+    }
+
+    #[test]
+    fn config_file_pools_bound_the_lifetime_and_refuse_control_characters() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("PAT"), "ghp_a\n").unwrap();
+        std::fs::write(dir.path().join("TWO_LINES"), "ghp_a\nghp_b\n").unwrap();
+        std::fs::write(dir.path().join("HOOK"), "hook\n").unwrap();
+        let file = dir.path().join("controller.json");
+        let sd = dir.path().display().to_string();
+        let fp = file.display().to_string();
+        for (pool, says) in [
+            (r#""token_secret": "PAT", "max_lifetime_sec": 10000000000000000000"#, "max_lifetime_sec"),
+            (r#""token_secret": "TWO_LINES""#, "one line without control characters"),
+            (r#""token_secret": "PAT", "image": "img\u001b:1""#, "no control characters"),
+            (r#""token_secret": "PAT", "webhook_url": "https://h.example:99999/""#, "webhook_url"),
+        ] {
+            let text = format!(
+                r#"{{"pools": [{{"id": "a", "repository": "o/r", "webhook_secret": "HOOK", "labels": ["gpu"], {pool}}}]}}"#
+            );
+            std::fs::write(&file, text).unwrap();
+            let e = controller_config(&env(&[("SECRETS_DIR", &sd), ("CONTROLLER_CONFIG", &fp)])).unwrap_err();
+            assert!(e.0.iter().all(|p| p.var == "CONTROLLER_CONFIG"), "{e:?}");
+            assert!(e.0.iter().any(|p| p.expected.contains(says)), "{pool}: {e:?}");
+            assert!(!format!("{e:?}").contains("ghp_b"), "{e:?}");
+        }
     }
 }

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions,
-    UploadToContainerOptions,
+    CreateContainerOptions, CreateImageOptions, KillContainerOptions, ListContainersOptions, RemoveContainerOptions,
+    StartContainerOptions, UploadToContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -48,6 +48,11 @@ pub enum EngineError {
     #[error("list the containers of pool {pool}")]
     List {
         pool: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("read the Docker engine's system information")]
+    Info {
         #[source]
         source: bollard::errors::Error,
     },
@@ -100,6 +105,13 @@ impl Engine {
         let docker = self.docker.negotiate_version().await.map_err(err)?;
         docker.ping().await.map_err(err)?;
         Ok(Self { docker, controller: self.controller })
+    }
+
+    /// The engine host's architecture (`docker info`'s `Architecture`, e.g. `x86_64`): where
+    /// the runner containers run, which may not be where the controller runs.
+    pub async fn architecture(&self) -> Result<String, EngineError> {
+        let info = self.docker.info().await.map_err(|source| EngineError::Info { source })?;
+        Ok(info.architecture.unwrap_or_default())
     }
 
     /// Create, upload the JIT configuration, start. A container that fails to start is removed.
@@ -211,7 +223,22 @@ impl Engine {
             .collect())
     }
 
-    /// Removes container `name` (force: one past its lifetime may still run); gone already is fine.
+    /// SIGTERM to container `name`'s PID 1, the supervisor, which drains: a running job
+    /// finishes, the runner de-registers, the container exits. The pool waits for the exit
+    /// (and kills past its grace), not this call: `docker stop`'s wait would outlast the API
+    /// client's timeout. Gone already, or no longer running, is fine.
+    pub async fn stop(&self, name: &str) -> Result<(), EngineError> {
+        let options = KillContainerOptions { signal: "SIGTERM".into() };
+        match self.docker.kill_container(name, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) || is_not_running(&e) => Ok(()),
+            Err(source) => Err(EngineError::Api { what: "stop", name: name.into(), source }),
+        }
+    }
+
+    /// Removes container `name`; gone already is fine. Force: the pool removes only exited
+    /// containers, except one whose drain overran the grace period (then this is the kill of
+    /// `docker stop`).
     pub async fn remove(&self, name: &str) -> Result<(), EngineError> {
         let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
         match self.docker.remove_container(name, Some(options)).await {
@@ -224,6 +251,11 @@ impl Engine {
 
 fn is_not_found(e: &bollard::errors::Error) -> bool {
     matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
+}
+
+/// The engine's 409 to a kill: "container … is not running".
+fn is_not_running(e: &bollard::errors::Error) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 409, .. })
 }
 
 /// `image` as the engine's pull wants it: with a tag, `latest` when it names none (a pull

@@ -30,8 +30,9 @@ use crate::config::SINGLE_POOL_ID;
 use crate::metrics::{escape, family};
 
 /// Outcomes of a delivery, the label of `ci_runner_controller_webhook_deliveries_total`.
-pub const OUTCOMES: [&str; 11] = [
+pub const OUTCOMES: [&str; 13] = [
     "queued",
+    "waiting",
     "duplicate",
     "job_event",
     "unserved_labels",
@@ -42,6 +43,7 @@ pub const OUTCOMES: [&str; 11] = [
     "bad_signature",
     "too_large",
     "bad_payload",
+    "bad_content_type",
 ];
 
 struct Shared {
@@ -134,6 +136,18 @@ async fn deliver(s: &Shared, id: &str, headers: &HeaderMap, body: Result<Bytes, 
         warn!(pool = %id, delivery = %delivery_id, error = %e, "Delivery refused.");
         return reply(StatusCode::UNAUTHORIZED, outcome, e.to_string());
     }
+    let body = match webhook::payload(header("content-type"), &body) {
+        Ok(b) => b,
+        Err(e) => {
+            let (status, outcome) = match e {
+                webhook::BodyError::ContentType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "bad_content_type"),
+                webhook::BodyError::NoPayload => (StatusCode::BAD_REQUEST, "bad_payload"),
+            };
+            s.count(outcome);
+            warn!(pool = %id, delivery = %delivery_id, error = %e, "Delivery refused.");
+            return reply(status, outcome, e.to_string());
+        }
+    };
     let delivery = match webhook::parse(header("x-github-event"), &body) {
         Ok(d) => d,
         Err(e) => {
@@ -159,10 +173,16 @@ async fn deliver(s: &Shared, id: &str, headers: &HeaderMap, body: Result<Bytes, 
     }
     match job.action {
         JobAction::Queued => {
-            if !webhook::serves(&pool.labels, &job.labels) {
+            if !pool.labels.serves(&job.labels) {
                 s.count("unserved_labels");
                 info!(pool = %id, job_id = job.job_id, labels = ?job.labels, "Job not for this pool's runners.");
                 return reply(StatusCode::OK, "unserved_labels", format!("labels {:?} are not all served", job.labels));
+            }
+            if job.held() {
+                // Not remembered as seen: its release is the `queued` delivery that follows.
+                s.count("waiting");
+                info!(pool = %id, job_id = job.job_id, "Job waits for an approval; no runner until it is released.");
+                return reply(StatusCode::OK, "waiting", format!("job {} waits for approval", job.job_id));
             }
             let (tx, rx) = oneshot::channel();
             if pool.tx.send(Command::Queued { job_id: job.job_id, received, reply: tx }).is_err() {
@@ -207,10 +227,10 @@ async fn health(State(s): State<AppState>) -> Response {
             let st = p.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
             serde_json::json!({
                 "id": p.id, "scope": p.scope.to_string(), "queued_jobs": st.waiting,
-                "starting": st.starting, "idle": st.idle, "busy": st.busy, "exited": st.exited,
+                "starting": st.starting, "idle": st.idle, "busy": st.busy, "draining": st.draining, "exited": st.exited,
                 "containers": st.containers, "high_water": st.high_water,
                 "starts": st.starts, "start_failures": st.start_failures, "removals": st.removals,
-                "adopted": st.adopted,
+                "stops": st.stops, "adopted": st.adopted,
             })
         })
         .collect();
@@ -255,7 +275,13 @@ async fn metrics(State(s): State<AppState>) -> Response {
     });
     family(&mut out, "ci_runner_controller_containers", "gauge", "Runner containers by state.");
     for (p, st, _) in &pools {
-        for (state, n) in [("starting", st.starting), ("idle", st.idle), ("busy", st.busy), ("exited", st.exited)] {
+        for (state, n) in [
+            ("starting", st.starting),
+            ("idle", st.idle),
+            ("busy", st.busy),
+            ("draining", st.draining),
+            ("exited", st.exited),
+        ] {
             let _ =
                 writeln!(out, "ci_runner_controller_containers{{pool=\"{}\",state=\"{state}\"}} {n}", escape(&p.id));
         }
@@ -280,7 +306,41 @@ async fn metrics(State(s): State<AppState>) -> Response {
         &|st| st.start_failures,
     );
     counter(&mut out, "ci_runner_controller_removals_total", "Runner containers removed.", &|st| st.removals);
+    counter(
+        &mut out,
+        "ci_runner_controller_stops_total",
+        "Runner containers stopped to drain (past their lifetime, or idle and not needed).",
+        &|st| st.stops,
+    );
     counter(&mut out, "ci_runner_controller_adopted_total", "Containers of an earlier run adopted.", &|st| st.adopted);
+    let reconcile = |out: &mut String, name: &str, help: &str, f: &dyn Fn(&super::reconcile::Counters) -> u64| {
+        family(out, name, "counter", help);
+        for (p, _, _) in &pools {
+            let _ = writeln!(out, "{name}{{pool=\"{}\"}} {}", escape(&p.id), f(&p.reconcile));
+        }
+    };
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    reconcile(&mut out, "ci_runner_controller_reconcile_passes_total", "Listings of the queued jobs.", &|c| {
+        load(&c.passes)
+    });
+    reconcile(
+        &mut out,
+        "ci_runner_controller_reconcile_failures_total",
+        "Listings of the queued jobs that failed.",
+        &|c| load(&c.failures),
+    );
+    reconcile(
+        &mut out,
+        "ci_runner_controller_reconcile_api_calls_total",
+        "GitHub REST calls made by the listings of the queued jobs.",
+        &|c| load(&c.api_calls),
+    );
+    reconcile(
+        &mut out,
+        "ci_runner_controller_reconcile_jobs_found_total",
+        "Queued jobs found by a listing that no delivery had brought.",
+        &|c| load(&c.found),
+    );
     family(
         &mut out,
         "ci_runner_controller_queue_wait_seconds",

@@ -12,7 +12,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use super::engine::{Engine, RunnerSpec};
-use super::pool::{Action, Admission, Event, Pool, Stats};
+use super::pool::{stop_grace, Action, Admission, Event, Pool, Stats};
+use super::reconcile;
+use super::webhook::RunnerLabels;
 use super::ControllerError;
 use crate::config::{ControllerConfig, PoolConfig, Scope, Secret};
 use crate::error::chain;
@@ -20,9 +22,17 @@ use crate::github::{Auth, Budget, Deleted, Github};
 
 /// What the HTTP side sends a pool's task.
 pub enum Command {
-    Queued { job_id: u64, received: Instant, reply: oneshot::Sender<Admission> },
+    Queued {
+        job_id: u64,
+        received: Instant,
+        reply: oneshot::Sender<Admission>,
+    },
     Event(Event),
     ListFailed,
+    /// Queued jobs the pool serves, listed through the REST API: admitted as deliveries are.
+    Reconciled {
+        jobs: Vec<u64>,
+    },
 }
 
 /// A pool as the HTTP side sees it: its secret, labels and scope, its task's mailbox, its stats.
@@ -30,11 +40,13 @@ pub enum Command {
 pub struct PoolHandle {
     pub id: String,
     pub scope: Scope,
-    pub labels: Vec<String>,
+    /// What its runners register with, and the jobs they can take.
+    pub labels: RunnerLabels,
     pub secret: Secret,
     pub tx: mpsc::UnboundedSender<Command>,
     pub stats: Arc<Mutex<Stats>>,
     pub latency: Arc<Mutex<Latency>>,
+    pub reconcile: Arc<reconcile::Counters>,
 }
 
 /// Webhook received → runner container started (the Docker engine's start returned).
@@ -49,6 +61,7 @@ pub struct Latency {
 pub async fn start_pools(
     cfg: &ControllerConfig,
     engine: &Engine,
+    arch: &str,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) -> Result<Vec<PoolHandle>, ControllerError> {
@@ -68,23 +81,52 @@ pub async fn start_pools(
         let stats = Arc::new(Mutex::new(Stats::default()));
         let latency = Arc::new(Mutex::new(Latency::default()));
         let queue_file = cfg.state_dir.join(format!("{}.queue.json", p.id));
+        let draining_file = cfg.state_dir.join(format!("{}.draining.json", p.id));
+        let stopped_before: Vec<String> =
+            std::fs::read(&draining_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let labels = RunnerLabels::new(&p.labels, arch);
+        let counters = Arc::new(reconcile::Counters::default());
         let task = PoolTask {
             queue_file,
             saved: Vec::new(),
+            draining_saved: stopped_before.clone(),
+            draining_file,
             cfg: p.clone(),
+            labels: labels.clone(),
             server_url: cfg.server_url.clone(),
             api_url: cfg.api_url.clone(),
-            pool: Pool::new(p.max_runners, p.min_idle, p.max_lifetime, format!("{}-{nonce}", p.name_prefix)),
+            pool: Pool::new(p.max_runners, p.min_idle, p.max_lifetime, format!("{}-{nonce}", p.name_prefix))
+                .with_stop_grace(stop_grace(&p.env))
+                .with_stopped_before(stopped_before),
             engine: engine.clone(),
             github,
             tx: tx.clone(),
             stats: stats.clone(),
             latency: latency.clone(),
             received: std::collections::HashMap::new(),
+            counters: counters.clone(),
             tracker: tracker.clone(),
             cancel: cancel.clone(),
             poll: cfg.poll,
         };
+        match cfg.reconcile {
+            Some(period) if reconcile::supported(&p.scope) => {
+                let run = reconcile::run(
+                    task.github.clone(),
+                    p.scope.clone(),
+                    labels.clone(),
+                    period,
+                    tx.clone(),
+                    counters.clone(),
+                    cancel.clone(),
+                );
+                tracker.spawn(run.instrument(tracing::info_span!("reconcile", id = %p.id)));
+            }
+            Some(_) => {
+                info!(pool = %p.id, scope = %p.scope, "No reconciliation for an organization's pool: its jobs come by webhook only.")
+            }
+            None => {}
+        }
         tracker.spawn(task.run(rx).instrument(tracing::info_span!("pool", id = %p.id)));
         tracker.spawn(
             pull_if_missing(engine.clone(), p.image.clone()).instrument(tracing::info_span!("pool", id = %p.id)),
@@ -92,11 +134,12 @@ pub async fn start_pools(
         handles.push(PoolHandle {
             id: p.id.clone(),
             scope: p.scope.clone(),
-            labels: p.labels.clone(),
+            labels,
             secret,
             tx,
             stats,
             latency,
+            reconcile: counters,
         });
     }
     Ok(handles)
@@ -124,7 +167,12 @@ struct PoolTask {
     /// `<state dir>/<pool>.queue.json`: the waiting jobs' ids, so that a restart drops none.
     queue_file: std::path::PathBuf,
     saved: Vec<u64>,
+    /// `<state dir>/<pool>.draining.json`: the containers sent their SIGTERM, so that a
+    /// restarted controller never sends a second one (it would escalate the drain).
+    draining_file: std::path::PathBuf,
+    draining_saved: Vec<String>,
     cfg: PoolConfig,
+    labels: RunnerLabels,
     server_url: String,
     api_url: String,
     pool: Pool,
@@ -135,6 +183,7 @@ struct PoolTask {
     latency: Arc<Mutex<Latency>>,
     /// When the delivery that asked for a runner arrived, by runner name, for the latency.
     received: std::collections::HashMap<String, Instant>,
+    counters: Arc<reconcile::Counters>,
     tracker: TaskTracker,
     cancel: CancellationToken,
     poll: Duration,
@@ -192,6 +241,18 @@ impl PoolTask {
                         listing = false;
                         continue;
                     }
+                    Command::Reconciled { jobs } => {
+                        for job_id in jobs {
+                            let (admission, actions) = self.pool.admit(job_id, Instant::now());
+                            if admission == Admission::Queued {
+                                self.counters.found.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                info!(job_id, "Job found queued by reconciliation; no delivery had brought it.");
+                            }
+                            self.execute(actions, None);
+                        }
+                        self.publish();
+                        continue;
+                    }
                 },
                 _ = tick.tick() => {
                     if !listing {
@@ -216,6 +277,13 @@ impl PoolTask {
                 warn!(path = %self.queue_file.display(), error = %e, "Failed to save the waiting jobs; a restart now would forget them.");
             }
             self.saved = waiting;
+        }
+        let draining = self.pool.draining();
+        if draining != self.draining_saved {
+            if let Err(e) = save_json(&self.draining_file, &draining) {
+                warn!(path = %self.draining_file.display(), error = %e, "Failed to save the draining containers; a restart now would stop them again.");
+            }
+            self.draining_saved = draining;
         }
     }
 
@@ -251,6 +319,7 @@ impl PoolTask {
                         name,
                         for_job,
                         cfg: self.cfg.clone(),
+                        labels: self.labels.clone(),
                         server_url: self.server_url.clone(),
                         api_url: self.api_url.clone(),
                         engine: self.engine.clone(),
@@ -261,6 +330,19 @@ impl PoolTask {
                         cancel: self.cancel.clone(),
                     };
                     self.tracker.spawn(job.run());
+                }
+                Action::Stop { name } => {
+                    let engine = self.engine.clone();
+                    let tx = self.tx.clone();
+                    self.tracker.spawn(async move {
+                        match engine.stop(&name).await {
+                            Ok(()) => info!(container = %name, "Runner container stopping: its runner finishes a running job, de-registers and exits."),
+                            Err(e) => {
+                                warn!(container = %name, error = %chain(&e), "Failed to stop the runner container; trying again at the next listing.");
+                                let _ = tx.send(Command::Event(Event::StopFailed { name }));
+                            }
+                        }
+                    });
                 }
                 Action::Remove { name, deregister } => {
                     self.received.remove(&name);
@@ -274,8 +356,8 @@ impl PoolTask {
                             Ok(()) => info!(container = %name, "Runner container removed."),
                             Err(e) => {
                                 warn!(container = %name, error = %chain(&e), "Failed to remove the runner container; trying again at the next tick.");
-                                // Seen again at the next listing, and removed then.
-                                let _ = tx.send(Command::Event(Event::Removed { name: name.clone() }));
+                                // Asked again at the next listing that shows it.
+                                let _ = tx.send(Command::Event(Event::RemoveFailed { name: name.clone() }));
                                 return;
                             }
                         }
@@ -299,6 +381,7 @@ struct StartJob {
     name: String,
     for_job: Option<u64>,
     cfg: PoolConfig,
+    labels: RunnerLabels,
     server_url: String,
     api_url: String,
     engine: Engine,
@@ -311,14 +394,15 @@ struct StartJob {
 
 impl StartJob {
     async fn run(self) {
-        let labels = crate::runner::jit_labels(&self.cfg.labels, false);
+        // The labels jobs are matched against (`RunnerLabels::serves`), architecture included.
+        let labels = self.labels.registered();
         let jit = match self
             .github
             .generate_jitconfig(
                 &self.cfg.scope,
                 &self.name,
                 self.cfg.runner_group_id,
-                &labels,
+                labels,
                 "_work",
                 Budget::attempts(3),
                 &self.cancel,
@@ -380,11 +464,15 @@ impl StartJob {
 
 /// Written whole to a temporary file, then renamed over the old one.
 fn save_queue(path: &std::path::Path, waiting: &[u64]) -> std::io::Result<()> {
+    save_json(path, waiting)
+}
+
+fn save_json<T: serde::Serialize + ?Sized>(path: &std::path::Path, value: &T) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(waiting).map_err(std::io::Error::other)?)?;
+    std::fs::write(&tmp, serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
     std::fs::rename(&tmp, path)
 }
 

@@ -26,8 +26,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// How long a stopped Listener may take to exit before its group is killed: the runner's own
-/// cancel path needs SIGINT → 7.5 s → SIGTERM → 2.5 s for the step, plus reporting.
+/// How long a stopped Listener may take to exit before its group is killed, by default
+/// (`RUNNER_STOP_GRACE_SEC`): the runner's own cancel path needs SIGINT → 7.5 s → SIGTERM →
+/// 2.5 s for the step, then the cancelled job's `always()` post steps and job-completed hook,
+/// then the report.
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
 /// Pause before deleting again after GitHub answered that the runner is busy while the
 /// Listener shows no job (an assignment on its way).
@@ -123,6 +125,7 @@ pub struct Drain {
     /// The Listener has been sent SIGINT.
     stopped: bool,
     kill_at: Option<Instant>,
+    stop_grace: Duration,
     killed: bool,
     /// When the first DELETE went out.
     deleting_since: Option<Instant>,
@@ -143,8 +146,15 @@ pub struct Summary {
 
 impl Drain {
     /// A drain starting at `now`: `deadline` is `None` when it would lie beyond any instant
-    /// (an unbounded drain), `busy` the job running, if any.
-    pub fn start(now: Instant, deadline: Option<Instant>, busy: Option<String>, api: Api) -> (Self, Vec<Action>) {
+    /// (an unbounded drain), `busy` the job running, if any; a stopped Listener is killed after
+    /// `stop_grace`.
+    pub fn start(
+        now: Instant,
+        deadline: Option<Instant>,
+        busy: Option<String>,
+        api: Api,
+        stop_grace: Duration,
+    ) -> (Self, Vec<Action>) {
         let mut d = Self {
             deadline,
             signals: 1,
@@ -154,6 +164,7 @@ impl Drain {
             busy,
             stopped: false,
             kill_at: None,
+            stop_grace,
             killed: false,
             deleting_since: None,
             cancelled: Vec::new(),
@@ -281,7 +292,7 @@ impl Drain {
         }
         self.stopped = true;
         let cancels = self.cancel_running();
-        self.kill_at = Some(now + STOP_GRACE);
+        self.kill_at = now.checked_add(self.stop_grace);
         out.push(Action::StopListener { cancels });
     }
 
@@ -312,7 +323,7 @@ mod tests {
     #[test]
     fn idle_drain_strips_labels_then_deletes_then_stops() {
         let now = t0();
-        let (mut d, out) = Drain::start(now, Some(now + Duration::from_secs(60)), None, API);
+        let (mut d, out) = Drain::start(now, Some(now + Duration::from_secs(60)), None, API, STOP_GRACE);
         // Never a DELETE or a SIGINT before the labels call is over.
         assert_eq!(out, vec![Action::RequestRunnerDrain, Action::StripLabels]);
         assert_eq!(d.on_event(Event::LabelsDone, now), vec![Action::Delete]);
@@ -324,7 +335,7 @@ mod tests {
     #[test]
     fn a_job_that_slips_in_before_the_labels_go_is_waited_for() {
         let now = t0();
-        let (mut d, _) = Drain::start(now, Some(now + Duration::from_secs(60)), None, API);
+        let (mut d, _) = Drain::start(now, Some(now + Duration::from_secs(60)), None, API, STOP_GRACE);
         assert!(d.on_event(Event::JobStarted("late".into()), now).is_empty());
         assert!(d.on_event(Event::LabelsDone, now).is_empty(), "nothing may happen while a job runs");
         assert_eq!(d.on_event(Event::JobCompleted, now), vec![Action::Delete]);
@@ -336,7 +347,8 @@ mod tests {
     #[test]
     fn mid_job_drain_deletes_before_the_sigint_and_waits_for_a_job_assigned_meanwhile() {
         let now = t0();
-        let (mut d, out) = Drain::start(now, Some(now + Duration::from_secs(600)), Some("first".into()), API);
+        let (mut d, out) =
+            Drain::start(now, Some(now + Duration::from_secs(600)), Some("first".into()), API, STOP_GRACE);
         assert_eq!(out, vec![Action::RequestRunnerDrain, Action::StripLabels]);
         assert!(d.on_event(Event::LabelsDone, now).is_empty());
         // The job ends: the registration goes first; the Listener, still polling, is not stopped.
@@ -354,7 +366,7 @@ mod tests {
     #[test]
     fn a_busy_answer_with_no_job_shown_asks_again_after_a_pause() {
         let now = t0();
-        let (mut d, _) = Drain::start(now, None, None, API);
+        let (mut d, _) = Drain::start(now, None, None, API, STOP_GRACE);
         d.on_event(Event::LabelsDone, now);
         assert!(d.on_event(Event::Deleted(DeleteAnswer::Busy), now).is_empty());
         assert_eq!(d.wake_at(), Some(now + BUSY_RETRY));
@@ -365,7 +377,7 @@ mod tests {
     #[test]
     fn a_worker_seen_when_the_delete_succeeds_is_waited_for() {
         let now = t0();
-        let (mut d, _) = Drain::start(now, None, None, API);
+        let (mut d, _) = Drain::start(now, None, None, API, STOP_GRACE);
         d.on_event(Event::LabelsDone, now);
         assert!(d.on_event(Event::Deleted(DeleteAnswer::Gone { worker: true }), now).is_empty());
         assert_eq!(d.busy(), Some("(starting)"));
@@ -378,7 +390,7 @@ mod tests {
     fn the_deadline_cancels_a_slipped_in_job() {
         let now = t0();
         let deadline = now + Duration::from_secs(5);
-        let (mut d, _) = Drain::start(now, Some(deadline), Some("first".into()), API);
+        let (mut d, _) = Drain::start(now, Some(deadline), Some("first".into()), API, STOP_GRACE);
         d.on_event(Event::LabelsDone, now);
         d.on_event(Event::JobCompleted, now);
         d.on_event(Event::Deleted(DeleteAnswer::Busy), now);
@@ -397,13 +409,13 @@ mod tests {
     #[test]
     fn a_spot_notice_brings_the_deadline_forward_never_back() {
         let now = t0();
-        let (mut d, _) = Drain::start(now, Some(now + Duration::from_secs(100)), Some("j".into()), API);
+        let (mut d, _) = Drain::start(now, Some(now + Duration::from_secs(100)), Some("j".into()), API, STOP_GRACE);
         d.on_event(Event::Spot { by: now + Duration::from_secs(10) }, now);
         assert_eq!(d.wake_at(), Some(now + Duration::from_secs(10)));
         d.on_event(Event::Spot { by: now + Duration::from_secs(50) }, now);
         assert_eq!(d.wake_at(), Some(now + Duration::from_secs(10)));
         // An unbounded drain gets the notice's deadline.
-        let (mut u, _) = Drain::start(now, None, Some("j".into()), API);
+        let (mut u, _) = Drain::start(now, None, Some("j".into()), API, STOP_GRACE);
         assert_eq!(u.wake_at(), None);
         u.on_event(Event::Spot { by: now + Duration::from_secs(7) }, now);
         assert_eq!(u.wake_at(), Some(now + Duration::from_secs(7)));
@@ -412,7 +424,7 @@ mod tests {
     #[test]
     fn second_signal_cancels_third_kills() {
         let now = t0();
-        let (mut d, _) = Drain::start(now, None, Some("j".into()), API);
+        let (mut d, _) = Drain::start(now, None, Some("j".into()), API, STOP_GRACE);
         assert_eq!(d.on_event(Event::Signal, now), vec![stop(Some("j"))]);
         assert_eq!(d.on_event(Event::Signal, now), vec![Action::Kill]);
         assert!(d.on_event(Event::Signal, now).is_empty(), "killed once");
@@ -422,7 +434,7 @@ mod tests {
     #[test]
     fn a_job_received_after_the_stop_counts_as_cancelled() {
         let now = t0();
-        let (mut d, out) = Drain::start(now, None, None, NO_API);
+        let (mut d, out) = Drain::start(now, None, None, NO_API, STOP_GRACE);
         // No API: nothing to strip or delete; only the Listener's stop.
         assert_eq!(out, vec![Action::RequestRunnerDrain, stop(None)]);
         d.on_event(Event::JobStarted("raced".into()), now);
@@ -432,7 +444,7 @@ mod tests {
     #[test]
     fn no_api_mid_job_stops_at_the_jobs_end() {
         let now = t0();
-        let (mut d, out) = Drain::start(now, None, Some("j".into()), NO_API);
+        let (mut d, out) = Drain::start(now, None, Some("j".into()), NO_API, STOP_GRACE);
         assert_eq!(out, vec![Action::RequestRunnerDrain]);
         assert_eq!(d.on_event(Event::JobCompleted, now), vec![stop(None)]);
         assert!(d.summary().cancelled.is_empty());
@@ -441,7 +453,7 @@ mod tests {
     #[test]
     fn failed_deletes_retry_for_the_delete_phase_then_the_listener_stops() {
         let now = t0();
-        let (mut d, _) = Drain::start(now, Some(now + Duration::from_secs(600)), None, API);
+        let (mut d, _) = Drain::start(now, Some(now + Duration::from_secs(600)), None, API, STOP_GRACE);
         d.on_event(Event::LabelsDone, now);
         let mut at = now;
         let mut deletes = 1;
@@ -467,7 +479,7 @@ mod tests {
     fn busy_answers_are_not_failures_and_wait_for_the_deadline() {
         let now = t0();
         let deadline = now + Duration::from_secs(60);
-        let (mut d, _) = Drain::start(now, Some(deadline), None, API);
+        let (mut d, _) = Drain::start(now, Some(deadline), None, API, STOP_GRACE);
         d.on_event(Event::LabelsDone, now);
         let mut at = now;
         loop {
@@ -486,7 +498,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn wake_at_follows_the_paused_clock() {
         let now = Instant::now();
-        let (mut d, _) = Drain::start(now, Some(now + Duration::from_secs(30)), None, NO_API);
+        let (mut d, _) = Drain::start(now, Some(now + Duration::from_secs(30)), None, NO_API, STOP_GRACE);
         assert_eq!(d.wake_at(), Some(now + STOP_GRACE), "stopped at once: only the kill is due");
         tokio::time::advance(STOP_GRACE).await;
         assert_eq!(d.on_event(Event::Tick, Instant::now()), vec![Action::Kill]);

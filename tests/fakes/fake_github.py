@@ -34,7 +34,7 @@ import urllib.error
 from datetime import datetime, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote_plus, unquote, urlencode, urlsplit
 
 DOCS = "https://docs.github.com/rest"
 RUNNER_DOCS = "https://docs.github.com/rest/actions/self-hosted-runners"
@@ -236,6 +236,7 @@ class State:
         self.hooks = {}          # id -> {"id", "scope", "active", "events", "config": {url, content_type, secret, insecure_ssl}}
         self.next_hook_id = 1
         self.deliveries = []     # the webhook delivery log (see SPEC.md)
+        self.drops = []          # [{"count", "action"}]: deliveries lost on the way (see SPEC.md)
         self.requests.clear()
         self.add_org("octo-org")
         self.add_repo("octo-org/octo-repo")
@@ -435,6 +436,7 @@ class State:
     def job_json(self, j):
         return {
             "id": j["id"], "name": j["name"], "scope": self.scope_display(j["scope"]),
+            "run_id": j["run_id"],
             "repository": j["repository"], "labels": j["labels"], "status": j["status"],
             "result": j["result"], "runner_id": j["runner_id"], "runner_name": j["runner_name"],
             "created_at": iso_z(j["created_at"]), "assigned_at": iso_z(j["assigned_at"]),
@@ -516,7 +518,7 @@ class State:
         payload = {
             "action": action,
             "workflow_job": {
-                "id": j["id"], "run_id": 100000 + j["id"], "run_attempt": 1, "name": j["name"],
+                "id": j["id"], "run_id": j["run_id"], "run_attempt": 1, "name": j["name"],
                 "workflow_name": "CI", "head_branch": "main", "status": j["status"],
                 "conclusion": conclusion, "labels": j["labels"],
                 "created_at": iso_z(j["created_at"]), "started_at": iso_z(j["assigned_at"]),
@@ -541,9 +543,62 @@ class State:
             d = {"id": str(uuid.uuid4()), "hook_id": h["id"], "event": "workflow_job", "action": action,
                  "job_id": j["id"], "url": h["config"].get("url"), "status": None, "error": None,
                  "queued_at": time.time(), "delivered_at": None, "body": body,
+                 "content_type": h["config"].get("content_type") or "form",
                  "secret": h["config"].get("secret") or ""}
             self.deliveries.append(d)
+            drop = next((x for x in self.drops if x["count"] > 0 and x["action"] in (None, action)), None)
+            if drop:
+                # Lost on the way (a proxy, a network fault): GitHub records a failure and
+                # does not retry by itself.
+                drop["count"] -= 1
+                d["error"], d["delivered_at"] = "dropped by the fake", time.time()
+                continue
             OUTBOX.put(d)
+
+    # ----------------------------------------------------------------- workflow runs
+    def run_status(self, jobs):
+        """A run's status from its jobs' (GitHub's rollup): completed when all are, in_progress
+        once one has started, waiting while one waits for approval and none is queued."""
+        states = {j["status"] for j in jobs}
+        if states == {"completed"}:
+            return "completed"
+        if "in_progress" in states or "completed" in states:
+            return "in_progress"
+        if "queued" in states:
+            return "queued"
+        return "waiting"
+
+    def runs_of(self, repo):
+        runs = {}
+        for jid in sorted(self.jobs):
+            j = self.jobs[jid]
+            if j["repository"].lower() == repo:
+                runs.setdefault(j["run_id"], []).append(j)
+        return runs
+
+    def run_json(self, run_id, jobs):
+        first = jobs[0]
+        status = self.run_status(jobs)
+        conclusion = None
+        if status == "completed":
+            conclusion = "success" if all(j["result"] in ("Succeeded", "SucceededWithIssues") for j in jobs) else "failure"
+        return {"id": run_id, "name": "CI", "run_attempt": 1, "status": status, "conclusion": conclusion,
+                "event": "push", "head_branch": "main",
+                "repository": {"full_name": first["repository"]},
+                "created_at": iso_z(first["created_at"]), "updated_at": iso_z(time.time())}
+
+    def rest_job_json(self, j):
+        conclusion = None
+        if j["status"] == "completed":
+            conclusion = {"Succeeded": "success", "SucceededWithIssues": "success", "Failed": "failure",
+                          "Canceled": "cancelled", "Skipped": "skipped"}.get(j["result"], "failure")
+        return {"id": j["id"], "run_id": j["run_id"], "run_attempt": 1, "name": j["name"],
+                "workflow_name": "CI", "head_branch": "main", "status": j["status"], "conclusion": conclusion,
+                "labels": j["labels"], "runner_id": j["runner_id"], "runner_name": j["runner_name"],
+                "runner_group_id": 1 if j["runner_id"] else None,
+                "runner_group_name": "Default" if j["runner_id"] else None,
+                "created_at": iso_z(j["created_at"]), "started_at": iso_z(j["assigned_at"] or j["created_at"]),
+                "completed_at": iso_z(j["completed_at"])}
 
 
 OUTBOX = queue.Queue()
@@ -555,8 +610,13 @@ def delivery_json(d):
 
 def send_delivery(st, d):
     body, secret = d["body"], d["secret"].encode("utf-8")
+    content_type = "application/json"
+    if d.get("content_type") == "form":
+        # The webhook's default "Content type": the payload as a form field; signed as sent.
+        body = ("payload=" + quote_plus(body.decode("utf-8"))).encode("ascii")
+        content_type = "application/x-www-form-urlencoded"
     headers = {
-        "Content-Type": "application/json", "User-Agent": "GitHub-Hookshot/fake",
+        "Content-Type": content_type, "User-Agent": "GitHub-Hookshot/fake",
         "X-GitHub-Event": d["event"], "X-GitHub-Delivery": d["id"], "X-GitHub-Hook-ID": str(d["hook_id"]),
     }
     if secret:
@@ -715,6 +775,18 @@ class FakeGitHub:
             return self.mint_token(req, scope, "remove")
         if rest == ["runners", "generate-jitconfig"] and method == "POST":
             return self.generate_jitconfig(req, scope)
+        if kind == "repo" and rest == ["runs"] and method == "GET":
+            # `GET /repos/{o}/{r}/actions/runs?status=`: newest first, as GitHub lists them.
+            want = req["query"].get("status", [None])[0]
+            runs = [st.run_json(rid, jobs) for rid, jobs in sorted(st.runs_of(scope).items(), reverse=True)]
+            if want:
+                runs = [r for r in runs if r["status"] == want or (want == "completed" and r["conclusion"] == want)]
+            return self.paginate(req, runs, "workflow_runs", lambda r: r)
+        if kind == "repo" and len(rest) == 3 and rest[0] == "runs" and rest[2] == "jobs" and method == "GET":
+            jobs = st.runs_of(scope).get(int_or_404(rest[1]))
+            if jobs is None:
+                raise not_found()
+            return self.paginate(req, jobs, "jobs", st.rest_job_json)
         if rest == ["runners", "downloads"] and method == "GET":
             return 200, downloads(), {}
         if rest == ["runners"] and method == "GET":
@@ -1432,6 +1504,13 @@ class FakeGitHub:
                     if r:
                         r["pending"].append({"type": "cancel", "job_id": j["id"]})
                 return 200, st.job_json(j), {}
+            if parts[2:] == ["approve"] and method == "POST":
+                # An environment's reviewer approves: the job is queued, and `queued` delivered.
+                if j["status"] != "waiting":
+                    raise HttpError(422, "job %d is not waiting for approval" % j["id"])
+                j["status"] = "queued"
+                st.emit_job(j, "queued")
+                return 200, st.job_json(j), {}
             if parts[2:] == ["complete"] and method == "POST":
                 result = req_json(req).get("result", "Failed")
                 if result not in RESULTS:
@@ -1451,7 +1530,8 @@ class FakeGitHub:
             now = time.time()
             st.hooks[hid] = {"id": hid, "scope": scope, "active": True,
                              "events": list(body.get("events") or ["workflow_job"]),
-                             "config": {"url": str(body.get("url") or ""), "content_type": "json",
+                             "config": {"url": str(body.get("url") or ""),
+                                        "content_type": "form" if body.get("content_type") == "form" else "json",
                                         "insecure_ssl": "0", "secret": str(body.get("secret") or "")},
                              "created_at": now, "updated_at": now}
             return 201, st.hook_json(st.hooks[hid], reveal=True), {}
@@ -1459,6 +1539,13 @@ class FakeGitHub:
             return 200, [st.hook_json(h, reveal=True) for _, h in sorted(st.hooks.items())], {}
         if parts == ["deliveries"] and method == "GET":
             return 200, [delivery_json(d) for d in st.deliveries], {}
+        if parts == ["deliveries", "drop"] and method == "POST":
+            body = req_json(req)
+            count = body.get("count", 1)
+            if not isinstance(count, int) or count < 1:
+                raise HttpError(422, "count must be a positive integer")
+            st.drops.append({"count": count, "action": body.get("action")})
+            return 201, {"count": count, "action": body.get("action")}, {}
         if parts == ["deliveries", "redeliver"] and method == "POST":
             # GitHub's "Redeliver": the same payload and X-GitHub-Delivery, signed again.
             did = str(req_json(req).get("id") or "")
@@ -1541,13 +1628,20 @@ class FakeGitHub:
                 repository = repos[0] if repos else "%s/%s" % (owner, owner)
         jid = st.next_job_id
         st.next_job_id += 1
+        run_id = body.get("run_id") or 100000 + jid
+        waiting = bool(body.get("waiting"))
         st.jobs[jid] = {
             "id": jid, "name": str(body.get("name") or "build"), "scope": scope,
             "labels": [str(x) for x in labels], "steps": str(body.get("steps") or "true"),
-            "repository": repository, "status": "queued", "result": None, "runner_id": None,
+            "repository": repository, "status": "waiting" if waiting else "queued", "result": None,
+            "runner_id": None, "run_id": int(run_id),
             "runner_name": None, "created_at": time.time(), "assigned_at": None,
             "completed_at": None, "cancel_requested": False,
         }
+        if waiting:
+            # Held by an environment's protection rule: `waiting`, and `queued` with status
+            # waiting, until `/_fake/jobs/{id}/approve`.
+            st.emit_job(st.jobs[jid], "waiting")
         st.emit_job(st.jobs[jid], "queued")
         return 201, st.job_json(st.jobs[jid]), {}
 

@@ -1212,6 +1212,63 @@ def workflow_job_webhooks_are_signed_and_follow_the_job(c):
         rx.stop()
 
 
+@test
+def form_deliveries_drops_approvals_and_queued_runs_listing(c):
+    import hmac as _hmac, hashlib as _hashlib
+    from urllib.parse import parse_qs as _parse_qs
+    f = c.fake
+    rx = Receiver()
+    try:
+        f.ok("POST", "/_fake/hooks", {"scope": "octo-org/octo-repo", "url": rx.url, "secret": "s",
+                                      "content_type": "form"})
+        jid = f.enqueue("formed", labels=["self-hosted", "x"])
+        wait_until(lambda: len(rx.got) == 1, 10, "the form-encoded delivery")
+        headers, body = rx.got[0]
+        eq(headers.get("content-type"), "application/x-www-form-urlencoded", "content type")
+        want = "sha256=" + _hmac.new(b"s", body, _hashlib.sha256).hexdigest()
+        eq(headers.get("x-hub-signature-256"), want, "signed over the form body as sent")
+        payload = json.loads(_parse_qs(body.decode())["payload"][0])
+        eq((payload["action"], payload["workflow_job"]["id"]), ("queued", jid), "payload field")
+        # A dropped delivery: logged with an error, never sent.
+        f.ok("POST", "/_fake/deliveries/drop", {"count": 1, "action": "queued"})
+        lost = f.enqueue("lost", labels=["self-hosted", "x"])
+        sent = f.enqueue("sent", labels=["self-hosted", "x"])
+        wait_until(lambda: len(rx.got) == 2, 10, "the delivery after the dropped one")
+        log = {d["job_id"]: d for d in f.ok("GET", "/_fake/deliveries")}
+        eq((log[lost]["status"], log[lost]["error"]), (None, "dropped by the fake"), "dropped delivery logged")
+        eq(json.loads(_parse_qs(rx.got[1][1].decode())["payload"][0])["workflow_job"]["id"], sent, "next one sent")
+        # Held for approval: `waiting`, then `queued` with status waiting; approve → `queued`.
+        held = f.ok("POST", "/_fake/jobs", {"labels": ["self-hosted", "x"], "name": "held", "waiting": True})["id"]
+        wait_until(lambda: len(rx.got) == 4, 10, "the waiting deliveries")
+        got = [json.loads(_parse_qs(b.decode())["payload"][0]) for _, b in rx.got[2:4]]
+        eq([(p["action"], p["workflow_job"]["status"]) for p in got], [("waiting", "waiting"), ("queued", "waiting")],
+           "held job's deliveries")
+        eq(f.call("POST", "/_fake/jobs/%d/approve" % jid)[0], 422, "only a waiting job is approved")
+        # The REST listing: queued and waiting runs, their jobs.
+        runs = f.ok("GET", "/repos/octo-org/octo-repo/actions/runs?status=queued&per_page=100", token="ghp_admin")
+        eq(sorted(r["id"] for r in runs["workflow_runs"]), sorted(100000 + j for j in (jid, lost, sent)), "queued runs")
+        eq(runs["total_count"], 3, "total_count")
+        waiting = f.ok("GET", "/repos/octo-org/octo-repo/actions/runs?status=waiting", token="ghp_admin")
+        eq([r["id"] for r in waiting["workflow_runs"]], [100000 + held], "waiting run")
+        jobs = f.ok("GET", "/repos/octo-org/octo-repo/actions/runs/%d/jobs?filter=latest" % (100000 + lost),
+                    token="ghp_admin")
+        eq([(j["id"], j["status"], j["labels"]) for j in jobs["jobs"]], [(lost, "queued", ["self-hosted", "x"])],
+           "a run's jobs")
+        eq(f.call("GET", "/repos/octo-org/octo-repo/actions/runs/1/jobs", token="ghp_admin")[0], 404, "unknown run")
+        f.ok("POST", "/_fake/jobs/%d/approve" % held)
+        wait_until(lambda: len(rx.got) == 5, 10, "the release")
+        p = json.loads(_parse_qs(rx.got[4][1].decode())["payload"][0])
+        eq((p["action"], p["workflow_job"]["status"], p["workflow_job"]["id"]), ("queued", "queued", held), "release")
+        # Two jobs in one run (run_id given): one in progress makes the run in_progress.
+        a = f.ok("POST", "/_fake/jobs", {"labels": ["none"], "name": "a", "run_id": 555})["id"]
+        f.ok("POST", "/_fake/jobs", {"labels": ["none"], "name": "b", "run_id": 555})
+        f.ok("POST", "/_fake/jobs/%d/complete" % a, {"result": "Succeeded"})
+        runs = f.ok("GET", "/repos/octo-org/octo-repo/actions/runs?status=in_progress", token="ghp_admin")
+        eq([r["id"] for r in runs["workflow_runs"]], [555], "a run with a job done and one queued")
+    finally:
+        rx.stop()
+
+
 def main():
     global VERBOSE
     ap = argparse.ArgumentParser()

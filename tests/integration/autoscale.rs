@@ -17,13 +17,13 @@ const NAMESPACE: &str = "ci-storage/metrics";
 const METRIC: &str = "ActiveRunnersPercent";
 
 /// moto's server on a loopback port: the CloudWatch the supervisor publishes to.
-struct Moto {
+pub struct Moto {
     child: Child,
     port: u16,
 }
 
 /// Skips locally, fails on CI, when moto is not installed.
-fn moto_available() -> bool {
+pub fn moto_available() -> bool {
     let ok = Command::new("python3")
         .args(["-c", "import moto.server, boto3"])
         .stderr(Stdio::null())
@@ -37,7 +37,7 @@ fn moto_available() -> bool {
 }
 
 impl Moto {
-    fn start() -> Self {
+    pub fn start() -> Self {
         Self::start_on(free_port())
     }
 
@@ -52,12 +52,12 @@ impl Moto {
         Moto { child, port }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
     /// A boto3 call (tests/tools/cw.py), as a scaler reads CloudWatch.
-    fn call(&self, op: &str, args: Value) -> Value {
+    pub fn call(&self, op: &str, args: Value) -> Value {
         let out = Command::new("python3")
             .arg(repo_root().join("tests/tools/cw.py"))
             .args([&self.url(), op, &args.to_string()])
@@ -349,7 +349,7 @@ impl FakeHttp {
         FakeHttp { port, seen }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 

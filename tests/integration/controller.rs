@@ -171,7 +171,11 @@ impl Drop for Controller {
 
 /// A delivery sent by hand: `signature` None sends no header.
 fn send(url: &str, event: &str, body: &[u8], signature: Option<String>) -> (u16, String) {
-    let mut req = ureq::post(url).set("X-GitHub-Event", event).set("Content-Type", "application/json");
+    send_as(url, event, "application/json", body, signature)
+}
+
+fn send_as(url: &str, event: &str, content_type: &str, body: &[u8], signature: Option<String>) -> (u16, String) {
+    let mut req = ureq::post(url).set("X-GitHub-Event", event).set("Content-Type", content_type);
     if let Some(s) = signature {
         req = req.set("X-Hub-Signature-256", &s);
     }
@@ -303,6 +307,85 @@ fn bad_missing_and_oversized_deliveries_are_refused_duplicates_and_unserved_labe
     assert_eq!(gh.job(unserved)["status"], "queued", "the gpu job must wait for a gpu runner");
 }
 
+/// The delivery of `action` for job `id`, once the controller has answered it.
+fn wait_answered(gh: &FakeGithub, id: u64, action: &str) -> Value {
+    wait_for(&format!("the {action} delivery of job {id} to be answered"), LONG, || {
+        gh.get("/_fake/deliveries")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["job_id"] == id && d["action"] == action && d["status"].is_u64())
+            .cloned()
+    })
+}
+
+/// The delivery of `action` for job `id`, once answered or failed (dropped, refused).
+fn wait_answered_or_failed(gh: &FakeGithub, id: u64, action: &str) -> Value {
+    wait_for(&format!("the {action} delivery of job {id} to be sent or to fail"), LONG, || {
+        gh.get("/_fake/deliveries")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["job_id"] == id && d["action"] == action && (d["status"].is_u64() || d["error"].is_string()))
+            .cloned()
+    })
+}
+
+/// GitHub's architecture label for the engine's host, as the controller reads it.
+fn engine_arch_label() -> String {
+    let arch = docker_ok(&["info", "-f", "{{.Architecture}}"]);
+    ci_runner::controller::webhook::arch_label(arch.trim()).map(str::to_string).unwrap_or_else(|l| l)
+}
+
+#[test]
+fn jobs_are_served_by_github_s_label_rule_with_the_engine_host_s_architecture() {
+    // Never: a container for a job the pool's runners cannot take (it would idle until its
+    // lifetime), nor a job they can take left without one (`self-hosted` is not required).
+    let Some(t) = Fixture::new() else { return };
+    let (gh, scratch) = (&t.gh, &t.scratch);
+    let setup = t.setup().with("GH_LABELS", "gpu");
+    setup.hook("/webhook");
+    let ctl = setup.start();
+    let arch = engine_arch_label();
+    let other_arch = if arch == "ARM64" { "X64" } else { "ARM64" };
+    assert!(ctl.proc.log_has(&format!("label={arch}")), "the architecture is not logged:\n{}", ctl.proc.log());
+
+    let hosted = gh.enqueue("hosted", &["ubuntu-latest"], "true");
+    let elsewhere = gh.enqueue("elsewhere", &["self-hosted", other_arch, "gpu"], "true");
+    for id in [hosted, elsewhere] {
+        let d = wait_answered(gh, id, "queued");
+        assert_eq!(d["status"], 200, "{d}");
+    }
+    assert_eq!(ctl.metric("ci_runner_controller_webhook_deliveries_total{outcome=\"unserved_labels\"}"), 2.0);
+    assert!(ctl.containers().is_empty(), "a container for a job it cannot take: {:?}", ctl.containers());
+
+    // `runs-on: [gpu]`, no `self-hosted`: a runner starts, registered with the built-in labels
+    // and the engine host's architecture, and takes it.
+    let bare = gh.enqueue("bare", &["gpu"], &gated_steps(scratch, "bare"));
+    wait_for("the gpu-only job to start", LONG, || scratch.join("bare.started").exists().then_some(()));
+    let runner = gh.job(bare)["runner_name"].as_str().unwrap().to_string();
+    let registered: Vec<String> = gh
+        .runners()
+        .into_iter()
+        .find(|r| r["name"] == runner.as_str())
+        .map(|r| r["labels"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    assert_eq!(registered, ["self-hosted", "Linux", arch.as_str(), "gpu"], "runner {runner}");
+    release(scratch, "bare");
+    let full = gh.enqueue("full", &["self-hosted", "linux", "gpu"], "true");
+    let lower = arch.to_lowercase();
+    let by_arch = gh.enqueue("by-arch", &["gpu", lower.as_str()], "true");
+    for id in [bare, full, by_arch] {
+        assert_eq!(wait_job_done(gh, id)["result"], "Succeeded", "job {id}");
+    }
+    ctl.wait_no_containers();
+    assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 3.0);
+    for id in [hosted, elsewhere] {
+        assert_eq!(gh.job(id)["status"], "queued", "job {id} is not this pool's");
+    }
+    assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
+}
+
 #[test]
 fn twenty_queued_jobs_with_max_three_never_run_more_than_three_containers_and_all_run() {
     let Some(t) = Fixture::new() else { return };
@@ -354,6 +437,191 @@ fn twenty_queued_jobs_with_max_three_never_run_more_than_three_containers_and_al
     let high = ctl.metric("ci_runner_controller_containers_high_water{pool=\"default\"}");
     assert_eq!(high, 3.0, "the controller never reached its maximum");
     assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 20.0);
+    // Issue #18's phantom slot: a stale listing re-adopted a removed container, which took a
+    // place under the maximum and was removed a second time.
+    assert_eq!(ctl.metric("ci_runner_controller_adopted_total{pool=\"default\"}"), 0.0, "a container was adopted");
+    // The engine shows a container gone a moment before the pool has counted its removal.
+    wait_for("20 removals counted", LONG, || {
+        (ctl.metric("ci_runner_controller_removals_total{pool=\"default\"}") >= 20.0).then_some(())
+    });
+    assert_eq!(ctl.metric("ci_runner_controller_removals_total{pool=\"default\"}"), 20.0, "a container removed twice");
+    let log = ctl.proc.log();
+    for name in &runners {
+        let removed = log
+            .lines()
+            .filter(|l| {
+                l.contains("Runner container removed.")
+                    && l.split_whitespace().any(|w| w.trim_end_matches(',') == format!("container={name}"))
+            })
+            .count();
+        assert_eq!(removed, 1, "container {name} removed {removed} times");
+    }
+    assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
+}
+
+#[test]
+fn a_container_past_its_lifetime_while_its_job_runs_drains_the_job_succeeds_then_it_goes() {
+    // Never: a runner container removed or killed while its job runs (issue #18: the lifetime
+    // removed it by force, and the job was lost).
+    let Some(t) = Fixture::new() else { return };
+    let (gh, scratch) = (&t.gh, &t.scratch);
+    // Longer than a container's boot to its job, so that the job runs when the lifetime ends.
+    let setup = t.setup().with("CONTROLLER_MAX_LIFETIME_SEC", "6");
+    setup.hook("/webhook");
+    let ctl = setup.start();
+    let id = gh.enqueue("long", &["self-hosted", "ci-test"], &gated_steps(scratch, "long"));
+    wait_for("the job to start", LONG, || scratch.join("long.started").exists().then_some(()));
+    let names = ctl.containers();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(!ctl.proc.log_has("Runner container stopping"), "stopped before its job started:\n{}", ctl.proc.log());
+    wait_for("the container past its lifetime to be stopped", LONG, || {
+        (ctl.health()["pools"][0]["draining"] == 1 && ctl.proc.log_has("Runner container stopping")).then_some(())
+    });
+    // Draining: the same container still runs the job.
+    let running = docker_ok(&["inspect", "-f", "{{.State.Running}}", &names[0]]);
+    assert_eq!(running, "true", "the container was killed while its job ran");
+    assert_eq!(gh.job(id)["status"], "in_progress");
+    assert_eq!(ctl.containers(), names);
+    release(scratch, "long");
+    let job = wait_job_done(gh, id);
+    assert_eq!((job["result"].as_str(), job["runner_name"].as_str()), (Some("Succeeded"), Some(names[0].as_str())));
+    ctl.wait_no_containers();
+    assert!(gh.runners().is_empty(), "a runner was left registered: {:?}", gh.runners());
+    assert_eq!(ctl.metric("ci_runner_controller_stops_total{pool=\"default\"}"), 1.0);
+    assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 1.0);
+}
+
+#[test]
+fn a_controller_restarted_while_a_container_drains_never_stops_it_a_second_time() {
+    // Never: a second SIGTERM to a draining runner container (its supervisor would escalate
+    // and cancel the job) because the controller that sent the first one restarted.
+    let Some(t) = Fixture::new() else { return };
+    let (gh, scratch) = (&t.gh, &t.scratch);
+    let setup = t.setup().with("CONTROLLER_MAX_LIFETIME_SEC", "6");
+    setup.hook("/webhook");
+    let first = setup.start();
+    let id = gh.enqueue("drained", &["self-hosted", "ci-test"], &gated_steps(scratch, "drained"));
+    wait_for("the job to start", LONG, || scratch.join("drained.started").exists().then_some(()));
+    let names = first.containers();
+    first.proc.wait_log("Runner container stopping", LONG);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.proc.pid() as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let mut first = first;
+    first.proc.wait_exit(LONG);
+    std::mem::forget(first);
+    let second = setup.start();
+    wait_for("the draining container adopted as draining", LONG, || {
+        let h = second.health();
+        (h["pools"][0]["adopted"] == 1 && h["pools"][0]["draining"] == 1).then_some(())
+    });
+    release(scratch, "drained");
+    let job = wait_job_done(gh, id);
+    assert_eq!((job["result"].as_str(), job["runner_name"].as_str()), (Some("Succeeded"), Some(names[0].as_str())));
+    second.wait_no_containers();
+    assert!(!second.proc.log_has("Runner container stopping"), "stopped twice:\n{}", second.proc.log());
+    assert_eq!(second.metric("ci_runner_controller_stops_total{pool=\"default\"}"), 0.0);
+    assert!(gh.runners().is_empty(), "a runner was left registered: {:?}", gh.runners());
+}
+
+#[test]
+fn a_form_encoded_delivery_starts_a_runner_and_a_job_held_for_approval_waits_until_released() {
+    // Never: a delivery sent with the webhook's default content type refused, nor a container
+    // started (and held for hours) for a job no runner may take before its approval.
+    let Some(t) = Fixture::new() else { return };
+    let gh = &t.gh;
+    let setup = t.setup();
+    let url = setup.url("/webhook");
+    gh.post("/_fake/hooks", json!({"scope": REPO, "url": url, "secret": SECRET, "content_type": "form"}));
+    let ctl = setup.start();
+    let id = gh.enqueue("formed", &["self-hosted", "ci-test"], "true");
+    assert_eq!(wait_answered(gh, id, "queued")["status"], 202, "the form-encoded delivery was not queued");
+    assert_eq!(wait_job_done(gh, id)["result"], "Succeeded");
+    ctl.wait_no_containers();
+
+    let held = gh.post(
+        "/_fake/jobs",
+        json!({"scope": REPO, "labels": ["self-hosted", "ci-test"], "name": "held", "steps": "true", "waiting": true}),
+    )["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(wait_answered(gh, held, "queued")["status"], 200);
+    assert_eq!(ctl.metric("ci_runner_controller_webhook_deliveries_total{outcome=\"waiting\"}"), 1.0);
+    assert_eq!(ctl.metric("ci_runner_controller_queued_jobs{pool=\"default\"}"), 0.0, "a held job waits for a runner");
+    assert!(ctl.containers().is_empty(), "a container for a job held for approval: {:?}", ctl.containers());
+    gh.post(&format!("/_fake/jobs/{held}/approve"), json!({}));
+    assert_eq!(wait_job_done(gh, held)["result"], "Succeeded");
+    ctl.wait_no_containers();
+    assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 2.0);
+
+    // Any other content type: refused, with the setting to change.
+    let body = job_payload(9300, "queued", &["self-hosted", "ci-test"]);
+    let (code, text) = send_as(&url, "workflow_job", "text/plain", &body, Some(sign(&body)));
+    assert!(code == 415 && text.contains("\\\"Content type\\\""), "{code} {text}");
+    assert_eq!(ctl.metric("ci_runner_controller_webhook_deliveries_total{outcome=\"bad_content_type\"}"), 1.0);
+    assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
+}
+
+#[test]
+fn jobs_queued_while_the_controller_was_down_all_run_once_it_starts() {
+    // Never: a job left without a runner because its delivery came while the controller was
+    // down (GitHub does not retry a failed delivery by itself).
+    let Some(t) = Fixture::new() else { return };
+    let gh = &t.gh;
+    let setup = t.setup();
+    setup.hook("/webhook");
+    let ids: Vec<u64> =
+        (0..3).map(|i| gh.enqueue(&format!("missed{i}"), &["self-hosted", "ci-test"], "true")).collect();
+    for id in &ids {
+        let d = wait_for(&format!("job {id}'s delivery to fail"), LONG, || {
+            gh.get("/_fake/deliveries")
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["job_id"] == *id && d["error"].is_string())
+                .cloned()
+        });
+        assert!(d["status"].is_null(), "{d}");
+    }
+    let ctl = setup.start();
+    for id in &ids {
+        assert_eq!(wait_job_done(gh, *id)["result"], "Succeeded", "job {id}");
+    }
+    ctl.wait_no_containers();
+    assert_eq!(ctl.metric("ci_runner_controller_reconcile_jobs_found_total{pool=\"default\"}"), 3.0);
+    assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 3.0, "one runner per job");
+    assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
+}
+
+#[test]
+fn a_dropped_delivery_s_job_runs_within_one_reconcile_period_at_a_bounded_cost() {
+    // Never: a job whose `queued` delivery was lost left waiting for good; nor a reconcile
+    // pass of an idle repository costing more than its two listings.
+    let Some(t) = Fixture::new() else { return };
+    let gh = &t.gh;
+    let period = Duration::from_secs(3);
+    let setup = t.setup().with("CONTROLLER_RECONCILE_SEC", "3");
+    setup.hook("/webhook");
+    let ctl = setup.start();
+    let passes = |ctl: &Controller| ctl.metric("ci_runner_controller_reconcile_passes_total{pool=\"default\"}");
+    wait_for("two reconcile passes", LONG, || (passes(&ctl) >= 2.0).then_some(()));
+    // Idle: each pass is the two run listings (queued, in_progress), and no job listing.
+    let calls = ctl.metric("ci_runner_controller_reconcile_api_calls_total{pool=\"default\"}");
+    let done = passes(&ctl);
+    assert!(calls <= 2.0 * done && calls >= 2.0 * (done - 1.0), "{calls} calls for {done} passes");
+    assert!(gh.rest_requests("GET", "/jobs").is_empty(), "{:?}", gh.rest_requests("GET", "/jobs"));
+
+    gh.post("/_fake/deliveries/drop", json!({"count": 1, "action": "queued"}));
+    let id = gh.enqueue("dropped", &["self-hosted", "ci-test"], "true");
+    let d = wait_answered_or_failed(gh, id, "queued");
+    assert_eq!(d["error"], "dropped by the fake", "{d}");
+    // Found at the next pass: within one period (and the time a pass takes).
+    wait_for("the dropped job found by reconciliation within one period", period + Duration::from_secs(2), || {
+        (ctl.metric("ci_runner_controller_reconcile_jobs_found_total{pool=\"default\"}") == 1.0).then_some(())
+    });
+    assert_eq!(wait_job_done(gh, id)["result"], "Succeeded");
+    ctl.wait_no_containers();
+    // The webhook and reconcile paths are idempotent: one runner, however often it is listed.
+    assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 1.0);
     assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
 }
 

@@ -116,22 +116,28 @@ fn idle_drain_strips_the_labels_then_deletes_then_stops_the_listener() {
     assert!(gh.runner_named(&name).is_none());
 }
 
+/// A mid-job drain while the labels call is slow: the job queued meanwhile is assigned the
+/// instant the first one's result is reported, while the runner still has its labels. Returns
+/// the first job's and the late job's ids once the late one runs on the draining runner.
+fn slip_a_job_in(gh: &FakeGithub, sup: &Supervisor, scratch: &std::path::Path) -> (u64, u64) {
+    gh.fault(json!({"kind": "slow", "count": 1, "path_contains": "/labels", "method": "DELETE", "delay_ms": 3500}));
+    let first = gh.enqueue("first", &["ci-test"], &gated_steps(scratch, "first"));
+    wait_started(scratch, "first");
+    let late = gh.enqueue("late", &["ci-test"], &gated_steps(scratch, "late"));
+    sup.signal(Signal::SIGTERM);
+    sup.wait_state("draining", BOOT);
+    release(scratch, "first");
+    wait_started(scratch, "late");
+    (first, late)
+}
+
 #[test]
 fn a_job_that_slipped_in_before_the_labels_went_finishes_and_exits_zero() {
     let gh = instant_github();
     let runner = RunnerDir::new();
     let scratch = runner.scratch();
     let (mut sup, name) = start_idle(&gh, &runner, &[]);
-    // The labels call is slow: the job queued meanwhile is assigned the instant the first
-    // one's result is reported, while the runner still has its labels.
-    gh.fault(json!({"kind": "slow", "count": 1, "path_contains": "/labels", "method": "DELETE", "delay_ms": 3500}));
-    let first = gh.enqueue("first", &["ci-test"], &gated_steps(&scratch, "first"));
-    wait_started(&scratch, "first");
-    let late = gh.enqueue("late", &["ci-test"], &gated_steps(&scratch, "late"));
-    sup.signal(Signal::SIGTERM);
-    sup.wait_state("draining", BOOT);
-    release(&scratch, "first");
-    wait_started(&scratch, "late");
+    let (first, late) = slip_a_job_in(&gh, &sup, &scratch);
     // It runs on the draining runner: it must be waited for, not cancelled.
     release(&scratch, "late");
     let status = sup.wait_exit(LONG);
@@ -149,15 +155,8 @@ fn the_deadline_cancels_a_slipped_in_job_and_exits_seven() {
     let runner = RunnerDir::new();
     let scratch = runner.scratch();
     let (mut sup, name) = start_idle(&gh, &runner, &[("DRAIN_TIMEOUT_SEC", "2")]);
-    gh.fault(json!({"kind": "slow", "count": 1, "path_contains": "/labels", "method": "DELETE", "delay_ms": 3500}));
-    let first = gh.enqueue("first", &["ci-test"], &gated_steps(&scratch, "first"));
-    wait_started(&scratch, "first");
-    let late = gh.enqueue("late", &["ci-test"], &gated_steps(&scratch, "late"));
-    sup.signal(Signal::SIGTERM);
-    sup.wait_state("draining", BOOT);
-    release(&scratch, "first");
-    wait_started(&scratch, "late");
-    // Never released: only the deadline ends it.
+    // The late job is never released: only the deadline ends it.
+    let (first, late) = slip_a_job_in(&gh, &sup, &scratch);
     let status = sup.wait_exit(LONG);
     let log = sup.log();
     assert_eq!(job(&gh, first)["result"], "Succeeded", "{log}");

@@ -3,7 +3,9 @@
 
 mod app;
 mod autoscale;
+mod config;
 mod controller;
+mod deploy;
 mod docker;
 mod drain;
 mod ephemeral;

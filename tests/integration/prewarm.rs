@@ -397,16 +397,21 @@ fn prewarm_with_a_wrong_key_starts_cold() {
     assert_cold_start(env, &st, "CI_STORAGE_PRIVATE_KEY");
 }
 
+/// A host that accepts the connection and then says nothing, like a wedged one: its port,
+/// and the thread holding the connection (dropped, it lets go).
+fn silent_host() -> (u16, std::thread::JoinHandle<std::io::Result<std::net::TcpStream>>) {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    (port, std::thread::spawn(move || silent.accept().map(|(s, _)| s)))
+}
+
 #[test]
 fn prewarm_from_a_storage_host_that_stalls_starts_cold() {
     let Some(sshd) = Sshd::start() else { return };
     let gh = FakeGithub::start();
     let runner = RunnerDir::new();
     let st = storage(&runner);
-    // Accepts the connection and then says nothing, like a wedged host.
-    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = silent.local_addr().unwrap().port();
-    let held = std::thread::spawn(move || silent.accept().map(|(s, _)| s));
+    let (port, held) = silent_host();
     let env = prewarm_env(
         &gh,
         &runner,
@@ -427,9 +432,7 @@ fn sigterm_during_a_stalled_prewarm_stops_the_boot_and_leaves_nothing() {
     let gh = FakeGithub::start();
     let runner = RunnerDir::new();
     let st = storage(&runner);
-    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = silent.local_addr().unwrap().port();
-    let held = std::thread::spawn(move || silent.accept().map(|(s, _)| s));
+    let (port, held) = silent_host();
     let env = prewarm_env(
         &gh,
         &runner,
