@@ -984,7 +984,8 @@ def instant_assignment_report_first_and_labels_stripped(c):
         run.wait_line("Listening for Jobs")
         j1 = f.enqueue("first", labels=("pool",), steps="echo go; while [ ! -e %s ]; do sleep 0.02; done" % gate)
         run.wait_line("^go$")
-        j2 = f.enqueue("second", labels=("pool",))
+        # Long enough that only a cancel ends it (a quick one could finish before the SIGINT).
+        j2 = f.enqueue("second", labels=("pool",), steps="sleep 30")
         if strip:
             left = f.ok("DELETE", "/repos/octo-org/octo-repo/actions/runners/%d/labels" % rid, token="ghp_admin")
             eq(sorted(lb["name"] for lb in left["labels"]), ["Linux", "X64", "self-hosted"], "read-only labels stay")
