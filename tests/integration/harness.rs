@@ -75,6 +75,15 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Root, or (after saying why) false: skips locally, fails when `CI` is set.
+pub fn require_root(why: &str) -> bool {
+    if !is_root() {
+        assert!(std::env::var("CI").is_err(), "{why} need root on CI");
+        eprintln!("skipping: {why} need root");
+    }
+    is_root()
+}
+
 /// Every live descendant of `pid` (children first found, by /proc ppid links).
 pub fn descendants(pid: u32) -> Vec<u32> {
     let mut parent_of = Vec::new();

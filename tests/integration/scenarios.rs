@@ -274,7 +274,7 @@ fn status_command_reports_busy_then_unreachable_after_exit() {
 
 #[test]
 fn supervisor_as_pid1_drains_and_reaps_job_orphans() {
-    if !is_root() || !require("unshare") {
+    if !require_root("PID-namespace tests") || !require("unshare") {
         return;
     }
     let gh = FakeGithub::start();
