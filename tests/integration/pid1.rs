@@ -8,9 +8,12 @@ use nix::sys::signal::Signal;
 
 use crate::harness::{bin, descendants, require, wait_for};
 
+/// `ci-runner init -- …`, started clean (see [`clean_start`]): the init keeps what it
+/// inherits, so a test run under `nohup` (HUP ignored) must not pass that on.
 fn init(args: &[&str]) -> Command {
     let mut c = Command::new(bin());
     c.arg("init").arg("--").args(args);
+    clean_start(&mut c);
     c
 }
 
@@ -23,6 +26,7 @@ fn in_namespace(args: &[&str]) -> Option<Command> {
     }
     let mut c = Command::new("unshare");
     c.args(["--pid", "--fork", "--mount-proc", bin(), "init", "--"]).args(args);
+    clean_start(&mut c);
     Some(c)
 }
 
@@ -115,8 +119,7 @@ fn pid1_in_a_new_namespace_reaps_a_thousand_orphans() {
 #[test]
 fn subreaper_reaps_orphans_when_not_pid1() {
     // Not PID 1: the orphans are re-parented to ci-runner (a child subreaper), which is $PPID.
-    let out =
-        Command::new(bin()).args(["init", "--", "sh", "-c", &format!("set -- $PPID; {ORPHANS}")]).output().unwrap();
+    let out = init(&["sh", "-c", &format!("set -- $PPID; {ORPHANS}")]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
 }
@@ -343,7 +346,8 @@ fn inherited_ignores_and_blocks_are_kept_like_tini() {
         (field("SigIgn:"), field("SigBlk:"))
     };
     let args = ["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"];
-    let direct = report(Command::new(args[0]).args(&args[1..]));
+    // Both started clean, then given the same ignores and blocks.
+    let direct = report(clean_start(Command::new(args[0]).args(&args[1..])));
     assert_eq!(direct.0 & mask(&ignored), mask(&ignored), "the test's own ignores");
     assert_eq!(direct.1, mask(&blocked), "the test's own blocks");
     assert_eq!(direct.0 & (1 << (libc::SIGPIPE - 1)), 0, "SIGPIPE default when started directly");
@@ -361,7 +365,7 @@ fn group_option_signals_the_whole_process_group() {
     let script = format!("sleep 77 & echo $! > {}; wait", pidfile.display());
     let mut c = Command::new(bin());
     c.args(["init", "-g", "--", "sh", "-c", &script]);
-    let mut child = Started::spawn(&mut c);
+    let mut child = Started::spawn(clean_start(&mut c));
     let sleep: u32 = wait_for("the sleep's pid", Duration::from_secs(10), || {
         std::fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse().ok())
     });
