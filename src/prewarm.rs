@@ -37,7 +37,7 @@ const GC_MARGIN: Duration = Duration::from_secs(60);
 /// Size of one chunk passed from the network thread to the writer.
 const CHUNK: usize = 256 * 1024;
 /// Chunks in flight between the two threads of a stream.
-const CHUNKS_IN_FLIGHT: usize = 16;
+const CHUNKS_IN_FLIGHT: usize = 8;
 /// The most a listing may hold.
 const MAX_LISTING: usize = 64 << 20;
 
@@ -715,6 +715,10 @@ fn connect(s: &Settings) -> Result<ssh2::Session, PrewarmError> {
     let tcp = tcp.ok_or(PrewarmError::Connect { host: host.clone(), port: s.host.port, source: last })?;
     let _ = tcp.set_nodelay(true);
     let mut session = ssh2::Session::new().map_err(|e| ssh_err("start an SSH session", host, e))?;
+    let ciphers = cipher_preference(cpu_has_aes());
+    for way in [ssh2::MethodType::CryptCs, ssh2::MethodType::CryptSc] {
+        session.method_pref(way, ciphers).map_err(|e| ssh_err("choose the ciphers", host, e))?;
+    }
     session.set_tcp_stream(tcp);
     session.set_timeout(u32::try_from(s.stall_timeout.as_millis()).unwrap_or(u32::MAX).max(1));
     session.handshake().map_err(|e| ssh_err("complete the SSH handshake", host, e))?;
@@ -723,6 +727,49 @@ fn connect(s: &Settings) -> Result<ssh2::Session, PrewarmError> {
         .userauth_pubkey_memory(&s.user, None, s.key.expose(), None)
         .map_err(|e| ssh_err("authenticate with CI_STORAGE_PRIVATE_KEY", &format!("{}@{host}", s.user), e))?;
     Ok(session)
+}
+
+/// The ciphers offered, best first: the whole slot is decrypted on this side, so the cipher
+/// is most of a load's CPU. With AES instructions (and carry-less multiply, for GHASH)
+/// AES-GCM is the fastest; without them ChaCha20-Poly1305, which is fast in plain vector code
+/// (both from OpenSSL through the vendored libssh2: vendor/libssh2-sys/CI-RUNNER.md). The
+/// order is what OpenSSH's own speed gives (issue 21, BENCHMARKS.md); a server that has
+/// neither gets the AES-CTR ones.
+fn cipher_preference(aes: bool) -> &'static str {
+    if aes {
+        "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr"
+    } else {
+        "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr"
+    }
+}
+
+/// Whether this CPU has the instructions OpenSSL's fast AES-GCM uses.
+fn cpu_has_aes() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// The default number of streams: one per core this process may use, which
+/// `available_parallelism` counts with the affinity mask and the cgroup CPU quota
+/// (`cpu.max`, or v1's `cpu.cfs_quota_us`) taken into account, so a container limited to
+/// 1.5 CPUs on a 64-core host gets 1, not 64. Each stream is one session's decryption
+/// and one writer; at most 8, where the storage host's disk, not our CPU, is the limit.
+pub fn default_streams() -> usize {
+    streams_for(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+fn streams_for(cpus: usize) -> usize {
+    cpus.clamp(1, 8)
 }
 
 fn check_host_key(session: &ssh2::Session, s: &Settings) -> Result<(), PrewarmError> {
@@ -763,8 +810,9 @@ fn sh_quote(s: &str) -> String {
 ///    dirs do), as `id<TAB>age<TAB>escaped meta` lines; then `<TAB>id` for the slot
 ///    `ci-storage load --slot-id='*'` would load (`slot` when given; nothing for none), chosen
 ///    by [`choose`]'s rule, which the client checks against the listing.
-/// 2. The slot touched (as LIST_SLOTS touches the newest slot), so that ci-storage's GC keeps
-///    it while it is read.
+/// 2. The slot touched by stream 0 (as LIST_SLOTS touches the newest slot), so that
+///    ci-storage's GC keeps it while it is read; only there, before its archive reads the
+///    slot's own mtime, so that the loaded root has the mtime the slot keeps.
 /// 3. GNU tar of this stream's share as a POSIX (pax) archive: every `k`-th of the slot's
 ///    entries that are not directories, in `find` order (no side stats a file to split the
 ///    work; every stream computes the same split); stream 0 sends all the directories first.
@@ -781,7 +829,8 @@ print "$n\t$age\t$meta\n";
 if ($want ne "" ? $n eq $want : ($age < $limit && (!defined $best || $age < $best_age || ($age == $best_age && $n gt $best)))) {
 ($best, $best_age) = ($n, $age); } } }
 print "\t", $best // "", "\n"; exit 0 unless defined $best;
-chdir "$d/$best" or die "failed to enter $d/$best: $!\n"; utime(undef, undef, ".") or die "failed to touch $d/$best: $!\n";
+chdir "$d/$best" or die "failed to enter $d/$best: $!\n";
+if ($i == 0) { utime(undef, undef, ".") or die "failed to touch $d/$best: $!\n"; }
 open(my $find, "-|", "find", ".", "-printf", '%y%p\0') or die "failed to start find: $!\n";
 open(my $tar, "|-", "tar", "--format=posix", "--pax-option=delete=atime,delete=ctime", "--exclude=.ci-storage.meta",
 "--numeric-owner", "--null", "--no-recursion", "--hard-dereference", "-cf", "-", "-T", "-") or die "failed to start tar: $!\n";
@@ -1253,6 +1302,28 @@ mod tests {
         assert_eq!(relative(Path::new("./")), Some(PathBuf::new()));
         assert_eq!(relative(Path::new("/etc/passwd")), None);
         assert_eq!(relative(Path::new("a/../../x")), None);
+    }
+
+    #[test]
+    fn aes_gcm_leads_only_where_the_cpu_has_aes_instructions() {
+        let first = |aes| cipher_preference(aes).split(',').next().unwrap();
+        assert_eq!(first(true), "aes128-gcm@openssh.com");
+        assert_eq!(first(false), "chacha20-poly1305@openssh.com");
+        for aes in [true, false] {
+            // Never a cipher without integrity of its own or a CBC one: only AEAD and CTR.
+            assert!(cipher_preference(aes).split(',').all(|c| c.contains("gcm") || c.contains("chacha") || c.ends_with("-ctr")));
+        }
+    }
+
+    #[test]
+    fn streams_follow_the_cpus_the_process_may_use() {
+        assert_eq!(streams_for(1), 1, "a 1-CPU quota must not get two streams fighting for it");
+        assert_eq!(streams_for(2), 2);
+        assert_eq!(streams_for(6), 6);
+        assert_eq!(streams_for(64), 8);
+        assert_eq!(streams_for(0), 1);
+        let n = default_streams();
+        assert!((1..=8).contains(&n), "{n}");
     }
 
     #[test]
