@@ -129,12 +129,13 @@ def run_measured(cmd, env):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/ci-runner"))
-    ap.add_argument("--streams-also", type=int, default=0, help="CI_STORAGE_STREAMS for --also")
+    ap.add_argument("--streams-also", type=int, default=0, help="CI_STORAGE_STREAMS for the --also binaries")
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default="/var/tmp/ci-runner-bench-prewarm")
-    ap.add_argument("--also", help="another ci-runner binary (e.g. a build of main) measured in the same run")
+    ap.add_argument("--also", action="append", default=[],
+                    help="another ci-runner binary (e.g. a build of main) measured in the same run; repeatable")
     ap.add_argument("--streams", type=int, default=0, help="CI_STORAGE_STREAMS (default: ci-runner's own)")
     ap.add_argument("--rc-sec", type=float, default=0.25, help="what the storage user's ~/.bashrc takes")
     ap.add_argument("--dest", nargs="+", default=["tmpfs", "ext4"], choices=["tmpfs", "ext4"])
@@ -223,8 +224,8 @@ def main():
             return r.ru_utime + r.ru_stime
 
         RSYNC, OURS, TAR, TOOL = "rsync -a -e ssh", "ci-runner prewarm", "local tar | tar", "ci-storage load"
-        ALSO = "ci-runner --also"
-        methods = [RSYNC, OURS, TAR] + ([TOOL] if tool else []) + ([ALSO] if args.also else [])
+        also = {"ci-runner --also %d" % (n + 1): b for n, b in enumerate(args.also)}
+        methods = [RSYNC, OURS, TAR] + ([TOOL] if tool else []) + list(also)
         report = []
         for kind in args.dest:
             # A fresh filesystem per kind: tmpfs (what the original image recommends for /mnt)
@@ -294,9 +295,9 @@ def main():
                         secs, rss, _ = run_measured(cmd, dict(plain, HOME=nobody_home, TMPDIR=tmp))
                         return secs, rss, None, dst
                     run_env = dict(env)
-                    if method == ALSO and args.streams_also:
+                    if method in also and args.streams_also:
                         run_env["CI_STORAGE_STREAMS"] = str(args.streams_also)
-                    secs, rss, out = run_measured([args.also if method == ALSO else args.bin, "prewarm"], run_env)
+                    secs, rss, out = run_measured([also.get(method, args.bin), "prewarm"], run_env)
                     if not out.startswith("warm slot=1"):
                         sys.exit("ci-runner prewarm did not load the slot: %s" % out)
                     fields = dict(f.split("=", 1) for f in out.split()[1:] if "=" in f)
