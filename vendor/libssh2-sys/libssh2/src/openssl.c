@@ -937,13 +937,7 @@ int ssh2_cipher_crypt(ssh2_cipher_ctx *ctx, SSH2_CIPHER_T(algo), int encrypt,
 
     (void)algo;
 
-    /* ci-runner: AES-GCM may be given a whole run of blocks at once (transport.c),
-       en/decrypted in place: GCM is a stream mode, and OpenSSL allows in == out. */
-    const int in_place = is_aesgcm && blocksize > sizeof(buf);
-    unsigned char *out = in_place ? block : buf;
-
-    if((blocksize > sizeof(buf) && !in_place) ||
-       blocksize > 0x7fffffff ||
+    if(blocksize > sizeof(buf) ||
        blocksize < (size_t)(aadlen + authenticationtag))
         return 1;
 
@@ -972,7 +966,7 @@ int ssh2_cipher_crypt(ssh2_cipher_ctx *ctx, SSH2_CIPHER_T(algo), int encrypt,
 #endif /* LIBSSH2_AES_GCM */
 
     if(cryptlen > 0)
-        ret = EVP_Cipher(*ctx, out + aadlen, block + aadlen, cryptlen);
+        ret = EVP_Cipher(*ctx, buf + aadlen, block + aadlen, cryptlen);
 
 #if defined(USE_OPENSSL_3) || defined(LIBSSH2_WOLFSSL)
     if(ret != -1)
@@ -1013,8 +1007,7 @@ int ssh2_cipher_crypt(ssh2_cipher_ctx *ctx, SSH2_CIPHER_T(algo), int encrypt,
         /* Copy en/decrypted data back to the caller.
            The first aadlen should not be touched because they were not
            encrypted and are unmodified. */
-        if(!in_place)
-            memcpy(block + aadlen, buf + aadlen, cryptlen);
+        memcpy(block + aadlen, buf + aadlen, cryptlen);
         rc = !ret;
     }
 

@@ -162,17 +162,6 @@ static int transport_decrypt(LIBSSH2_SESSION *session, unsigned char *source,
             decryptlen = len;
             lowerfirstlast = LAST_BLOCK;
         }
-        /* ci-runner: AES-GCM (an integrated MAC over the packet length as AAD)
-           is a stream mode: after the first block, every middle block goes in
-           one call rather than one call per 16 bytes, leaving the last two
-           blocks' worth (tag included) to the call above. See CI-RUNNER.md. */
-        else if(CRYPT_FLAG_R(session, SSH2_CRYPT_FLAG_PKTLEN_AAD) &&
-                CRYPT_FLAG_R(session, SSH2_CRYPT_FLAG_INTEGRATED_MAC) &&
-                !IS_FIRST(lowerfirstlast) && len > blocksize * 2) {
-            decryptlen = IS_LAST(firstlast) ?
-                ((len - blocksize) / blocksize) * blocksize : len;
-            lowerfirstlast = MIDDLE_BLOCK;
-        }
 
         if(session->remote.crypt->crypt(session, 0, source, decryptlen,
                                         &session->remote.crypt_abstract,
