@@ -37,7 +37,7 @@ const GC_MARGIN: Duration = Duration::from_secs(60);
 /// Size of one chunk passed from the network thread to the writer.
 const CHUNK: usize = 256 * 1024;
 /// Chunks in flight between the two threads of a stream.
-const CHUNKS_IN_FLIGHT: usize = 8;
+const CHUNKS_IN_FLIGHT: usize = 16;
 /// The most a listing may hold.
 const MAX_LISTING: usize = 64 << 20;
 
