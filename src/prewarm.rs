@@ -6,9 +6,12 @@
 //! newest wins (ties: the larger id), and the local meta file is written as `ci-storage load`
 //! writes it, so a later `ci-storage store` in a job dedups against the slot we loaded.
 //!
-//! How it is fast: one SSH session (libssh2, in-process), the storage host's GNU tar streams
-//! the slot as a POSIX (pax) archive, which carries nanosecond mtimes, and two threads overlap
-//! the network with the disk: this one reads the channel, a writer thread creates the files.
+//! How it is fast: SSH sessions (libssh2, in-process, ChaCha20-Poly1305 from OpenSSL), one per
+//! usable CPU, all started together, each running one remote command that lists the slots,
+//! chooses the newest and has the storage host's GNU tar stream its share as a POSIX (pax)
+//! archive, which carries nanosecond mtimes: one handshake and one remote shell start-up in
+//! wall time (issue 21). Per stream, two threads overlap the network with the disk: one
+//! reads the channel, a writer thread creates the files.
 //! The writer runs with the runner user's filesystem uid and gid (`setfsuid`), so every file is
 //! born owned by that user and the archive can reach nothing that user could not.
 //!
