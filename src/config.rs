@@ -1335,7 +1335,7 @@ fn prewarm_settings(
         None => Some(c.secrets_dir.join("CI_STORAGE_KNOWN_HOSTS")).filter(|p| p.is_file()),
     };
     let streams = match c.get("CI_STORAGE_STREAMS") {
-        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 4),
+        None => crate::prewarm::default_streams(),
         Some(v) => match v.parse::<usize>() {
             Ok(n @ 1..=16) => n,
             _ => {

@@ -6,9 +6,12 @@
 //! newest wins (ties: the larger id), and the local meta file is written as `ci-storage load`
 //! writes it, so a later `ci-storage store` in a job dedups against the slot we loaded.
 //!
-//! How it is fast: one SSH session (libssh2, in-process), the storage host's GNU tar streams
-//! the slot as a POSIX (pax) archive, which carries nanosecond mtimes, and two threads overlap
-//! the network with the disk: this one reads the channel, a writer thread creates the files.
+//! How it is fast: SSH sessions (libssh2, in-process, ChaCha20-Poly1305 from OpenSSL), one per
+//! usable CPU, all started together, each running one remote command that lists the slots,
+//! chooses the newest and has the storage host's GNU tar stream its share as a POSIX (pax)
+//! archive, which carries nanosecond mtimes: one handshake and one remote shell start-up in
+//! wall time (issue 21). Per stream, two threads overlap the network with the disk: one
+//! reads the channel, a writer thread creates the files.
 //! The writer runs with the runner user's filesystem uid and gid (`setfsuid`), so every file is
 //! born owned by that user and the archive can reach nothing that user could not.
 //!
@@ -27,7 +30,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::config::Secret;
@@ -36,8 +39,10 @@ use crate::config::Secret;
 const GC_MARGIN: Duration = Duration::from_secs(60);
 /// Size of one chunk passed from the network thread to the writer.
 const CHUNK: usize = 256 * 1024;
-/// Chunks in flight between the two threads.
-const CHUNKS_IN_FLIGHT: usize = 32;
+/// Chunks in flight between the two threads of a stream.
+const CHUNKS_IN_FLIGHT: usize = 16;
+/// The most a listing may hold.
+const MAX_LISTING: usize = 64 << 20;
 
 /// `CI_STORAGE_HOST`: `[user@]host[:port]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,6 +240,8 @@ pub enum PrewarmError {
     HostKey { host: String, reason: String, file: PathBuf },
     #[error("failed to {what} on {host}: exit status {status}: {stderr}")]
     Remote { what: &'static str, host: String, status: i32, stderr: String },
+    #[error("failed to choose the slot on {host}: {reason}")]
+    Slot { host: String, reason: String },
     #[error("failed to read from {host}")]
     Read {
         host: String,
@@ -289,45 +296,9 @@ impl Gate {
 /// timeouts and by `gate`.
 pub fn load(s: &Settings, gate: &Arc<Gate>) -> Result<Loaded, PrewarmError> {
     let deadline = crate::config::limits::later(Instant::now(), s.timeout);
-    let session = connect(s)?;
-
-    let listing = exec_to_string(&session, s, "list the slots", &list_command(&s.storage_dir))?;
-    let slots = parse_listing(&listing);
-    let Some(slot) = choose(&slots, s.max_age).cloned() else {
-        tracing::info!(storage_dir = %s.storage_dir, slots = slots.len(), "No slot young enough to load; starting cold.");
-        if let Err(e) = std::fs::remove_file(s.meta_path()) {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(path = %s.meta_path().display(), error = %e, "Failed to reset the local ci-storage meta.");
-            }
-        }
-        return Ok(Loaded { slot: None, files: 0, bytes: 0 });
-    };
-    tracing::info!(slot = %slot.id, age_sec = slot.age.as_secs(), storage_dir = %s.storage_dir, "Loading the newest slot.");
-
-    // More sessions, one per stream: libssh2 decrypts on the thread that reads, so parallel
-    // sessions spread the decryption over the cores.
-    let mut sessions = vec![session];
-    while sessions.len() < s.streams.max(1) {
-        match connect(s) {
-            Ok(extra) => sessions.push(extra),
-            Err(e) => {
-                tracing::debug!(error = %e, streams = sessions.len(), "Fewer streams than asked for.");
-                break;
-            }
-        }
-    }
-    let slot_dir = format!("{}/{}", s.storage_dir.trim_end_matches('/'), slot.id);
     let staging = sibling(&s.local_dir, "prewarm");
-    {
-        let _fs = s.owner.map(FsIdentity::assume);
-        let unpack_err = |source| PrewarmError::Unpack { path: s.local_dir.clone(), source };
-        if let Some(parent) = staging.parent() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(unpack_err)?;
-        }
-        let _ = std::fs::remove_dir_all(&staging);
-        std::fs::DirBuilder::new().mode(0o700).create(&staging).map_err(unpack_err)?;
-    }
-    let result = fill(s, &sessions, &slot_dir, &staging, gate, deadline).and_then(|(files, bytes)| {
+    let result = fill(s, &staging, gate, deadline).and_then(|filled| {
+        let Some((slot, files, bytes)) = filled else { return Ok(None) };
         let _fs = s.owner.map(FsIdentity::assume);
         if !gate.commit() {
             return Err(PrewarmError::Cancelled);
@@ -336,10 +307,18 @@ pub fn load(s: &Settings, gate: &Arc<Gate>) -> Result<Loaded, PrewarmError> {
         if let Err(e) = write_meta(&s.meta_path(), &local_meta(&slot.meta, &slot.id)) {
             tracing::warn!(path = %s.meta_path().display(), error = %e, "Failed to write the local ci-storage meta; a store in a job will not dedup against the loaded slot.");
         }
-        Ok((files, bytes))
+        Ok(Some(Loaded { slot: Some(slot.id), files, bytes }))
     });
     match result {
-        Ok((files, bytes)) => Ok(Loaded { slot: Some(slot.id), files, bytes }),
+        Ok(Some(loaded)) => Ok(loaded),
+        Ok(None) => {
+            if let Err(e) = std::fs::remove_file(s.meta_path()) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %s.meta_path().display(), error = %e, "Failed to reset the local ci-storage meta.");
+                }
+            }
+            Ok(Loaded { slot: None, files: 0, bytes: 0 })
+        }
         Err(e) => {
             let _fs = s.owner.map(FsIdentity::assume);
             let _ = std::fs::remove_dir_all(&staging);
@@ -348,41 +327,114 @@ pub fn load(s: &Settings, gate: &Arc<Gate>) -> Result<Loaded, PrewarmError> {
     }
 }
 
-/// Fills `staging` with the slot: first its directories (one small stream), then its other
-/// entries split by size over every session, each stream read on its own thread and unpacked
-/// on another. Returns (entries, bytes received).
+/// A value one stream publishes and the others wait for.
+struct Published<T> {
+    value: Mutex<Option<T>>,
+    ready: Condvar,
+}
+
+impl<T> Default for Published<T> {
+    fn default() -> Self {
+        Published { value: Mutex::new(None), ready: Condvar::new() }
+    }
+}
+
+impl<T: Clone> Published<T> {
+    fn set(&self, v: T) {
+        *self.value.lock().unwrap_or_else(PoisonError::into_inner) = Some(v);
+        self.ready.notify_all();
+    }
+
+    fn get(&self) -> Option<T> {
+        self.value.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The value once published; gives up when the load stops or its deadline passes.
+    fn wait(&self, gate: &Gate, deadline: Instant, timeout: Duration) -> Result<T, PrewarmError> {
+        let mut v = self.value.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(x) = v.as_ref() {
+                return Ok(x.clone());
+            }
+            if gate.is_stopped() {
+                return Err(PrewarmError::Cancelled);
+            }
+            if Instant::now() > deadline {
+                return Err(PrewarmError::Timeout(timeout));
+            }
+            // The gate has no way to wake us: look at it now and then.
+            v = self.ready.wait_timeout(v, Duration::from_millis(20)).unwrap_or_else(PoisonError::into_inner).0;
+        }
+    }
+}
+
+/// What the streams of one load share: the slot stream 0 chose (`None`: none young enough),
+/// and the directories it made, which the other streams fill.
+#[derive(Default)]
+struct Shared {
+    slot: Published<Option<Slot>>,
+    dirs: Published<Arc<DirState>>,
+}
+
+/// How one stream ended.
+enum Streamed {
+    /// (entries, bytes received)
+    Done(u64, u64),
+    /// Its session could not be set up; its share is loaded afterwards over stream 0's.
+    NoSession(PrewarmError),
+}
+
+/// Fills `staging` with the newest slot over `s.streams` sessions started together: each
+/// connects, then runs one remote command that lists the slots, chooses the newest and
+/// streams its share of the files (stream 0: first the directories, then its share), so a
+/// load costs one SSH handshake and one remote shell start-up in wall time, however many
+/// streams (issue 21: the storage user's rc file is paid once, not four times in a row).
+/// Returns the slot with (entries, bytes received), or `None` for no slot young enough.
 fn fill(
     s: &Settings,
-    sessions: &[ssh2::Session],
-    slot_dir: &str,
     staging: &Path,
     gate: &Gate,
     deadline: Instant,
-) -> Result<(u64, u64), PrewarmError> {
-    let mut dirs = DirState::default();
-    let (dir_count, dir_bytes) =
-        stream(s, &sessions[0], &dirs_command(slot_dir), staging, Dirs::Create(&mut dirs), gate, deadline)?;
-    let k = sessions.len();
-    let dirs = &dirs;
-    let results: Vec<Result<(u64, u64), PrewarmError>> = std::thread::scope(|sc| {
-        let streams: Vec<_> = sessions
-            .iter()
-            .enumerate()
-            .map(|(i, session)| {
-                let cmd = files_command(slot_dir, k, i);
-                sc.spawn(move || stream(s, session, &cmd, staging, Dirs::Frozen(dirs), gate, deadline))
+) -> Result<Option<(Slot, u64, u64)>, PrewarmError> {
+    let k = s.streams.max(1);
+    let shared = Shared::default();
+    let shared = &shared;
+    let outcomes: Vec<(Result<Streamed, PrewarmError>, Option<ssh2::Session>)> = std::thread::scope(|sc| {
+        let threads: Vec<_> = (0..k)
+            .map(|i| {
+                sc.spawn(move || {
+                    let session = match connect(s) {
+                        Ok(session) => session,
+                        Err(e) if i > 0 => return (Ok(Streamed::NoSession(e)), None),
+                        Err(e) => {
+                            gate.abort();
+                            return (Err(e), None);
+                        }
+                    };
+                    let r = stream(s, &session, k, i, None, staging, shared, gate, deadline);
+                    if r.is_err() {
+                        gate.abort();
+                    }
+                    (r.map(|(f, b)| Streamed::Done(f, b)), Some(session))
+                })
             })
             .collect();
-        streams.into_iter().map(|t| t.join().unwrap_or_else(|_| Err(panicked(staging)))).collect()
+        threads.into_iter().map(|t| t.join().unwrap_or_else(|_| (Err(panicked(staging)), None))).collect()
     });
-    let (mut files, mut bytes) = (dir_count, dir_bytes);
+    let (mut files, mut bytes) = (0, 0);
     let mut first_error = None;
-    for r in results {
+    let mut missing = Vec::new();
+    let mut first_session = None;
+    for (i, (r, session)) in outcomes.into_iter().enumerate() {
+        if i == 0 {
+            first_session = session;
+        }
         match r {
-            Ok((f, b)) => {
+            Ok(Streamed::Done(f, b)) => {
                 files += f;
                 bytes += b;
             }
+            Ok(Streamed::NoSession(e)) => missing.push((i, e)),
             // A stream that stopped because another failed is not the story.
             Err(PrewarmError::Cancelled) if first_error.is_none() => first_error = Some(PrewarmError::Cancelled),
             Err(PrewarmError::Cancelled) => {}
@@ -396,37 +448,181 @@ fn fill(
     if let Some(e) = first_error {
         return Err(e);
     }
+    let Some(slot) = shared.slot.get().flatten() else {
+        return Ok(None);
+    };
+    if let (Some(session), false) = (&first_session, missing.is_empty()) {
+        for (i, e) in missing {
+            tracing::debug!(stream = i, error = %e, "A stream had no session; its share goes over the first one.");
+            let (f, b) = stream(s, session, k, i, Some(&slot.id), staging, shared, gate, deadline)?;
+            files += f;
+            bytes += b;
+        }
+    }
+    let dirs = shared.dirs.get().ok_or_else(|| PrewarmError::Unpack {
+        path: staging.to_path_buf(),
+        source: invalid("no directories in the archive"),
+    })?;
     let _fs = s.owner.map(FsIdentity::assume);
     dirs.finish()?;
-    Ok((files, bytes))
+    Ok(Some((slot, files, bytes)))
 }
 
 fn panicked(path: &Path) -> PrewarmError {
     PrewarmError::Unpack { path: path.to_path_buf(), source: io::Error::other("a pre-warm thread panicked") }
 }
 
-/// One stream: `cmd`'s output read on this thread, unpacked on another (as the runner user).
-/// Returns (entries, bytes received).
+/// Makes the empty, private directory the tree is built in.
+fn make_staging(s: &Settings, staging: &Path) -> Result<(), PrewarmError> {
+    let _fs = s.owner.map(FsIdentity::assume);
+    let unpack_err = |source| PrewarmError::Unpack { path: s.local_dir.clone(), source };
+    if let Some(parent) = staging.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(unpack_err)?;
+    }
+    let _ = std::fs::remove_dir_all(staging);
+    std::fs::DirBuilder::new().mode(0o700).create(staging).map_err(unpack_err)
+}
+
+/// Stream `i` of `k`: runs [`stream_command`], reads the listing it starts with, and agrees on
+/// the slot (stream 0 chooses it, and makes the staging dir; the others check that their
+/// storage host chose the same); then the archive is read on this thread and unpacked on
+/// another (as the runner user). Returns (entries, bytes received).
+#[expect(clippy::too_many_arguments, reason = "one stream's whole context, passed down once")]
 fn stream(
     s: &Settings,
     session: &ssh2::Session,
-    cmd: &str,
+    k: usize,
+    i: usize,
+    slot: Option<&str>,
     staging: &Path,
-    dirs: Dirs<'_>,
+    shared: &Shared,
     gate: &Gate,
     deadline: Instant,
 ) -> Result<(u64, u64), PrewarmError> {
+    let host = &s.host.host;
+    let mut channel = session.channel_session().map_err(|e| ssh_err("open a channel", host, e))?;
+    let limit = s.max_age.saturating_sub(GC_MARGIN);
+    channel
+        .exec(&stream_command(&s.storage_dir, limit, k, i, slot))
+        .map_err(|e| ssh_err("start the load on the storage host", host, e))?;
+    let (header, rest) = read_header(s, &mut channel, gate, deadline)?;
+    let (slots, chosen) = parse_header(&String::from_utf8_lossy(&header));
+    let slot_err = |reason: String| PrewarmError::Slot { host: host.clone(), reason };
+    let agreed = if i == 0 && slot.is_none() {
+        let expected = choose(&slots, s.max_age).cloned();
+        if expected.as_ref().map(|x| x.id.as_str()) != chosen.as_deref() {
+            return Err(slot_err(format!(
+                "the storage host chose {:?} where the listing gives {:?}",
+                chosen,
+                expected.map(|x| x.id)
+            )));
+        }
+        match &expected {
+            Some(x) => {
+                tracing::info!(slot = %x.id, age_sec = x.age.as_secs(), storage_dir = %s.storage_dir, streams = k, "Loading the newest slot.");
+                make_staging(s, staging)?;
+            }
+            None => {
+                tracing::info!(storage_dir = %s.storage_dir, slots = slots.len(), "No slot young enough to load; starting cold.")
+            }
+        }
+        shared.slot.set(expected.clone());
+        expected
+    } else {
+        let agreed = shared.slot.wait(gate, deadline, s.timeout)?;
+        if agreed.as_ref().map(|x| x.id.as_str()) != chosen.as_deref() {
+            // A slot stored between the streams' listings: rare, and a cold start is safe.
+            return Err(slot_err(format!(
+                "stream {i} was given {chosen:?} where stream 0 has {:?} (a slot stored mid-load)",
+                agreed.map(|x| x.id)
+            )));
+        }
+        agreed
+    };
+    let header_bytes = header.len() as u64;
+    if agreed.is_none() {
+        let mut tail = Vec::new();
+        let _ = Read::by_ref(&mut channel).take(4096).read_to_end(&mut tail);
+        remote_exit(&mut channel, "list the slots", host, false)?;
+        return Ok((0, header_bytes));
+    }
+
     let (tx, rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
     // Spent chunks come back for reuse: no allocation (and no fresh pages) per chunk.
     let (free_tx, free_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
+    let dirs = if i == 0 && slot.is_none() {
+        Dirs::Create(&shared.dirs)
+    } else {
+        Dirs::Wait(&shared.dirs, deadline, s.timeout)
+    };
     std::thread::scope(|sc| {
         let writer = sc.spawn(move || {
             let _fs = s.owner.map(FsIdentity::assume);
             unpack_stream(ChunkReader::new(rx, free_tx), staging, dirs, gate)
         });
-        let read = pump(s, session, cmd, gate, deadline, tx, free_rx);
+        let read = pump(s, &mut channel, rest, gate, deadline, tx, free_rx).map(|b| b + header_bytes);
         finish_pair(read, writer.join(), gate, staging)
     })
+}
+
+/// Reads the listing that every stream starts with, up to its last line (a tab, then the
+/// chosen slot's id or nothing); returns it and the archive bytes read past it.
+fn read_header(
+    s: &Settings,
+    channel: &mut ssh2::Channel,
+    gate: &Gate,
+    deadline: Instant,
+) -> Result<(Vec<u8>, Vec<u8>), PrewarmError> {
+    let host = &s.host.host;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(end) = header_end(&buf) {
+            let rest = buf.split_off(end);
+            return Ok((buf, rest));
+        }
+        if gate.is_stopped() {
+            return Err(PrewarmError::Cancelled);
+        }
+        if Instant::now() > deadline {
+            return Err(PrewarmError::Timeout(s.timeout));
+        }
+        match channel.read(&mut chunk) {
+            Ok(0) => {
+                // The remote command ended before its listing did: its stderr says why.
+                remote_exit(channel, "list the slots", host, true)?;
+                return Err(PrewarmError::Slot { host: host.clone(), reason: "the listing ended early".into() });
+            }
+            Ok(n) if buf.len() + n > MAX_LISTING => {
+                return Err(PrewarmError::Slot { host: host.clone(), reason: "a listing over 64 MiB".into() })
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => return Err(PrewarmError::Read { host: host.clone(), source }),
+        }
+    }
+}
+
+/// Where the listing ends: after the first line that starts with a tab.
+fn header_end(buf: &[u8]) -> Option<usize> {
+    let mut start = 0;
+    while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
+        if buf.get(start) == Some(&b'\t') {
+            return Some(start + nl + 1);
+        }
+        start += nl + 1;
+    }
+    None
+}
+
+/// The listing's slots and the id the storage host chose (`None`: no slot young enough).
+fn parse_header(text: &str) -> (Vec<Slot>, Option<String>) {
+    let (listing, last) = match text.trim_end_matches('\n').rsplit_once('\n') {
+        Some((listing, last)) => (listing, last),
+        None => ("", text.trim_end_matches('\n')),
+    };
+    let chosen = last.strip_prefix('\t').filter(|id| !id.is_empty()).map(str::to_string);
+    (parse_listing(listing), chosen)
 }
 
 /// One stream's outcome from its reader's and its writer's: the reader's error first (the
@@ -447,21 +643,23 @@ fn finish_pair(
     Err(out)
 }
 
-/// Runs `cmd` on the storage host and feeds its stdout to the writer in whole chunks; then
-/// checks that it exited 0 and said nothing on stderr. Returns the bytes read.
+/// Feeds the rest of the remote command's stdout (after `first`, already read) to the
+/// writer in whole chunks; then checks that it exited 0 and said nothing on stderr.
+/// Returns the bytes read.
 fn pump(
     s: &Settings,
-    session: &ssh2::Session,
-    cmd: &str,
+    channel: &mut ssh2::Channel,
+    first: Vec<u8>,
     gate: &Gate,
     deadline: Instant,
     tx: SyncSender<Vec<u8>>,
     free_rx: Receiver<Vec<u8>>,
 ) -> Result<u64, PrewarmError> {
     let host = &s.host.host;
-    let mut channel = session.channel_session().map_err(|e| ssh_err("open a channel", host, e))?;
-    channel.exec(cmd).map_err(|e| ssh_err("start tar on the storage host", host, e))?;
-    let mut bytes = 0u64;
+    let mut bytes = first.len() as u64;
+    if !first.is_empty() && tx.send(first).is_err() {
+        return Ok(bytes);
+    }
     loop {
         if gate.is_stopped() {
             return Err(PrewarmError::Cancelled);
@@ -496,7 +694,7 @@ fn pump(
         }
     }
     drop(tx);
-    remote_exit(&mut channel, "stream the slot", host, true)?;
+    remote_exit(channel, "stream the slot", host, true)?;
     Ok(bytes)
 }
 
@@ -529,6 +727,9 @@ fn connect(s: &Settings) -> Result<ssh2::Session, PrewarmError> {
     let tcp = tcp.ok_or(PrewarmError::Connect { host: host.clone(), port: s.host.port, source: last })?;
     let _ = tcp.set_nodelay(true);
     let mut session = ssh2::Session::new().map_err(|e| ssh_err("start an SSH session", host, e))?;
+    for way in [ssh2::MethodType::CryptCs, ssh2::MethodType::CryptSc] {
+        session.method_pref(way, CIPHERS).map_err(|e| ssh_err("choose the ciphers", host, e))?;
+    }
     session.set_tcp_stream(tcp);
     session.set_timeout(u32::try_from(s.stall_timeout.as_millis()).unwrap_or(u32::MAX).max(1));
     session.handshake().map_err(|e| ssh_err("complete the SSH handshake", host, e))?;
@@ -537,6 +738,29 @@ fn connect(s: &Settings) -> Result<ssh2::Session, PrewarmError> {
         .userauth_pubkey_memory(&s.user, None, s.key.expose(), None)
         .map_err(|e| ssh_err("authenticate with CI_STORAGE_PRIVATE_KEY", &format!("{}@{host}", s.user), e))?;
     Ok(session)
+}
+
+/// The ciphers offered, best first, chosen by measurement (BENCHMARKS.md, issue 21): the
+/// whole slot is decrypted on this side, so the cipher is most of a load's CPU. ChaCha20 and
+/// Poly1305 both come from OpenSSL's vector code (vendor/libssh2-sys/CI-RUNNER.md). libssh2's
+/// AES-GCM, even patched to hand OpenSSL a packet's middle blocks in one call, measured 1.7x
+/// the client CPU of ChaCha20 on an AES-NI CPU (512 MiB: 1.63 s against 0.98 s), although
+/// OpenSSH's own AES-GCM is the faster there. So ChaCha20-Poly1305 leads on every CPU;
+/// AES-GCM and AES-CTR are for a server without it.
+const CIPHERS: &str =
+    "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr";
+
+/// The default number of streams: one per core this process may use, which
+/// `available_parallelism` counts with the affinity mask and the cgroup CPU quota
+/// (`cpu.max`, or v1's `cpu.cfs_quota_us`) taken into account, so a container limited to
+/// 1.5 CPUs on a 64-core host gets 1, not 64. Each stream is one session's decryption
+/// and one writer; at most 8, where the storage host's disk, not our CPU, is the limit.
+pub fn default_streams() -> usize {
+    streams_for(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+fn streams_for(cpus: usize) -> usize {
+    cpus.clamp(1, 8)
 }
 
 fn check_host_key(session: &ssh2::Session, s: &Settings) -> Result<(), PrewarmError> {
@@ -571,60 +795,47 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// LIST_SLOTS, read-only: every directory of the storage dir whose name holds no `.` (tmp and
-/// bak dirs do), as `id<TAB>age<TAB>escaped meta`. perl is what ci-storage needs there anyway.
-fn list_command(storage_dir: &str) -> String {
-    const SCRIPT: &str = r#"use strict; my $d = shift; my $now = time; opendir(my $dh, $d) or exit 0;
-for my $n (sort readdir $dh) { next if $n =~ /\./; my $p = "$d/$n"; my @st = lstat $p; next unless @st && -d _;
+/// The one remote command of stream `i` of `k`, read-only but for touching the slot:
+///
+/// 1. LIST_SLOTS: every directory of the storage dir whose name holds no `.` (tmp and bak
+///    dirs do), as `id<TAB>age<TAB>escaped meta` lines; then `<TAB>id` for the slot
+///    `ci-storage load --slot-id='*'` would load (`slot` when given; nothing for none), chosen
+///    by [`choose`]'s rule, which the client checks against the listing.
+/// 2. The slot touched by stream 0 (as LIST_SLOTS touches the newest slot), so that
+///    ci-storage's GC keeps it while it is read; only there, before its archive reads the
+///    slot's own mtime, so that the loaded root has the mtime the slot keeps.
+/// 3. GNU tar of this stream's share as a POSIX (pax) archive: every `k`-th of the slot's
+///    entries that are not directories, in `find` order (no side stats a file to split the
+///    work; every stream computes the same split); stream 0 sends all the directories first.
+///
+/// perl is what ci-storage needs on the storage host anyway; the shell the storage user's
+/// login runs starts once per stream, and the streams start together.
+fn stream_command(storage_dir: &str, limit: Duration, k: usize, i: usize, slot: Option<&str>) -> String {
+    const SCRIPT: &str = r#"use strict; my ($d, $limit, $k, $i, $want) = @ARGV; my $now = time; my ($best, $best_age);
+$| = 1; if (opendir(my $dh, $d)) { for my $n (sort readdir $dh) { next if $n =~ /[.\t\n\r\\]/;
+my $p = "$d/$n"; my @st = lstat $p; next unless @st && -d _;
 my $meta = ""; if (open(my $fh, "<", "$p/.ci-storage.meta")) { local $/; $meta = <$fh> // ""; close $fh; }
 $meta =~ s/\\/\\\\/g; $meta =~ s/\n/\\n/g; $meta =~ s/\r/\\r/g; my $age = $now - $st[10]; $age = 0 if $age < 0;
-print "$n\t$age\t$meta\n"; }"#;
-    format!("perl -we {} {}", sh_quote(SCRIPT), sh_quote(storage_dir))
-}
-
-/// tar's options for every stream: POSIX (pax) format, which carries nanosecond mtimes;
-/// atime and ctime dropped; the meta file left out at any depth, as rsync's
-/// `--exclude=.ci-storage.meta` leaves it out; names read NUL-separated from stdin.
-/// (The options before `-T`: GNU tar's `--exclude` only affects the names that follow it.)
-const TAR: &str = "tar --format=posix --pax-option=delete=atime,delete=ctime --exclude=.ci-storage.meta \
-                   --numeric-owner --null --no-recursion";
-
-/// The slot's directories as an archive, after touching the slot (as LIST_SLOTS touches the
-/// newest slot) so that ci-storage's GC keeps it while it is read.
-fn dirs_command(slot_dir: &str) -> String {
-    format!("cd -- {} && touch -c . && find . -type d -print0 | {TAR} -cf - -T -", sh_quote(slot_dir))
-}
-
-/// Stream `i` of `k`: every `k`-th of the slot's other entries in `find` order, so that no
-/// side has to stat a file just to split the work (every stream computes the same split).
-/// Hard links are sent as files: `rsync -a` makes copies of them too, and a link's target
-/// may be in another stream.
-fn files_command(slot_dir: &str, k: usize, i: usize) -> String {
-    const SPLIT: &str = r#"my ($k, $i) = (shift, shift); $/ = "\0"; my $n = 0;
-while (my $p = <STDIN>) { print $p if $n++ % $k == $i; }"#;
+print "$n\t$age\t$meta\n";
+if ($want ne "" ? $n eq $want : ($age < $limit && (!defined $best || $age < $best_age || ($age == $best_age && $n gt $best)))) {
+($best, $best_age) = ($n, $age); } } }
+print "\t", $best // "", "\n"; exit 0 unless defined $best;
+chdir "$d/$best" or die "failed to enter $d/$best: $!\n";
+if ($i == 0) { utime(undef, undef, ".") or die "failed to touch $d/$best: $!\n"; }
+open(my $find, "-|", "find", ".", "-printf", '%y%p\0') or die "failed to start find: $!\n";
+open(my $tar, "|-", "tar", "--format=posix", "--pax-option=delete=atime,delete=ctime", "--exclude=.ci-storage.meta",
+"--numeric-owner", "--null", "--no-recursion", "--hard-dereference", "-cf", "-", "-T", "-") or die "failed to start tar: $!\n";
+$/ = "\0"; my $seen = 0; my @mine; while (my $e = <$find>) { chomp $e; my $path = substr($e, 1);
+if (substr($e, 0, 1) eq "d") { print $tar "$path\0" if $i == 0; } elsif ($seen++ % $k == $i) {
+if ($i == 0) { push @mine, $path; } else { print $tar "$path\0"; } } }
+close $find or die "find failed\n"; print $tar "$_\0" for @mine; close $tar or die "tar failed\n";"#;
     format!(
-        "cd -- {} && find . ! -type d -print0 | perl -we {} {k} {i} | {TAR} --hard-dereference -cf - -T -",
-        sh_quote(slot_dir),
-        sh_quote(SPLIT)
+        "perl -we {} {} {} {k} {i} {}",
+        sh_quote(SCRIPT),
+        sh_quote(storage_dir),
+        limit.as_secs_f64(),
+        sh_quote(slot.unwrap_or(""))
     )
-}
-
-fn exec_to_string(
-    session: &ssh2::Session,
-    s: &Settings,
-    what: &'static str,
-    cmd: &str,
-) -> Result<String, PrewarmError> {
-    let host = &s.host.host;
-    let mut ch = session.channel_session().map_err(|e| ssh_err("open a channel", host, e))?;
-    ch.exec(cmd).map_err(|e| ssh_err(what, host, e))?;
-    let mut out = Vec::new();
-    Read::by_ref(&mut ch)
-        .take(64 << 20)
-        .read_to_end(&mut out)
-        .map_err(|source| PrewarmError::Read { host: host.clone(), source })?;
-    remote_exit(&mut ch, what, host, false)?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Waits for the remote command's end; a non-zero status is an error carrying its stderr,
@@ -767,18 +978,21 @@ impl DirState {
     }
 }
 
-/// Whether a stream may make directories (the first) or only fill those made (the rest,
+/// Whether a stream makes the directories (stream 0: they come first in its archive, and it
+/// publishes them at its first other entry) or waits for them and only fills them (the rest,
 /// which run in parallel and share the set read-only).
 enum Dirs<'a> {
-    Create(&'a mut DirState),
-    Frozen(&'a DirState),
+    Create(&'a Published<Arc<DirState>>),
+    Wait(&'a Published<Arc<DirState>>, Instant, Duration),
 }
 
 /// Unpacks one tar stream into `root` (an empty directory we just made): see [`unpack_stream`].
 pub fn unpack(archive: impl Read, root: &Path, gate: &Gate) -> Result<u64, PrewarmError> {
-    let mut dirs = DirState::default();
-    let n = unpack_stream(archive, root, Dirs::Create(&mut dirs), gate)?;
-    dirs.finish()?;
+    let dirs = Published::default();
+    let n = unpack_stream(archive, root, Dirs::Create(&dirs), gate)?;
+    if let Some(d) = dirs.get() {
+        d.finish()?;
+    }
     Ok(n)
 }
 
@@ -786,15 +1000,28 @@ pub fn unpack(archive: impl Read, root: &Path, gate: &Gate) -> Result<u64, Prewa
 /// without `-H` makes); mode and nanosecond mtime on everything (directories' are left to
 /// [`DirState::finish`]). An entry may only land in a directory that this load created, so
 /// nothing is written through a symlink or outside `root`.
-fn unpack_stream(archive: impl Read, root: &Path, mut dirs: Dirs<'_>, gate: &Gate) -> Result<u64, PrewarmError> {
+fn unpack_stream(archive: impl Read, root: &Path, dirs: Dirs<'_>, gate: &Gate) -> Result<u64, PrewarmError> {
     let err = |path: &Path, source: io::Error| PrewarmError::Unpack { path: path.to_path_buf(), source };
     let mut ar = tar::Archive::new(archive);
     let mut files: HashSet<PathBuf> = HashSet::new();
     let mut buf = vec![0u8; CHUNK];
     let mut count = 0u64;
-    if let Dirs::Create(d) = &mut dirs {
-        d.known.insert(PathBuf::new());
-    }
+    // Exactly one of the two: the directories being made, or those made (by us or stream 0).
+    let (mut making, publish, mut made) = match dirs {
+        Dirs::Create(publish) => {
+            let mut d = DirState::default();
+            d.known.insert(PathBuf::new());
+            (Some(d), Some(publish), None)
+        }
+        Dirs::Wait(published, deadline, timeout) => (None, None, Some(published.wait(gate, deadline, timeout)?)),
+    };
+    let freeze = |making: &mut Option<DirState>, made: &mut Option<Arc<DirState>>| {
+        if let (Some(d), Some(p)) = (making.take(), publish) {
+            let d = Arc::new(d);
+            p.set(d.clone());
+            *made = Some(d);
+        }
+    };
     for entry in ar.entries().map_err(|e| err(root, e))? {
         if gate.is_stopped() {
             return Err(PrewarmError::Cancelled);
@@ -809,22 +1036,26 @@ fn unpack_stream(archive: impl Read, root: &Path, mut dirs: Dirs<'_>, gate: &Gat
         let dest = root.join(&rel);
         let mode = entry.header().mode().map_err(|e| err(&dest, e))? & 0o7777;
         let mtime = mtime_of(&mut entry).map_err(|e| err(&dest, e))?;
-        let known = match &dirs {
-            Dirs::Create(d) => &d.known,
-            Dirs::Frozen(d) => &d.known,
-        };
+        if !kind.is_dir() {
+            freeze(&mut making, &mut made);
+        }
         if rel.as_os_str().is_empty() {
-            if let (true, Dirs::Create(d)) = (kind.is_dir(), &mut dirs) {
+            if let (true, Some(d)) = (kind.is_dir(), &mut making) {
                 d.attrs.push(DirAttrs { path: dest, mode, mtime });
             }
             continue;
         }
+        let known = match (&making, &made) {
+            (Some(d), _) => &d.known,
+            (None, Some(d)) => &d.known,
+            (None, None) => return Err(err(&dest, invalid("no directories"))),
+        };
         let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
         if !known.contains(&parent) {
             return Err(err(&dest, invalid("an entry outside the directories of the archive")));
         }
         if kind.is_dir() {
-            let Dirs::Create(d) = &mut dirs else {
+            let Some(d) = &mut making else {
                 return Err(err(&dest, invalid("a directory in a stream of files")));
             };
             std::fs::DirBuilder::new().mode(0o700).create(&dest).map_err(|e| err(&dest, e))?;
@@ -873,6 +1104,7 @@ fn unpack_stream(archive: impl Read, root: &Path, mut dirs: Dirs<'_>, gate: &Gat
         }
         count += 1;
     }
+    freeze(&mut making, &mut made);
     Ok(count)
 }
 
@@ -1064,13 +1296,52 @@ mod tests {
     }
 
     #[test]
-    fn the_remote_commands_quote_their_arguments() {
-        let c = dirs_command("/mnt/o/r/it's/12");
-        assert!(c.starts_with(r"cd -- '/mnt/o/r/it'\''s/12' && "), "{c}");
-        let c = files_command("/x", 3, 1);
-        assert!(c.contains("| perl -we ") && c.contains("' 3 1 | tar "), "{c}");
+    fn only_aead_and_ctr_ciphers_are_offered_chacha20_first() {
+        assert_eq!(CIPHERS.split(',').next(), Some("chacha20-poly1305@openssh.com"));
+        // Never a cipher without integrity of its own, nor a CBC one.
+        assert!(
+            CIPHERS.split(',').all(|c| c.contains("gcm") || c.contains("chacha") || c.ends_with("-ctr")),
+            "{CIPHERS}"
+        );
+    }
+
+    #[test]
+    fn streams_follow_the_cpus_the_process_may_use() {
+        assert_eq!(streams_for(1), 1, "a 1-CPU quota must not get two streams fighting for it");
+        assert_eq!(streams_for(2), 2);
+        assert_eq!(streams_for(6), 6);
+        assert_eq!(streams_for(64), 8);
+        assert_eq!(streams_for(0), 1);
+        let n = default_streams();
+        assert!((1..=8).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn the_remote_command_quotes_its_arguments() {
+        let c = stream_command("/mnt/o/r/it's", Duration::from_secs(1740), 3, 1, None);
+        assert!(c.starts_with("perl -we '"), "{c}");
+        assert!(c.ends_with(r" '/mnt/o/r/it'\''s' 1740 3 1 ''"), "{c}");
+        let c = stream_command("/x y", Duration::from_millis(1500), 1, 0, Some("12"));
+        assert!(c.ends_with(" '/x y' 1.5 1 0 '12'"), "{c}");
         assert!(!c.contains('\0'), "a NUL in the command");
-        assert!(list_command("/x y").ends_with("'/x y'"));
+    }
+
+    #[test]
+    fn the_listing_ends_at_the_chosen_line_and_the_archive_follows() {
+        let out = b"1001\t5\tfull_snapshot_history=1000\\n\n999\t40\t\n\t1001\n./PaxHeaders\n\tx\n";
+        let end = header_end(out).unwrap();
+        assert_eq!(&out[end..], b"./PaxHeaders\n\tx\n", "the archive's bytes taken for the listing");
+        let (slots, chosen) = parse_header(std::str::from_utf8(&out[..end]).unwrap());
+        assert_eq!(slots.len(), 2);
+        assert_eq!(slots[0].meta, "full_snapshot_history=1000\n");
+        assert_eq!(chosen.as_deref(), Some("1001"));
+        // No slot: the chosen line is empty, and nothing follows.
+        assert_eq!(header_end(b"\t\n"), Some(2));
+        assert_eq!(parse_header("\t\n"), (vec![], None));
+        assert_eq!(parse_header("7\t3\t\n\t\n").1, None);
+        // Not yet complete: more must be read.
+        assert_eq!(header_end(b"1001\t5\t"), None);
+        assert_eq!(header_end(b"1001\t5\t\n\t10"), None);
     }
 
     fn file_header(size: u64) -> tar::Header {
