@@ -53,3 +53,19 @@ pub mod runners;
 pub mod secrets;
 pub mod status;
 pub mod supervisor;
+
+/// A unit test's prerequisite is missing (root, a tool): the test fails, saying how to get it,
+/// unless `CI_RUNNER_TEST_SKIP` (comma-separated) lists `what` or `all`; then it says it skips
+/// and returns false. With `CI` set nothing may be skipped. (The integration tests' harness has
+/// the same rule.)
+#[cfg(test)]
+pub(crate) fn prerequisite_missing(what: &str, fix: &str) -> bool {
+    let skip = std::env::var("CI_RUNNER_TEST_SKIP").unwrap_or_default();
+    let skipped = skip.split(',').map(str::trim).any(|s| s == what || s == "all");
+    assert!(
+        skipped && std::env::var("CI").is_err(),
+        "{what} is missing: {fix} (or skip the tests that need it with CI_RUNNER_TEST_SKIP={what}, never on CI)"
+    );
+    eprintln!("skipping (CI_RUNNER_TEST_SKIP): {what} is missing: {fix}");
+    false
+}

@@ -16,7 +16,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, Credentials, RunnerName, Secret};
+use crate::config::{Config, Credentials, RunnerName, Scope, Secret};
 use crate::error::{chain, Error, ExitCode};
 use crate::github::{Budget, Deleted, Github, GithubError, DEFAULT_RUNNER_GROUP_ID};
 use crate::lock;
@@ -695,10 +695,15 @@ impl Supervisor {
             return Ok(());
         };
         remove_registration(gh, &self.cfg.scope, &reg, budget, &self.cancel).await?;
+        self.forget_registration();
+        Ok(())
+    }
+
+    /// After GitHub removed the registration: nothing of it is left here either.
+    fn forget_registration(&self) {
         runner::remove_local_files(&self.cfg.runner_dir);
         *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.status.update(|s| s.runner_id = None);
-        Ok(())
     }
 
     /// After the drain's run.sh has exited: make sure the registration is gone, then stop.
@@ -726,25 +731,33 @@ impl Supervisor {
         code
     }
 
-    fn start_delete(&self) -> Option<Call<Deleted>> {
+    /// A call about our registration that the drain's loop awaits: `None` without an API
+    /// client or a known runner id.
+    fn start_call<T, F, Fut>(&self, call: F) -> Option<Call<T>>
+    where
+        F: FnOnce(Github, Scope, u64, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = Result<T, GithubError>> + Send + 'static,
+    {
         let gh = self.github.clone()?;
         let id = self.registered_id()?;
-        let scope = self.cfg.scope.clone();
-        let cancel = self.cancel.clone();
+        Some(Box::pin(call(gh, self.cfg.scope.clone(), id, self.cancel.clone())))
+    }
+
+    fn start_delete(&self) -> Option<Call<Deleted>> {
         let budget = Budget::attempts(2).per_request(DEREGISTER_REQUEST_TIMEOUT);
-        Some(Box::pin(async move { delete_registration(&gh, &scope, id, budget, &cancel).await }))
+        self.start_call(move |gh, scope, id, cancel| async move {
+            delete_registration(&gh, &scope, id, budget, &cancel).await
+        })
     }
 
     /// The drain's first step: the runner's custom labels off, so that GitHub assigns it no
     /// queued job that asks for them. Retried like every call, briefly: the drain waits for it
     /// before the DELETE.
     fn start_strip_labels(&self) -> Option<Call<Vec<String>>> {
-        let gh = self.github.clone()?;
-        let id = self.registered_id()?;
-        let scope = self.cfg.scope.clone();
-        let cancel = self.cancel.clone();
         let budget = Budget::until(Instant::now() + LABELS_BUDGET).per_request(LABELS_REQUEST_TIMEOUT);
-        Some(Box::pin(async move { gh.remove_custom_labels(&scope, id, budget, &cancel).await }))
+        self.start_call(move |gh, scope, id, cancel| async move {
+            gh.remove_custom_labels(&scope, id, budget, &cancel).await
+        })
     }
 
     /// The runner's `Listening for Jobs`: the first one ends the boot.
@@ -901,9 +914,7 @@ impl Supervisor {
                     calls.delete = None;
                     match result {
                         Ok(_) => {
-                            *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                            runner::remove_local_files(&self.cfg.runner_dir);
-                            self.status.update(|s| s.runner_id = None);
+                            self.forget_registration();
                             info!("Runner de-registered.");
                             let worker = busy.is_none() && proc.worker_running();
                             if worker {

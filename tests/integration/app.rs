@@ -10,7 +10,6 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-const BOOT: Duration = Duration::from_secs(30);
 const LONG: Duration = Duration::from_secs(60);
 const APP_ID: u64 = 4711;
 
@@ -74,16 +73,6 @@ fn summary(reqs: &[Value]) -> Vec<(String, u64, String)> {
         .collect()
 }
 
-fn start_idle(gh: &FakeGithub, env: &[(String, String)]) -> (Supervisor, String) {
-    let sup = Supervisor::start(env);
-    sup.wait_state("idle", BOOT);
-    let name = sup.runner_name();
-    wait_for("the runner online on the fake GitHub", BOOT, || {
-        gh.runner_named(&name).filter(|r| r["status"] == "online").map(|_| ())
-    });
-    (sup, name)
-}
-
 fn stop(sup: &mut Supervisor, gh: &FakeGithub, name: &str) {
     sup.signal(Signal::SIGTERM);
     assert_eq!(sup.wait_exit(LONG).code(), Some(0), "{}", sup.log());
@@ -117,7 +106,7 @@ fn app_finds_its_installation_registers_runs_a_job_and_deregisters_with_one_toke
     let keys = tempfile::tempdir().unwrap();
     let Some((key, public)) = app_key(keys.path()) else { return };
     let installation = install_app(&gh, &public, REPO);
-    let (mut sup, name) = start_idle(&gh, &app_env(&gh, &runner, &[("GH_APP_PRIVATE_KEY", key.as_str())]));
+    let (mut sup, name) = start_online(&gh, &app_env(&gh, &runner, &[("GH_APP_PRIVATE_KEY", key.as_str())]));
     let env = run_job(&gh, &runner, REPO);
     assert!(!env.contains("GH_APP_PRIVATE_KEY=") && env.contains(&format!("GH_APP_ID={APP_ID}")), "{env}");
     assert_no_secret_in(&env, &key, "the job's environment");
@@ -153,7 +142,7 @@ fn expired_installation_token_is_renewed_for_the_deregistration() {
     std::fs::write(secrets.path().join("GH_APP_PRIVATE_KEY"), &key).unwrap();
     let (dir, id) = (secrets.path().display().to_string(), installation.to_string());
     let env = app_env(&gh, &runner, &[("SECRETS_DIR", dir.as_str()), ("GH_APP_INSTALLATION_ID", id.as_str())]);
-    let (mut sup, name) = start_idle(&gh, &env);
+    let (mut sup, name) = start_online(&gh, &env);
     run_job(&gh, &runner, REPO);
     // Two hours pass on GitHub's side: the token the supervisor holds has expired there.
     gh.post("/_fake/clock", json!({"advance_sec": 7200}));
@@ -196,7 +185,7 @@ fn installation_token_near_its_expiry_is_replaced_before_use() {
         &[("GH_APP_PRIVATE_KEY", key.as_str()), ("GH_ORGANIZATION", "octo-org"), ("RUNNER_GROUP", "gpu")],
     );
     let env: Vec<_> = env.into_iter().filter(|(k, _)| k != "GH_REPOSITORY").collect();
-    let (mut sup, name) = start_idle(&gh, &env);
+    let (mut sup, name) = start_online(&gh, &env);
     assert_eq!(gh.runner_named(&name).unwrap()["runner_group_id"], gid);
     stop(&mut sup, &gh, &name);
 
@@ -216,7 +205,7 @@ fn enterprise_scope_registers_runs_a_job_and_deregisters() {
     let runner = RunnerDir::new();
     gh.post("/_fake/enterprises", json!({"slug": "octo-corp"}));
     let env = env_with(&gh, &runner, &["GH_REPOSITORY"], &[("GH_ENTERPRISE", "octo-corp")]);
-    let (mut sup, name) = start_idle(&gh, &env);
+    let (mut sup, name) = start_online(&gh, &env);
     let registered = gh.runner_named(&name).unwrap();
     assert_eq!(registered["scope"], "enterprises/octo-corp", "{registered}");
     assert!(sup.log_has(&format!("url={}/enterprises/octo-corp", gh.url())), "{}", sup.log());
@@ -235,7 +224,7 @@ fn runner_group_by_name_is_resolved_before_registering_into_it() {
     let gid = gh.post("/_fake/groups", json!({"org": "octo-org", "name": "GPU pool"}))["id"].as_u64().unwrap();
     let env =
         env_with(&gh, &runner, &["GH_REPOSITORY"], &[("GH_ORGANIZATION", "octo-org"), ("RUNNER_GROUP", "gpu POOL")]);
-    let (mut sup, name) = start_idle(&gh, &env);
+    let (mut sup, name) = start_online(&gh, &env);
     assert_eq!(gh.runner_named(&name).unwrap()["runner_group_id"], gid);
     assert!(sup.log_has(&format!("group_id={gid}")) && sup.log_has("Runner group found."), "{}", sup.log());
     let paths: Vec<String> =
@@ -268,7 +257,7 @@ fn missing_runner_group_stops_the_boot_naming_the_groups_and_registers_nothing()
 fn no_default_labels_registers_only_the_given_labels() {
     let gh = FakeGithub::start();
     let runner = RunnerDir::new();
-    let (mut sup, name) = start_idle(&gh, &env_with(&gh, &runner, &[], &[("RUNNER_NO_DEFAULT_LABELS", "true")]));
+    let (mut sup, name) = start_online(&gh, &env_with(&gh, &runner, &[], &[("RUNNER_NO_DEFAULT_LABELS", "true")]));
     assert_eq!(gh.runner_named(&name).unwrap()["labels"], json!(["ci-test", "linux"]));
     stop(&mut sup, &gh, &name);
 }

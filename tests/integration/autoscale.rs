@@ -22,18 +22,14 @@ pub struct Moto {
     port: u16,
 }
 
-/// Skips locally, fails on CI, when moto is not installed.
+/// Whether moto is installed; see [`prerequisite_missing`].
 pub fn moto_available() -> bool {
     let ok = Command::new("python3")
         .args(["-c", "import moto.server, boto3"])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(std::env::var("CI").is_err(), "moto is required on CI (pip install 'moto[server]')");
-        eprintln!("skipping: moto not installed (pip install 'moto[server]')");
-    }
-    ok
+    ok || prerequisite_missing("moto", "pip install 'moto[server]' (scripts/test installs it)")
 }
 
 impl Moto {

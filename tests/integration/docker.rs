@@ -11,6 +11,8 @@ use crate::harness::*;
 
 const BASE: &str = "ci-runner-test-base:bookworm";
 const IMAGE: &str = "ci-runner:test";
+/// On every image the tests build: `scripts/test` removes them all at the end.
+pub(crate) const TEST_LABEL: &str = "ci-runner.test=1";
 const LONG: Duration = Duration::from_secs(90);
 
 pub(crate) fn docker(args: &[&str]) -> std::process::Output {
@@ -23,77 +25,29 @@ pub(crate) fn docker_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Whether this machine can run the image tests: skips locally, fails on CI.
+/// Whether this machine can run the image tests (root, a running engine); see [`prerequisite_missing`].
 pub(crate) fn docker_available() -> bool {
-    if !is_root() || !require("docker") {
-        assert!(std::env::var("CI").is_err(), "the image tests need root and docker on CI");
+    if !require_root("the image tests") || !require("docker") {
         return false;
     }
-    let up = docker(&["info", "--format", "{{.ServerVersion}}"]).status.success();
-    if !up {
-        assert!(std::env::var("CI").is_err(), "the Docker engine must be running on CI");
-        eprintln!("skipping: the Docker engine is not running");
-    }
-    up
+    docker(&["info", "--format", "{{.ServerVersion}}"]).status.success()
+        || prerequisite_missing("docker", "start the Docker engine (e.g. systemctl start docker)")
 }
 
-/// A Debian bookworm base made without any registry, kept in the engine between runs.
-fn base_image() {
-    if has_image(BASE) {
-        return;
-    }
-    assert!(require("debootstrap"), "debootstrap is needed to make the base image");
-    let root = tempfile::tempdir().unwrap();
-    let ok = Command::new("debootstrap")
-        .args(["--variant=minbase", "bookworm"])
-        .arg(root.path())
-        .arg("http://deb.debian.org/debian")
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "debootstrap failed");
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!("tar -C {} -c . | docker import - {BASE} >/dev/null", root.path().display()))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "docker import failed");
-}
-
-/// The image, built once per test run from image/Dockerfile with the fake runner as the
-/// runner tarball and the ci-runner this test run built.
+/// The image, built once per test run by the README's offline recipe, `scripts/offline-image`
+/// (a Debian bookworm base made by debootstrap, kept in the engine between runs), with the fake
+/// runner as the runner tarball and the ci-runner this test run built.
 pub(crate) fn image() -> &'static str {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        base_image();
-        let ctx = tempfile::tempdir().unwrap();
-        let local = ctx.path().join("image/local");
-        std::fs::create_dir_all(&local).unwrap();
-        std::fs::copy(repo_root().join("image/Dockerfile"), ctx.path().join("image/Dockerfile")).unwrap();
-        std::fs::copy(bin(), local.join("ci-runner")).unwrap();
-        // The ci-storage tool's stand-in, as the offline input (its code is not committed).
-        std::fs::copy(repo_root().join("tests/fakes/ci-storage"), local.join("ci-storage")).unwrap();
-        let ok = Command::new("tar")
-            .args(["-czf"])
-            .arg(local.join("actions-runner.tar.gz"))
-            .args(["--exclude=__pycache__", "-C"])
-            .arg(repo_root().join("tests/fakes/runner"))
-            .arg(".")
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "failed to pack the fake runner");
-        let out = Command::new("docker")
-            .args(["build", "-q", "-f", "image/Dockerfile", "-t", IMAGE])
-            .args(["--build-arg", &format!("BASE_IMAGE={BASE}"), "--build-arg", &format!("BUILDER_IMAGE={BASE}")])
-            .args(["--build-arg", "EXTRA_PACKAGES=python3"])
-            .arg(".")
-            .current_dir(ctx.path())
+        assert!(has_image(BASE) || require("debootstrap"), "debootstrap is needed to make the base image");
+        let out = Command::new(repo_root().join("scripts/offline-image"))
+            .args(["-t", IMAGE, "--fake-runner", "--label", TEST_LABEL])
+            .env("BASE_IMAGE", BASE)
+            .env("CI_RUNNER_BIN", bin())
             .output()
             .unwrap();
-        assert!(out.status.success(), "docker build failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "scripts/offline-image failed:\n{}", String::from_utf8_lossy(&out.stderr));
     });
     IMAGE
 }
@@ -330,8 +284,11 @@ fn derived_image() -> &'static str {
             ),
         )
         .unwrap();
-        let out =
-            Command::new("docker").args(["build", "-q", "-t", DERIVED, "."]).current_dir(ctx.path()).output().unwrap();
+        let out = Command::new("docker")
+            .args(["build", "-q", "-t", DERIVED, "--label", TEST_LABEL, "."])
+            .current_dir(ctx.path())
+            .output()
+            .unwrap();
         assert!(out.status.success(), "docker build failed:\n{}", String::from_utf8_lossy(&out.stderr));
     });
     DERIVED

@@ -25,13 +25,7 @@ fn instant_github() -> FakeGithub {
 fn start_idle(gh: &FakeGithub, runner: &RunnerDir, extra: &[(&str, &str)]) -> (Supervisor, String) {
     let mut env = vec![("FAKE_LISTENER_REPORT_FIRST", "1")];
     env.extend_from_slice(extra);
-    let sup = Supervisor::start(&env_with(gh, runner, &env));
-    sup.wait_state("idle", BOOT);
-    let name = sup.runner_name();
-    wait_for("the runner online on the fake GitHub", BOOT, || {
-        gh.runner_named(&name).filter(|r| r["status"] == "online").map(|_| ())
-    });
-    (sup, name)
+    start_online(gh, &env_with(gh, runner, &env))
 }
 
 fn job(gh: &FakeGithub, id: u64) -> Value {

@@ -35,7 +35,22 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut cond: impl FnMut() -> Opti
     }
 }
 
-/// Skips locally, fails on CI, when a tool is missing.
+/// A prerequisite of a test is missing (root, a tool, the Docker engine): the test fails, saying
+/// how to get it, unless `CI_RUNNER_TEST_SKIP` (comma-separated) lists `what` or `all`; then it
+/// says it skips and returns false. With `CI` set nothing may be skipped. (`src/lib.rs` has the
+/// same rule for the unit tests.)
+pub fn prerequisite_missing(what: &str, fix: &str) -> bool {
+    let skip = std::env::var("CI_RUNNER_TEST_SKIP").unwrap_or_default();
+    let skipped = skip.split(',').map(str::trim).any(|s| s == what || s == "all");
+    assert!(
+        skipped && std::env::var("CI").is_err(),
+        "{what} is missing: {fix} (or skip the tests that need it with CI_RUNNER_TEST_SKIP={what}, never on CI)"
+    );
+    eprintln!("skipping (CI_RUNNER_TEST_SKIP): {what} is missing: {fix}");
+    false
+}
+
+/// Whether `tool` is on PATH; when not, [`prerequisite_missing`] decides (fail or skip).
 pub fn require(tool: &str) -> bool {
     let found = Command::new("sh")
         .arg("-c")
@@ -43,11 +58,7 @@ pub fn require(tool: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !found {
-        assert!(std::env::var("CI").is_err(), "{tool} is required on CI");
-        eprintln!("skipping: {tool} not found");
-    }
-    found
+    found || prerequisite_missing(tool, &format!("install {tool} (scripts/test installs it)"))
 }
 
 /// A TCP port free on 127.0.0.1 a moment ago, never handed out twice in one test run.
@@ -75,13 +86,9 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Root, or (after saying why) false: skips locally, fails when `CI` is set.
+/// Root, or [`prerequisite_missing`] decides (fail or skip): `why` names the tests.
 pub fn require_root(why: &str) -> bool {
-    if !is_root() {
-        assert!(std::env::var("CI").is_err(), "{why} need root on CI");
-        eprintln!("skipping: {why} need root");
-    }
-    is_root()
+    is_root() || prerequisite_missing("root", &format!("{why} need root: run the tests as root"))
 }
 
 /// Every live descendant of `pid` (children first found, by /proc ppid links).
@@ -330,6 +337,8 @@ pub fn base_env(gh: &FakeGithub, runner: &RunnerDir) -> Vec<(String, String)> {
         // Never the link-local instance metadata address from a test (the spot watch and the
         // region discovery would try it).
         ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+        // Not the default /tmp/github-runner-locks, which would outlive the test run.
+        ("RUNNER_LOCK_DIR".into(), runner.path().join("_locks").display().to_string()),
     ];
     if let Some(u) = runner.user {
         env.push(("RUNNER_USER".into(), u.into()));
@@ -458,6 +467,19 @@ impl Drop for Supervisor {
         kill_tree(self.child.id());
         let _ = self.child.wait();
     }
+}
+
+/// Starts a supervisor with `env` and waits until its runner is idle and online on the fake
+/// GitHub; returns it and the runner's name.
+pub fn start_online(gh: &FakeGithub, env: &[(String, String)]) -> (Supervisor, String) {
+    let boot = Duration::from_secs(30);
+    let sup = Supervisor::start(env);
+    sup.wait_state("idle", boot);
+    let name = sup.runner_name();
+    wait_for("the runner online on the fake GitHub", boot, || {
+        gh.runner_named(&name).filter(|r| r["status"] == "online").map(|_| ())
+    });
+    (sup, name)
 }
 
 /// A job script that waits for `<scratch>/<name>.release` and records that it ran.

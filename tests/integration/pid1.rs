@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::harness::{bin, descendants, require, wait_for};
+use crate::harness::{bin, descendants, require, require_root, wait_for};
 
 /// `ci-runner init -- …`, started clean (see [`clean_start`]): the init keeps what it
 /// inherits, so a test run under `nohup` (HUP ignored) must not pass that on.
@@ -19,9 +19,7 @@ fn init(args: &[&str]) -> Command {
 
 /// `ci-runner init -- …` as PID 1 of a new PID namespace.
 fn in_namespace(args: &[&str]) -> Option<Command> {
-    if !require("unshare") || !nix::unistd::geteuid().is_root() {
-        assert!(std::env::var("CI").is_err(), "PID-namespace tests need root on CI");
-        eprintln!("skipping: needs root for unshare --pid");
+    if !require_root("the PID-namespace tests") || !require("unshare") {
         return None;
     }
     let mut c = Command::new("unshare");

@@ -15,13 +15,7 @@ const COOLDOWN_MS: u64 = 50;
 
 /// Starts a supervisor and waits until its runner is online and idle.
 fn start_idle(gh: &FakeGithub, runner: &RunnerDir, extra: &[(&str, &str)]) -> (Supervisor, String) {
-    let sup = Supervisor::start(&env_with(gh, runner, extra));
-    sup.wait_state("idle", BOOT);
-    let name = sup.runner_name();
-    wait_for("the runner online on the fake GitHub", BOOT, || {
-        gh.runner_named(&name).filter(|r| r["status"] == "online").map(|_| ())
-    });
-    (sup, name)
+    start_online(gh, &env_with(gh, runner, extra))
 }
 
 /// SIGTERM an idle supervisor: it exits 0 and its runner is gone from GitHub.
@@ -222,8 +216,20 @@ fn no_secret_reaches_the_job_or_any_runner_process() {
     }
     assert!(!job_env.contains("GH_TOKEN="), "GH_TOKEN set in the job");
     // Every process under the supervisor except the supervisor itself (which holds the token,
-    // non-dumpable), while the job runs.
-    let supervisor_child = descendants(sup.pid()).into_iter().min().unwrap();
+    // non-dumpable), while the job runs. The supervisor is PID 1's child running ci-runner, not
+    // the lowest PID: PIDs wrap (32768 here), and once they have, a runner process may have the
+    // lowest, and the supervisor would be inspected in its place.
+    let ppid = |p: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok())
+    };
+    // comm, not exe: the supervisor is not dumpable, so only root may read its exe link.
+    let is_ci_runner =
+        |p: u32| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "ci-runner");
+    let supervisors: Vec<u32> =
+        descendants(sup.pid()).into_iter().filter(|p| ppid(*p) == Some(sup.pid()) && is_ci_runner(*p)).collect();
+    assert_eq!(supervisors.len(), 1, "not one supervisor process under PID 1: {supervisors:?}");
+    let supervisor_child = supervisors[0];
     let mut checked = 0;
     for pid in descendants(sup.pid()).into_iter().filter(|p| *p != supervisor_child) {
         for file in ["environ", "cmdline"] {
