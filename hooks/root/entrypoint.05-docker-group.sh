@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Boot hook (run as root, sourced): let the runner user use a Docker socket mounted from the
 # host (`-v /var/run/docker.sock:/var/run/docker.sock`). The socket's group id on the host
 # rarely matches the image's `docker` group, so align them: a group with the socket's gid gets

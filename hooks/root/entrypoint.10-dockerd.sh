@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Boot hook (run as root, sourced): Docker-in-Docker. Starts dockerd in the background and
 # waits until `docker info` answers before the runner registers, so no job can start against
 # a daemon that is not up. The daemon is reaped while it runs and stopped (SIGTERM, then

