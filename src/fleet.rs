@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{OpsConfig, RunnerName, Scope};
-use crate::error::chain;
+use crate::error::{chain, ExitCode};
 use crate::github::{Budget, Deleted, Github, GithubError, RunnerInfo};
 
 /// At most this many runners are removed by one start-up sweep: a fleet that boots together
@@ -234,37 +234,6 @@ pub fn parse_args(command: &str, args: &[String]) -> Result<Command, String> {
     }
 }
 
-/// Exit codes of `list`, `remove` and `prune` (the README's table under "Commands").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpsExit {
-    /// Listed; or every runner asked for was removed (or there was none to remove).
-    Ok = 0,
-    /// Some runner was not removed: busy (GitHub's 422), not found, or the prompt declined.
-    NotRemoved = 1,
-    /// Bad command line, or a removal without `--yes` while stdin is not a terminal.
-    Usage = 2,
-    /// Bad environment (every problem printed).
-    Config = 3,
-    /// GitHub refused the token or the scope (401, 403, 404).
-    GithubRefused = 4,
-    /// GitHub stayed unreachable or failing through every retry.
-    GithubUnavailable = 5,
-}
-
-impl OpsExit {
-    pub fn code(self) -> i32 {
-        self as i32
-    }
-
-    fn of(e: &GithubError) -> Self {
-        if e.is_permanent() {
-            OpsExit::GithubRefused
-        } else {
-            OpsExit::GithubUnavailable
-        }
-    }
-}
-
 /// What to do before removing anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Confirmation {
@@ -391,16 +360,16 @@ pub fn render_list(scope: &Scope, pool: &Pool, runners: &[RunnerInfo], local: Op
 /// The exit code a removal has earned so far.
 #[derive(Debug, Default)]
 struct Outcome {
-    exit: Option<OpsExit>,
+    exit: Option<ExitCode>,
 }
 
 impl Outcome {
     /// Keeps the most severe code: GitHub's errors over a runner left in place.
-    fn note(&mut self, code: OpsExit) {
-        let rank = |c: OpsExit| match c {
-            OpsExit::Ok => 0,
-            OpsExit::NotRemoved => 1,
-            OpsExit::GithubUnavailable => 2,
+    fn note(&mut self, code: ExitCode) {
+        let rank = |c: ExitCode| match c {
+            ExitCode::Ok => 0,
+            ExitCode::NotRemoved => 1,
+            ExitCode::GithubUnavailable => 2,
             _ => 3,
         };
         if self.exit.is_none_or(|e| rank(code) > rank(e)) {
@@ -411,7 +380,7 @@ impl Outcome {
 
 /// Runs `list`, `remove` or `prune` to its end; prints results on stdout and problems on
 /// stderr, prefixed with `ci-runner <command>:`.
-pub fn run(rt: &tokio::runtime::Runtime, cmd: Command, cfg: &OpsConfig) -> OpsExit {
+pub fn run(rt: &tokio::runtime::Runtime, cmd: Command, cfg: &OpsConfig) -> ExitCode {
     let pool = Pool::of(&cfg.name);
     let cancel = CancellationToken::new();
     let name = match &cmd {
@@ -426,14 +395,14 @@ pub fn run(rt: &tokio::runtime::Runtime, cmd: Command, cfg: &OpsConfig) -> OpsEx
         Ok(gh) => gh,
         Err(e) => {
             eprintln!("ci-runner {name}: failed to build the HTTP client: {}", chain(&e));
-            return OpsExit::GithubUnavailable;
+            return ExitCode::GithubUnavailable;
         }
     };
     let runners = match rt.block_on(gh.list_runners(&cfg.scope, Budget::attempts(5), &cancel)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ci-runner {name}: failed to list the runners of the {}: {}", cfg.scope, chain(&e));
-            return OpsExit::of(&e);
+            return ExitCode::of_github(&e);
         }
     };
     let mut outcome = Outcome::default();
@@ -441,7 +410,7 @@ pub fn run(rt: &tokio::runtime::Runtime, cmd: Command, cfg: &OpsConfig) -> OpsEx
         Command::List { json } => {
             let local = local_runner(cfg.status_addr);
             print!("{}", render_list(&cfg.scope, &pool, &runners, local.as_ref(), *json));
-            return OpsExit::Ok;
+            return ExitCode::Ok;
         }
         Command::Prune { older_than, .. } => {
             let now = now_unix();
@@ -454,7 +423,7 @@ pub fn run(rt: &tokio::runtime::Runtime, cmd: Command, cfg: &OpsConfig) -> OpsEx
                     Some(r) => found.push(r),
                     None => {
                         eprintln!("ci-runner remove: runner {n:?} not found in the {}", cfg.scope);
-                        outcome.note(OpsExit::NotRemoved);
+                        outcome.note(ExitCode::NotRemoved);
                     }
                 }
             }
@@ -466,7 +435,7 @@ pub fn run(rt: &tokio::runtime::Runtime, cmd: Command, cfg: &OpsConfig) -> OpsEx
             let age = older_than.map(|a| format!(" registered over {} s ago", a.as_secs())).unwrap_or_default();
             println!("No offline runner of pool {pool}{age} in the {}.", cfg.scope);
         }
-        return outcome.exit.unwrap_or(OpsExit::Ok);
+        return outcome.exit.unwrap_or(ExitCode::Ok);
     }
     let yes = matches!(cmd, Command::Remove { yes: true, .. } | Command::Prune { yes: true, .. });
     let n = doomed.len();
@@ -480,7 +449,7 @@ pub fn run(rt: &tokio::runtime::Runtime, cmd: Command, cfg: &OpsConfig) -> OpsEx
             for r in &doomed {
                 eprintln!("ci-runner {name}:   would remove {} (id {}, {})", r.name, r.id, r.status);
             }
-            return OpsExit::Usage;
+            return ExitCode::Usage;
         }
         Confirmation::Ask => {
             let mut err = std::io::stderr().lock();
@@ -494,7 +463,7 @@ pub fn run(rt: &tokio::runtime::Runtime, cmd: Command, cfg: &OpsConfig) -> OpsEx
             let _ = std::io::stdin().lock().read_line(&mut answer);
             if !accepts(&answer) {
                 println!("Nothing removed.");
-                return OpsExit::NotRemoved;
+                return ExitCode::NotRemoved;
             }
         }
     }
@@ -504,11 +473,11 @@ pub fn run(rt: &tokio::runtime::Runtime, cmd: Command, cfg: &OpsConfig) -> OpsEx
             Ok(Deleted::AlreadyGone) => println!("already gone {} (id {})", r.name, r.id),
             Err(GithubError::Busy { .. }) => {
                 eprintln!("ci-runner {name}: kept {} (id {}): GitHub says it is running a job (422)", r.name, r.id);
-                outcome.note(OpsExit::NotRemoved);
+                outcome.note(ExitCode::NotRemoved);
             }
             Err(e) => {
                 eprintln!("ci-runner {name}: failed to remove {} (id {}): {}", r.name, r.id, chain(&e));
-                outcome.note(OpsExit::of(&e));
+                outcome.note(ExitCode::of_github(&e));
                 if e.is_permanent() {
                     // The token or scope is refused: the next ones would be too.
                     break;
@@ -516,7 +485,7 @@ pub fn run(rt: &tokio::runtime::Runtime, cmd: Command, cfg: &OpsConfig) -> OpsEx
             }
         }
     }
-    outcome.exit.unwrap_or(OpsExit::Ok)
+    outcome.exit.unwrap_or(ExitCode::Ok)
 }
 
 #[cfg(test)]
@@ -704,14 +673,14 @@ mod tests {
     #[test]
     fn the_worst_outcome_sets_the_exit_code() {
         let mut o = Outcome::default();
-        o.note(OpsExit::NotRemoved);
-        o.note(OpsExit::GithubRefused);
-        o.note(OpsExit::NotRemoved);
-        assert_eq!(o.exit, Some(OpsExit::GithubRefused));
+        o.note(ExitCode::NotRemoved);
+        o.note(ExitCode::GithubRefused);
+        o.note(ExitCode::NotRemoved);
+        assert_eq!(o.exit, Some(ExitCode::GithubRefused));
         let mut o = Outcome::default();
-        o.note(OpsExit::GithubUnavailable);
-        o.note(OpsExit::NotRemoved);
-        assert_eq!(o.exit, Some(OpsExit::GithubUnavailable));
+        o.note(ExitCode::GithubUnavailable);
+        o.note(ExitCode::NotRemoved);
+        assert_eq!(o.exit, Some(ExitCode::GithubUnavailable));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use ci_runner::autoscale::Autoscale;
 use ci_runner::config::{self, Config, ConfigError, Host, LogFormat, ProcessEnv, SystemUsers};
 use ci_runner::error::{chain, ExitCode};
-use ci_runner::fleet::{self, OpsExit};
+use ci_runner::fleet;
 use ci_runner::forward;
 use ci_runner::pid1;
 use ci_runner::runners::{Registry, Runners};
@@ -92,7 +92,7 @@ fn fleet_command(name: &str, args: &[OsString]) -> ! {
         Ok(cmd) => cmd,
         Err(e) => {
             eprintln!("ci-runner {name}: {e}\n{USAGE}");
-            std::process::exit(OpsExit::Usage.code());
+            std::process::exit(ExitCode::Usage.code());
         }
     };
     let cfg = match config::ops_config(&ProcessEnv) {

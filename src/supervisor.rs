@@ -941,6 +941,16 @@ impl Supervisor {
             let actions = d.on_event(event, Instant::now());
             self.carry_out(actions, &proc, &mut calls);
         };
+        // GitHub's 204 ends the Listener ("no longer exists on the server"), so the runner can
+        // exit before the loop has taken the DELETE's answer: take it now (the call is bounded
+        // by its request timeout), so the registration is not DELETEd a second time. A failure
+        // is left to the final de-registration, which retries.
+        if let Some(call) = calls.delete.take() {
+            if call.await.is_ok() {
+                self.forget_registration();
+                info!("Runner de-registered.");
+            }
+        }
         self.release_lock();
         let status = status.map_err(|source| Error::Runner(runner::RunnerError::Wait { what: "run.sh", source }))?;
         // The last lines (run-helper's verdict) may still be in the pipes: read until EOF, or

@@ -659,11 +659,15 @@ class FakeGitHub:
         is_agent = len(parts) >= 2 and parts[0] == "_fake" and parts[1] == "agent"
         req["kind"] = "control" if is_control else ("agent" if is_agent else "rest")
 
+        answer_late = 0.0
         if req["kind"] == "rest":
             with st.cond:
                 fault = self.take_fault(req)
             if fault and fault["kind"] == "slow":
                 time.sleep(max(0.0, float(fault.get("delay_ms", 1000))) / 1000.0)
+            elif fault and fault["kind"] == "slow_answer":
+                # Done at once, answered late: what a slow network makes of a fast server.
+                answer_late = max(0.0, float(fault.get("delay_ms", 1000))) / 1000.0
             elif fault:
                 raise self.fault_error(fault)
 
@@ -677,9 +681,12 @@ class FakeGitHub:
                     return self.control(req)
                 if req["kind"] == "agent":
                     return self.agent(req)
-                return self.rest(req)
+                answer = self.rest(req)
             finally:
                 st.cond.notify_all()
+        if answer_late:
+            time.sleep(answer_late)
+        return answer
 
     def take_fault(self, req):
         for f in self.state.faults:
@@ -1453,8 +1460,8 @@ class FakeGitHub:
             if method == "POST":
                 body = req_json(req)
                 kind = body.get("kind")
-                if kind not in ("status", "rate_limit_primary", "rate_limit_secondary", "slow"):
-                    raise HttpError(422, "kind must be status|rate_limit_primary|rate_limit_secondary|slow")
+                if kind not in ("status", "rate_limit_primary", "rate_limit_secondary", "slow", "slow_answer"):
+                    raise HttpError(422, "kind must be status|rate_limit_primary|rate_limit_secondary|slow|slow_answer")
                 f = dict(body)
                 f["count"] = int(body.get("count", 1))
                 st.faults.append(f)

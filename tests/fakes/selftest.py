@@ -386,6 +386,18 @@ def faults_and_rate_limits(c):
     t0 = time.monotonic()
     eq(f.call("GET", path, token="ghp_admin")[0], 200, "slow")
     check(time.monotonic() - t0 >= 0.29, "slow fault did not delay")
+    # slow_answer: the effect is there before the answer is.
+    f.ok("POST", "/_fake/runners", {"scope": "octo-org/octo-repo", "name": "late-answer", "status": "online"})
+    rid = next(r["id"] for r in f.ok("GET", "/_fake/runners") if r["name"] == "late-answer")
+    f.ok("POST", "/_fake/faults", {"kind": "slow_answer", "delay_ms": 3000, "count": 1, "method": "DELETE"})
+    answered = []
+    t = threading.Thread(target=lambda: answered.append(f.call("DELETE", f"{path}/{rid}", token="ghp_admin")[0]))
+    t.start()
+    wait_until(lambda: all(r["name"] != "late-answer" for r in f.ok("GET", "/_fake/runners")), 2.5,
+               "the runner gone before the DELETE is answered")
+    check(not answered and t.is_alive(), "slow_answer answered at once")
+    t.join()
+    eq(answered, [204], "slow_answer's answer")
     log = f.ok("GET", "/_fake/requests")
     check({"method": "POST", "path": path + "/registration-token", "status": 502} in log, "request log")
     check(not any(e["path"].startswith("/_fake/faults") for e in log), "control requests are not logged")

@@ -80,6 +80,38 @@ fn fifty_mid_job_drains_under_instant_assignment_cancel_no_job() {
     }
 }
 
+/// The DELETE removes the runner at once but its answer comes late (a slow network), so the
+/// Listener sees "no longer exists", exits, and the runner ends before the supervisor has its
+/// 204. Never: a second DELETE of the registration (a 404 and an extra call per drain, which
+/// the loaded CI saw once in 50 rounds of the test above).
+#[test]
+fn a_delete_answered_after_the_runner_exited_is_taken_not_repeated() {
+    let gh = instant_github();
+    let runner = RunnerDir::new();
+    let scratch = runner.scratch();
+    let (mut sup, name) = start_idle(&gh, &runner, &[]);
+    let first = gh.enqueue("first", &["ci-test"], &gated_steps(&scratch, "first"));
+    wait_started(&scratch, "first");
+    let id = gh.runner_named(&name).expect("registered")["id"].as_u64().expect("id");
+    gh.fault(json!({"kind": "slow_answer", "delay_ms": 3000, "count": 1, "method": "DELETE",
+               "path_ends_with": format!("/actions/runners/{id}")}));
+    sup.signal(Signal::SIGTERM);
+    sup.wait_log("Runner's custom labels removed", BOOT);
+    release(&scratch, "first");
+    let status = sup.wait_exit(LONG);
+    let log = sup.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(job(&gh, first)["result"], "Succeeded", "{log}");
+    assert!(gh.runner_named(&name).is_none(), "runner {name} left registered");
+    // The runner really ended before the answer came: its exit is logged before the 204.
+    let exited = log.find("Runner listener exit with 0").expect("the Listener's exit logged");
+    let deregistered = log.find("Runner de-registered.").expect("the 204 taken");
+    assert!(exited < deregistered, "the case under test did not happen: the 204 came first\n{log}");
+    let (_, deletes) = drain_calls(&gh);
+    assert_eq!(deletes.len(), 1, "one DELETE per drain: {deletes:?}\n{log}");
+    assert!(!log.contains("already gone"), "{log}");
+}
+
 #[test]
 fn idle_drain_strips_the_labels_then_deletes_then_stops_the_listener() {
     let gh = instant_github();
