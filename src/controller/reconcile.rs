@@ -364,7 +364,21 @@ async fn redelivery_pass(
             }
         }
         counters.api_calls.fetch_add(1, Ordering::Relaxed);
-        github.redeliver(scope, hook_id, d.id, Budget::attempts(2), cancel).await?;
+        match github.redeliver(scope, hook_id, d.id, Budget::attempts(2), cancel).await {
+            Ok(()) => {}
+            // Refused for this delivery (gone, too old to redeliver): never asked again, so
+            // that one refusal does not cost 3 calls at every pass.
+            Err(GithubError::NotFound { .. }) | Err(GithubError::Status { status: 400..=499, .. }) => {
+                warn!(
+                    job_id = job.job_id,
+                    delivery_id = d.id,
+                    "GitHub refused to redeliver a failed delivery; its job is left to the webhook path."
+                );
+                seen.settle(&d.guid);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         seen.redelivered(&d.guid, newest);
         counters.redeliveries.fetch_add(1, Ordering::Relaxed);
         counters.found.fetch_add(1, Ordering::Relaxed);

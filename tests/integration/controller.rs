@@ -724,7 +724,9 @@ fn an_organization_pool_started_after_missed_deliveries_runs_each_of_its_jobs_on
     let gh = &t.gh;
     let setup = t.setup().org().with("CONTROLLER_RECONCILE_SEC", "2");
     let hook_id = setup.hook_on(ORG, "/webhook");
-    let setup = setup.with("CONTROLLER_HOOK_ID", &hook_id.to_string());
+    // No CONTROLLER_HOOK_ID: the webhook WEBHOOK_URL finds (and updates) is the one read.
+    let url = setup.url("/webhook");
+    let setup = setup.with("WEBHOOK_URL", &url);
     let ids: Vec<u64> = (0..3).map(|i| enqueue_org(gh, &format!("missed{i}"), &["self-hosted", "ci-test"])).collect();
     let gpu = enqueue_org(gh, "gpu", &["self-hosted", "gpu"]);
     for id in ids.iter().chain([&gpu]) {
