@@ -74,6 +74,8 @@ def build_image(binary):
         os.makedirs(local)
         shutil.copy(os.path.join(b.ROOT, "image", "Dockerfile"), os.path.join(ctx, "image", "Dockerfile"))
         shutil.copy(binary, os.path.join(local, "ci-runner"))
+        # The image installs the ci-storage tool; the tests' stand-in, as scripts/offline-image does.
+        shutil.copy(os.path.join(b.FAKES, "ci-storage"), os.path.join(local, "ci-storage"))
         subprocess.run(["tar", "-czf", os.path.join(local, "actions-runner.tar.gz"), "--exclude=__pycache__", "-C",
                         os.path.join(b.FAKES, "runner"), "."], check=True)
         subprocess.run(["docker", "build", "-q", "-f", "image/Dockerfile", "-t", IMAGE,
