@@ -920,6 +920,11 @@ pub struct DeliveryItem {
     pub action: Option<String>,
 }
 
+/// An HTTP `Date` (`Fri, 04 Dec 2026 18:46:21 GMT`) as epoch seconds.
+fn http_date(d: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(d, &time::format_description::well_known::Rfc2822).ok().map(|t| t.unix_timestamp())
+}
+
 /// One page of deliveries, newest first, with the next page's URL (`Link: rel="next"`, a
 /// `cursor` query) and GitHub's clock (`Date`) as epoch seconds.
 #[derive(Debug, Default)]
@@ -976,11 +981,7 @@ impl Github {
             return Err(Self::hooks_refusal(code, &body, &Method::GET, &shown, scope));
         }
         let items = parse_answer(code, &body, Method::GET, &shown, "the answer is not a delivery list")?;
-        let server_now = headers
-            .get(reqwest::header::DATE)
-            .and_then(|d| d.to_str().ok())
-            .and_then(|d| time::OffsetDateTime::parse(d, &time::format_description::well_known::Rfc2822).ok())
-            .map(|t| t.unix_timestamp());
+        let server_now = headers.get(reqwest::header::DATE).and_then(|d| d.to_str().ok()).and_then(http_date);
         Ok(DeliveryPage { items, next: next_link(&headers), server_now })
     }
 
@@ -1100,8 +1101,24 @@ mod tests {
     }
 
     #[test]
+    fn github_s_example_delivery_item_parses_and_the_date_header_is_read() {
+        // The `hook-delivery-items` example of GitHub's REST description (as docs.github.com
+        // "List deliveries for an organization webhook" shows it).
+        let page = r#"[{"id": 12345678, "guid": "0b989ba4-242f-11e5-81e1-c7b6966d2516",
+            "delivered_at": "2019-06-03T00:57:16Z", "redelivery": false, "duration": 0.27,
+            "status": "OK", "status_code": 200, "event": "issues", "action": "opened",
+            "installation_id": 123, "repository_id": 456, "throttled_at": "2019-06-03T00:57:16Z"}]"#;
+        let items: Vec<DeliveryItem> = serde_json::from_str(page).unwrap();
+        assert_eq!((items[0].id, items[0].status_code, items[0].action.as_deref()), (12345678, 200, Some("opened")));
+        assert_eq!(http_date("Fri, 04 Dec 2026 18:46:21 GMT"), Some(1_796_409_981));
+        assert_eq!(http_date("yesterday"), None);
+    }
+
+    #[test]
     fn refusals_name_what_is_wrong() {
         let scope = Scope::Repository { owner: "o".into(), repo: "r".into() };
+        let e = Github::hooks_refusal(StatusCode::FORBIDDEN, "{\"message\":\"Not Found\"}", &Method::GET, "p", &scope);
+        assert!(matches!(e, GithubError::HooksForbidden { .. }) && e.to_string().contains("admin:org_hook"), "{e}");
         let e = Github::refusal(StatusCode::NOT_FOUND, "", &Method::POST, "p", &scope);
         assert!(e.to_string().contains("repository o/r not found"), "{e}");
         let e = Github::refusal(
