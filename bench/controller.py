@@ -24,6 +24,14 @@ Reconcile path (issue #18), in the same run: a controller with `CONTROLLER_RECON
 so the job is found only by the next listing; latency from the (lost) delivery to the same
 assignment. Idle cost: a controller with no job for `--idle-sec` seconds at a 1 s period;
 the REST calls the fake saw per reconcile pass, and per hour at the default 60 s period.
+
+Organization pool (`--org`): the same reconcile path and idle cost for a pool of the
+organization `octo-org` (`GH_ORGANIZATION`, the webhook on the organization,
+`CONTROLLER_HOOK_ID`), whose reconciliation reads the webhook's deliveries and redelivers the
+failed `queued` ones; `--org-only` runs just these two phases:
+
+    python3 bench/controller.py --org-only --runs 10 --reconcile-sec 5 --idle-sec 30
+
 Prints Markdown.
 """
 import argparse
@@ -66,6 +74,8 @@ def build_image(binary):
         os.makedirs(local)
         shutil.copy(os.path.join(b.ROOT, "image", "Dockerfile"), os.path.join(ctx, "image", "Dockerfile"))
         shutil.copy(binary, os.path.join(local, "ci-runner"))
+        # The image installs the ci-storage tool; the tests' stand-in, as scripts/offline-image does.
+        shutil.copy(os.path.join(b.FAKES, "ci-storage"), os.path.join(local, "ci-storage"))
         subprocess.run(["tar", "-czf", os.path.join(local, "actions-runner.tar.gz"), "--exclude=__pycache__", "-C",
                         os.path.join(b.FAKES, "runner"), "."], check=True)
         subprocess.run(["docker", "build", "-q", "-f", "image/Dockerfile", "-t", IMAGE,
@@ -95,9 +105,10 @@ def assigned_at(gh, jid):
     return j
 
 
-def controller_env(gh, name, port, state, max_runners, extra=None):
+def controller_env(gh, name, port, state, max_runners, extra=None, org=False):
     env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin", "GH_TOKEN": "ghp_admin", "GH_REPOSITORY": "octo-org/octo-repo",
+        "PATH": "/usr/local/bin:/usr/bin:/bin", "GH_TOKEN": "ghp_admin",
+        ("GH_ORGANIZATION" if org else "GH_REPOSITORY"): "octo-org" if org else "octo-org/octo-repo",
         "GH_LABELS": "bench", "GH_SERVER_URL": gh.url, "GH_API_URL": gh.url + "/api/v3",
         "WEBHOOK_SECRET": SECRET, "CONTROLLER_NAME": name, "CONTROLLER_ADDR": "127.0.0.1:%d" % port,
         "CONTROLLER_STATE_DIR": state, "CONTROLLER_IMAGE": IMAGE, "CONTROLLER_NETWORK": "host",
@@ -117,23 +128,28 @@ def metric(port, prefix):
     raise RuntimeError("no metric " + prefix)
 
 
-def reconcile_runs(gh, binary, runs, period):
-    """Every job's `queued` delivery lost: the job is found by the next reconcile pass."""
+def reconcile_runs(gh, binary, runs, period, org=False):
+    """Every job's `queued` delivery lost: the job is found by the next reconcile pass (an
+    organization's pool: redelivered by it)."""
     name = "bench-rec-%d" % os.getpid()
     port = b.free_port()
     state = tempfile.mkdtemp()
-    env = controller_env(gh, name, port, state, 1, {"CONTROLLER_RECONCILE_SEC": str(period)})
+    scope = "octo-org" if org else "octo-org/octo-repo"
     # Only this controller's webhook: a drop must hit its delivery, not an earlier phase's.
     b.post(gh, "/_fake/reset", {})
-    b.post(gh, "/_fake/hooks", {"scope": "octo-org/octo-repo", "url": "http://127.0.0.1:%d/webhook" % port,
-                                "secret": SECRET})
+    hook = b.post(gh, "/_fake/hooks", {"scope": scope, "url": "http://127.0.0.1:%d/webhook" % port,
+                                       "secret": SECRET})
+    extra = {"CONTROLLER_RECONCILE_SEC": str(period)}
+    if org:
+        extra["CONTROLLER_HOOK_ID"] = str(hook["id"])
+    env = controller_env(gh, name, port, state, 1, extra, org=org)
     p = subprocess.Popen([binary, "controller"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lat = []
     try:
         b.wait_for("the controller", 30, lambda: _up(port), interval=0.02)
         for i in range(runs):
             b.post(gh, "/_fake/deliveries/drop", {"count": 1, "action": "queued"})
-            jid = b.post(gh, "/_fake/jobs", {"scope": "octo-org/octo-repo", "labels": ["self-hosted", "bench"],
+            jid = b.post(gh, "/_fake/jobs", {"scope": scope, "labels": ["self-hosted", "bench"],
                                              "name": "r%d" % i, "steps": "true"})["id"]
             j = assigned_at(gh, jid)
             sent = next(d["queued_at"] for d in get(gh, "/_fake/deliveries")
@@ -144,7 +160,13 @@ def reconcile_runs(gh, binary, runs, period):
             b.wait_for("its container removed", 120, lambda: not containers(name), interval=0.05)
         found = metric(port, 'ci_runner_controller_reconcile_jobs_found_total{pool="default"}')
         queued = metric(port, 'ci_runner_controller_webhook_deliveries_total{outcome="queued"}')
-        assert queued == 0, "%d jobs came by webhook: not the reconcile path" % queued
+        if org:
+            # Redelivered: each job came by the webhook path, once, after its redelivery.
+            redelivered = metric(port, 'ci_runner_controller_reconcile_redeliveries_total{pool="default"}')
+            again = [d for d in get(gh, "/_fake/deliveries") if d.get("redelivery") and d["action"] == "queued"]
+            assert redelivered == runs == len(again) == queued, (redelivered, len(again), queued)
+        else:
+            assert queued == 0, "%d jobs came by webhook: not the reconcile path" % queued
     finally:
         b.kill_tree(p)
         for c in containers(name):
@@ -153,12 +175,19 @@ def reconcile_runs(gh, binary, runs, period):
     return lat, found
 
 
-def idle_cost(gh, binary, seconds):
+def idle_cost(gh, binary, seconds, org=False):
     """REST calls of an idle controller's reconciliation, at a 1 s period, per pass."""
     name = "bench-idle-%d" % os.getpid()
     port = b.free_port()
     state = tempfile.mkdtemp()
-    env = controller_env(gh, name, port, state, 1, {"CONTROLLER_RECONCILE_SEC": "1"})
+    extra = {"CONTROLLER_RECONCILE_SEC": "1"}
+    if org:
+        # The organization's webhook, with the deliveries of an earlier phase (all delivered or
+        # already redelivered): an idle pass lists one page and redelivers nothing.
+        hook = b.post(gh, "/_fake/hooks", {"scope": "octo-org", "url": "http://127.0.0.1:%d/webhook" % port,
+                                           "secret": SECRET})
+        extra["CONTROLLER_HOOK_ID"] = str(hook["id"])
+    env = controller_env(gh, name, port, state, 1, extra, org=org)
     p = subprocess.Popen([binary, "controller"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     passes = 'ci_runner_controller_reconcile_passes_total{pool="default"}'
     try:
@@ -266,8 +295,17 @@ def main():
     ap.add_argument("--bin", default=os.environ.get("CI_RUNNER_BIN", b.BIN))
     ap.add_argument("--reconcile-sec", type=int, default=5, help="the reconcile path's CONTROLLER_RECONCILE_SEC")
     ap.add_argument("--idle-sec", type=int, default=30, help="how long the idle controller is watched")
+    ap.add_argument("--org", action="store_true", help="also an organization's pool: reconcile path and idle cost")
+    ap.add_argument("--org-only", action="store_true", help="only the organization pool's phases")
     args = ap.parse_args()
     build_image(args.bin)
+    if args.org_only:
+        gh = b.FakeGithub()
+        try:
+            org_report(gh, args)
+        finally:
+            gh.close()
+        return
     gh = b.FakeGithub()
     try:
         # The fake's default 1 s cool-down between a runner's jobs does not apply: each runner is new.
@@ -312,6 +350,33 @@ def main():
     print("Idle controller, %d s at a 1 s period: %d reconcile passes, %d REST calls seen by the fake (%s; the "
           "controller counted %d since its start), %.2f per pass: **%.0f calls an hour per repository** at the "
           "default 60 s period." % (args.idle_sec, ipasses, itotal, ", ".join("%s ×%d" % kv for kv in sorted(icalls.items())),
+                                    icounted, per_pass, per_pass * 60))
+    if args.org:
+        gh = b.FakeGithub()
+        try:
+            org_report(gh, args)
+        finally:
+            gh.close()
+
+
+def org_report(gh, args):
+    rlat, found = reconcile_runs(gh, args.bin, args.runs, args.reconcile_sec, org=True)
+    icalls, ipasses, icounted = idle_cost(gh, args.bin, args.idle_sec, org=True)
+    print()
+    print("| Path (organization pool, issue #18) | Median | Min | Max |")
+    print("|---|---|---|---|")
+    print("| delivery lost → job assigned, redelivered by reconciliation (`CONTROLLER_RECONCILE_SEC=%d`) | %.3f s | %.3f s | %.3f s |"
+          % (args.reconcile_sec, statistics.median(rlat), min(rlat), max(rlat)))
+    print()
+    print("Organization reconcile path: %d jobs redelivered for %d lost deliveries. All runs (s): %s."
+          % (found, args.runs, ", ".join("%.3f" % x for x in rlat)))
+    itotal = sum(icalls.values())
+    per_pass = itotal / ipasses if ipasses else float("nan")
+    print()
+    print("Idle organization pool, %d s at a 1 s period: %d reconcile passes, %d REST calls seen by the fake (%s; the "
+          "controller counted %d since its start), %.2f per pass: **%.0f calls an hour per organization pool** at the "
+          "default 60 s period." % (args.idle_sec, ipasses, itotal,
+                                    ", ".join("%s ×%d" % kv for kv in sorted(icalls.items())),
                                     icounted, per_pass, per_pass * 60))
 
 

@@ -7,7 +7,8 @@
 //! - [`webhook`]: signatures, payloads, label matching (pure).
 //! - [`pool`]: a pool's decisions as a state machine (pure).
 //! - [`engine`]: the Docker engine's API on its socket.
-//! - [`reconcile`]: the queued jobs listed through the REST API, for missed deliveries.
+//! - [`reconcile`]: missed deliveries made good: a repository's queued jobs listed through the
+//!   REST API, an organization's failed webhook deliveries redelivered.
 //! - [`service`]: the pools' tasks carrying the decisions out.
 //! - [`server`]: `POST /webhook`, `POST /webhook/{id}`, `/health`, `/metrics`.
 //! - [`hook`]: `WEBHOOK_URL`: the webhook created or updated, its secret kept.

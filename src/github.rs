@@ -35,6 +35,8 @@ pub enum GithubError {
     Unauthorized { message: String },
     #[error("the token may not manage runners of the {scope} (403 {message}): a classic PAT needs the `repo` scope (admin on the repository), `admin:org` (organization) or `manage_runners:enterprise` (enterprise); a fine-grained token or a GitHub App needs Administration: write (repository) or Self-hosted runners: write (organization)")]
     Forbidden { scope: String, message: String },
+    #[error("the token may not read or redeliver the webhook deliveries of the {scope} (403 {message}): a classic PAT needs `admin:org_hook` (organization) or `admin:repo_hook` (repository); a fine-grained token or a GitHub App needs Webhooks: write on the organization or the repository")]
+    HooksForbidden { scope: String, message: String },
     #[error("{scope} not found (404): check the name, and that the token can see it")]
     NotFound { scope: String },
     #[error("runner {id} is still running a job (422)")]
@@ -80,6 +82,7 @@ impl GithubError {
             self,
             Self::Unauthorized { .. }
                 | Self::Forbidden { .. }
+                | Self::HooksForbidden { .. }
                 | Self::NotFound { .. }
                 | Self::AppRefused { .. }
                 | Self::AppNotInstalled { .. }
@@ -891,6 +894,151 @@ impl Github {
     }
 }
 
+/// One webhook delivery as `GET /{scope}/hooks/{hook_id}/deliveries` lists it (GitHub's
+/// `hook-delivery-item`: github/rest-api-docs-md `orgs/{org}/hooks/{hook_id}/deliveries/get.md`
+/// lines 3 and 22-24, octokit/plugin-rest-endpoint-methods.js `docs/orgs/listWebhookDeliveries.md`
+/// line 4; the fields as harana/search-engine `clients/github/docs/HookDeliveryItem.md` lines 7-18
+/// list them). A failed delivery has a `status` other than `OK` (docs.github.com "Handling
+/// failed webhook deliveries"); `status_code` is 0 when no answer came.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct DeliveryItem {
+    /// The delivery's own id: a redelivery gets a new one.
+    pub id: u64,
+    /// The event's: shared by the first delivery and every redelivery (`X-GitHub-Delivery`).
+    pub guid: String,
+    /// `YYYY-MM-DDTHH:MM:SSZ`.
+    pub delivered_at: String,
+    #[serde(default)]
+    pub redelivery: bool,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub status_code: u16,
+    #[serde(default)]
+    pub event: String,
+    #[serde(default)]
+    pub action: Option<String>,
+}
+
+/// An HTTP `Date` (`Fri, 04 Dec 2026 18:46:21 GMT`) as epoch seconds.
+fn http_date(d: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(d, &time::format_description::well_known::Rfc2822).ok().map(|t| t.unix_timestamp())
+}
+
+/// One page of deliveries, newest first, with the next page's URL (`Link: rel="next"`, a
+/// `cursor` query) and GitHub's clock (`Date`) as epoch seconds.
+#[derive(Debug, Default)]
+pub struct DeliveryPage {
+    pub items: Vec<DeliveryItem>,
+    pub next: Option<String>,
+    pub server_now: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct DeliveryDetail {
+    request: DeliveryRequest,
+}
+
+#[derive(Deserialize)]
+struct DeliveryRequest {
+    #[serde(default)]
+    payload: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct JobStatus {
+    status: String,
+}
+
+/// Webhook deliveries, for the reconciliation of an organization's pool (issue #18): its
+/// failed `queued` deliveries are found and redelivered, and the event takes the webhook path.
+impl Github {
+    fn hooks_refusal(status: StatusCode, body: &str, method: &Method, path: &str, scope: &Scope) -> GithubError {
+        match Self::refusal(status, body, method, path, scope) {
+            GithubError::Forbidden { scope, message } => GithubError::HooksForbidden { scope, message },
+            e => e,
+        }
+    }
+
+    /// `GET /{scope}/hooks/{hook_id}/deliveries?per_page=<n>` (at most 100), or `next` (a
+    /// page's `Link: rel="next"`, which carries the `cursor`): one call.
+    pub async fn list_deliveries(
+        &self,
+        scope: &Scope,
+        hook_id: u64,
+        per_page: usize,
+        next: Option<&str>,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<DeliveryPage, GithubError> {
+        let path = match next {
+            Some(url) => url.to_string(),
+            None => format!("{}/hooks/{hook_id}/deliveries?per_page={}", scope.api_path(), per_page.clamp(1, 100)),
+        };
+        let shown = format!("{}/hooks/{hook_id}/deliveries", scope.api_path());
+        let (code, headers, body) = self.call(Method::GET, &path, budget, cancel).await?;
+        if !code.is_success() {
+            return Err(Self::hooks_refusal(code, &body, &Method::GET, &shown, scope));
+        }
+        let items = parse_answer(code, &body, Method::GET, &shown, "the answer is not a delivery list")?;
+        let server_now = headers.get(reqwest::header::DATE).and_then(|d| d.to_str().ok()).and_then(http_date);
+        Ok(DeliveryPage { items, next: next_link(&headers), server_now })
+    }
+
+    /// `GET /{scope}/hooks/{hook_id}/deliveries/{delivery_id}`: the payload it carried.
+    pub async fn delivery_payload(
+        &self,
+        scope: &Scope,
+        hook_id: u64,
+        delivery_id: u64,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<Option<serde_json::Value>, GithubError> {
+        let path = format!("{}/hooks/{hook_id}/deliveries/{delivery_id}", scope.api_path());
+        let (code, _, body) = self.call(Method::GET, &path, budget, cancel).await?;
+        if !code.is_success() {
+            return Err(Self::hooks_refusal(code, &body, &Method::GET, &path, scope));
+        }
+        let d: DeliveryDetail = parse_answer(code, &body, Method::GET, &path, "the answer has no request")?;
+        Ok(d.request.payload)
+    }
+
+    /// `POST /{scope}/hooks/{hook_id}/deliveries/{delivery_id}/attempts` (202): GitHub sends
+    /// the delivery again, as a new delivery with the same guid (octokit/plugin-rest-endpoint-methods.js
+    /// `docs/orgs/redeliverWebhookDelivery.md` line 4).
+    pub async fn redeliver(
+        &self,
+        scope: &Scope,
+        hook_id: u64,
+        delivery_id: u64,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<(), GithubError> {
+        let path = format!("{}/hooks/{hook_id}/deliveries/{delivery_id}/attempts", scope.api_path());
+        let (code, _, body) = self.call(Method::POST, &path, budget, cancel).await?;
+        if !code.is_success() {
+            return Err(Self::hooks_refusal(code, &body, &Method::POST, &path, scope));
+        }
+        Ok(())
+    }
+
+    /// `GET /repos/{o}/{r}/actions/jobs/{job_id}`: the job's status (`queued`, `in_progress`, …).
+    pub async fn job_status(
+        &self,
+        repository: &Scope,
+        job_id: u64,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<String, GithubError> {
+        let path = format!("{}/actions/jobs/{job_id}", repository.api_path());
+        let (code, _, body) = self.call(Method::GET, &path, budget, cancel).await?;
+        if !code.is_success() {
+            return Err(Self::refusal(code, &body, &Method::GET, &path, repository));
+        }
+        parse_answer::<JobStatus>(code, &body, Method::GET, &path, "the answer has no status").map(|j| j.status)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -953,8 +1101,24 @@ mod tests {
     }
 
     #[test]
+    fn github_s_example_delivery_item_parses_and_the_date_header_is_read() {
+        // The `hook-delivery-items` example of GitHub's REST description (as docs.github.com
+        // "List deliveries for an organization webhook" shows it).
+        let page = r#"[{"id": 12345678, "guid": "0b989ba4-242f-11e5-81e1-c7b6966d2516",
+            "delivered_at": "2019-06-03T00:57:16Z", "redelivery": false, "duration": 0.27,
+            "status": "OK", "status_code": 200, "event": "issues", "action": "opened",
+            "installation_id": 123, "repository_id": 456, "throttled_at": "2019-06-03T00:57:16Z"}]"#;
+        let items: Vec<DeliveryItem> = serde_json::from_str(page).unwrap();
+        assert_eq!((items[0].id, items[0].status_code, items[0].action.as_deref()), (12345678, 200, Some("opened")));
+        assert_eq!(http_date("Fri, 04 Dec 2026 18:46:21 GMT"), Some(1_796_409_981));
+        assert_eq!(http_date("yesterday"), None);
+    }
+
+    #[test]
     fn refusals_name_what_is_wrong() {
         let scope = Scope::Repository { owner: "o".into(), repo: "r".into() };
+        let e = Github::hooks_refusal(StatusCode::FORBIDDEN, "{\"message\":\"Not Found\"}", &Method::GET, "p", &scope);
+        assert!(matches!(e, GithubError::HooksForbidden { .. }) && e.to_string().contains("admin:org_hook"), "{e}");
         let e = Github::refusal(StatusCode::NOT_FOUND, "", &Method::POST, "p", &scope);
         assert!(e.to_string().contains("repository o/r not found"), "{e}");
         let e = Github::refusal(

@@ -41,6 +41,10 @@ pub struct PoolConfig {
     /// Where GitHub should deliver: the repository's or organization's webhook is created or
     /// updated to point here.
     pub webhook_url: Option<String>,
+    /// `CONTROLLER_HOOK_ID` / `hook_id`: the id of the webhook that delivers to this pool, whose
+    /// failed deliveries an organization's reconciliation redelivers (issue #18); with
+    /// `webhook_url`, the id of the webhook the controller creates or updates is used instead.
+    pub hook_id: Option<u64>,
     /// The runners' custom labels (the built-in self-hosted, Linux and the engine host's
     /// architecture come with them).
     pub labels: Vec<String>,
@@ -132,6 +136,8 @@ struct Entry {
     webhook_secret: Option<String>,
     #[serde(default)]
     webhook_url: Option<String>,
+    #[serde(default)]
+    hook_id: Option<u64>,
     labels: Vec<String>,
     #[serde(default)]
     max_runners: Option<usize>,
@@ -364,6 +370,17 @@ fn single_pool(c: &mut Collector<'_>) -> Option<PoolConfig> {
     };
     let webhook_secret = c.secret("WEBHOOK_SECRET").map(Secret::new);
     let webhook_url = super::url_var(c, "WEBHOOK_URL");
+    let hook_id = c.get("CONTROLLER_HOOK_ID").and_then(|v| match v.trim().parse::<u64>() {
+        Ok(n) if n > 0 => Some(n),
+        _ => {
+            c.bad(
+                "CONTROLLER_HOOK_ID",
+                Some(&v),
+                "the positive id of the webhook that delivers to POST /webhook (its X-GitHub-Hook-ID header)",
+            );
+            None
+        }
+    });
     if webhook_secret.is_none() && webhook_url.is_none() {
         c.bad(
             "WEBHOOK_SECRET",
@@ -408,6 +425,7 @@ fn single_pool(c: &mut Collector<'_>) -> Option<PoolConfig> {
         credentials: credentials?,
         webhook_secret,
         webhook_url,
+        hook_id,
         labels: labels?,
         max_runners,
         min_idle,
@@ -536,6 +554,9 @@ fn file_pools(c: &mut Collector<'_>, path: &str) -> Vec<PoolConfig> {
                     .into(),
             );
         }
+        if e.hook_id == Some(0) {
+            bad(c, "hook_id: the positive id of the webhook that delivers to this pool".into());
+        }
         let labels = clean_labels(&e.labels);
         if labels.is_none() {
             bad(c, "labels: strings of at most 256 characters, no commas".into());
@@ -584,6 +605,7 @@ fn file_pools(c: &mut Collector<'_>, path: &str) -> Vec<PoolConfig> {
             credentials,
             webhook_secret,
             webhook_url,
+            hook_id: e.hook_id.filter(|&id| id > 0),
             labels,
             max_runners,
             min_idle,
@@ -645,6 +667,22 @@ mod tests {
     }
 
     #[test]
+    fn the_hook_id_of_an_organization_s_pool_is_a_positive_number() {
+        let base = [("GH_TOKEN", "ghp_x"), ("GH_ORGANIZATION", "o"), ("WEBHOOK_SECRET", "s"), ("SECRETS_DIR", "/no")];
+        let with = |v: &str| {
+            let mut pairs = base.to_vec();
+            pairs.push(("CONTROLLER_HOOK_ID", v));
+            controller_config(&env(&pairs))
+        };
+        assert_eq!(with("42").unwrap().single.unwrap().hook_id, Some(42));
+        assert_eq!(controller_config(&env(&base)).unwrap().single.unwrap().hook_id, None);
+        for bad in ["0", "-1", "hook"] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(e.0.iter().map(|p| p.var).collect::<Vec<_>>(), ["CONTROLLER_HOOK_ID"], "{bad}: {e:?}");
+        }
+    }
+
+    #[test]
     fn problems_are_reported_together_without_secret_values() {
         let e = controller_config(&env(&[
             ("GH_TOKEN", "ghp_hidden"),
@@ -671,7 +709,7 @@ mod tests {
             &file,
             r#"{"pools": [{"id": "a", "repository": "o/r", "token_secret": "PAT_A", "webhook_secret": "HOOK_A",
                 "labels": ["gpu"], "max_runners": 2, "image": "img:1", "env": {"FOO": "bar"}, "network": "host"},
-               {"id": "b", "organization": "o", "token_secret": "MISSING", "webhook_secret": "HOOK_A", "labels": []}]}"#,
+               {"id": "b", "organization": "o", "token_secret": "MISSING", "webhook_secret": "HOOK_A", "labels": [], "hook_id": 9}]}"#,
         )
         .unwrap();
         let sd = dir.path().display().to_string();
@@ -687,6 +725,7 @@ mod tests {
         assert_eq!(a.env, [("FOO".to_string(), "bar".to_string())]);
         assert!(matches!(&a.credentials, Credentials::Pat(t) if t.expose() == "ghp_a"));
         assert_eq!(cfg.pools[1].scope, Scope::Organization("o".into()));
+        assert_eq!((a.hook_id, cfg.pools[1].hook_id), (None, Some(9)));
     }
 
     #[test]

@@ -37,14 +37,15 @@ pub fn state_secret(state_dir: &Path, pool: &str) -> Result<Secret, ControllerEr
     Ok(Secret::new(secret))
 }
 
-/// Creates or updates the webhook for `workflow_job` events at `url` on `scope`.
+/// Creates or updates the webhook for `workflow_job` events at `url` on `scope`; returns its
+/// id (an organization's reconciliation reads its deliveries).
 pub async fn ensure(
     github: &Github,
     scope: &Scope,
     url: &str,
     secret: &Secret,
     cancel: &CancellationToken,
-) -> Result<(), ControllerError> {
+) -> Result<u64, ControllerError> {
     let err = |source| ControllerError::Webhook { scope: scope.to_string(), source };
     let hooks = github.list_hooks(scope, Budget::attempts(5), cancel).await.map_err(err)?;
     let existing = hooks.iter().find(|h| h.config.url.as_deref() == Some(url)).map(|h| h.id);
@@ -59,13 +60,14 @@ pub async fn ensure(
         Some(id) => {
             github.update_hook(scope, id, &body, Budget::attempts(5), cancel).await.map_err(err)?;
             info!(scope = %scope, hook_id = id, url, "Webhook updated.");
+            Ok(id)
         }
         None => {
             let id = github.create_hook(scope, &body, Budget::attempts(5), cancel).await.map_err(err)?;
             info!(scope = %scope, hook_id = id, url, "Webhook created.");
+            Ok(id)
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -332,8 +332,14 @@ async fn metrics(State(s): State<AppState>) -> Response {
     reconcile(
         &mut out,
         "ci_runner_controller_reconcile_api_calls_total",
-        "GitHub REST calls made by the listings of the queued jobs.",
+        "GitHub REST calls made by the reconciliation (runs and jobs listed; deliveries listed, read, redelivered).",
         &|c| load(&c.api_calls),
+    );
+    reconcile(
+        &mut out,
+        "ci_runner_controller_reconcile_redeliveries_total",
+        "Failed webhook deliveries redelivered by the reconciliation of an organization's pool.",
+        &|c| load(&c.redeliveries),
     );
     reconcile(
         &mut out,

@@ -74,9 +74,10 @@ pub async fn start_pools(
             Some(s) => s.clone(),
             None => super::hook::state_secret(&cfg.state_dir, &p.id)?,
         };
-        if let Some(url) = &p.webhook_url {
-            super::hook::ensure(&github, &p.scope, url, &secret, cancel).await?;
-        }
+        let hook_id = match &p.webhook_url {
+            Some(url) => Some(super::hook::ensure(&github, &p.scope, url, &secret, cancel).await?),
+            None => p.hook_id,
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Mutex::new(Stats::default()));
         let latency = Arc::new(Mutex::new(Latency::default()));
@@ -109,11 +110,15 @@ pub async fn start_pools(
             cancel: cancel.clone(),
             poll: cfg.poll,
         };
-        match cfg.reconcile {
-            Some(period) if reconcile::supported(&p.scope) => {
+        match (cfg.reconcile, reconcile::source(&p.scope, hook_id)) {
+            (Some(period), Some(source)) => {
+                if let reconcile::Source::Deliveries { hook_id } = source {
+                    info!(pool = %p.id, scope = %p.scope, hook_id, "Reconciling through the webhook's failed deliveries.");
+                }
                 let run = reconcile::run(
                     task.github.clone(),
                     p.scope.clone(),
+                    source,
                     labels.clone(),
                     period,
                     tx.clone(),
@@ -122,10 +127,10 @@ pub async fn start_pools(
                 );
                 tracker.spawn(run.instrument(tracing::info_span!("reconcile", id = %p.id)));
             }
-            Some(_) => {
-                info!(pool = %p.id, scope = %p.scope, "No reconciliation for an organization's pool: its jobs come by webhook only.")
+            (Some(_), None) => {
+                warn!(pool = %p.id, scope = %p.scope, "No reconciliation for this organization's pool: set CONTROLLER_HOOK_ID (or the pool's hook_id), or WEBHOOK_URL, so that its webhook's failed deliveries are redelivered; a missed delivery now leaves its job without a runner.")
             }
-            None => {}
+            (None, _) => {}
         }
         tracker.spawn(task.run(rx).instrument(tracing::info_span!("pool", id = %p.id)));
         tracker.spawn(

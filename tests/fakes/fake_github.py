@@ -236,6 +236,7 @@ class State:
         self.hooks = {}          # id -> {"id", "scope", "active", "events", "config": {url, content_type, secret, insecure_ssl}}
         self.next_hook_id = 1
         self.deliveries = []     # the webhook delivery log (see SPEC.md)
+        self.next_delivery_id = 9000
         self.drops = []          # [{"count", "action"}]: deliveries lost on the way (see SPEC.md)
         self.requests.clear()
         self.add_org("octo-org")
@@ -544,16 +545,42 @@ class State:
                  "job_id": j["id"], "url": h["config"].get("url"), "status": None, "error": None,
                  "queued_at": time.time(), "delivered_at": None, "body": body,
                  "content_type": h["config"].get("content_type") or "form",
-                 "secret": h["config"].get("secret") or ""}
-            self.deliveries.append(d)
-            drop = next((x for x in self.drops if x["count"] > 0 and x["action"] in (None, action)), None)
-            if drop:
-                # Lost on the way (a proxy, a network fault): GitHub records a failure and
-                # does not retry by itself.
-                drop["count"] -= 1
-                d["error"], d["delivered_at"] = "dropped by the fake", time.time()
-                continue
-            OUTBOX.put(d)
+                 "secret": h["config"].get("secret") or "", "redelivery": False}
+            self.send(d)
+
+    def send(self, d):
+        """Log delivery `d` (a first one or a redelivery) under a new delivery id and hand it to
+        the sender thread, unless a drop loses it. Call with `cond` held."""
+        d["delivery_id"] = self.next_delivery_id
+        self.next_delivery_id += 1
+        d["guid"] = d["id"]
+        self.deliveries.append(d)
+        drop = next((x for x in self.drops if x["count"] > 0 and x["action"] in (None, d["action"])), None)
+        if drop:
+            # Lost on the way (a proxy, a network fault): GitHub records a failure and
+            # does not retry by itself.
+            drop["count"] -= 1
+            d["error"], d["delivered_at"] = "dropped by the fake", time.time()
+            return
+        OUTBOX.put(d)
+
+    def delivery_item(self, d):
+        """A delivery as GitHub's deliveries API lists it (`hook-delivery-item`)."""
+        status = d["status"]
+        if status is not None and 200 <= status < 300:
+            text = "OK"
+        elif status is not None:
+            text = "Invalid HTTP Response: %d" % status
+        else:
+            text = "failed to connect to host"
+        j = self.jobs.get(d["job_id"])
+        return {"id": d["delivery_id"], "guid": d["guid"],
+                "delivered_at": datetime.fromtimestamp(d["delivered_at"], timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "redelivery": bool(d.get("redelivery")),
+                "duration": round(max(0.0, d["delivered_at"] - d["queued_at"]), 3),
+                "status": text, "status_code": status or 0, "event": d["event"], "action": d["action"],
+                "installation_id": None, "repository_id": (self.repos.get(j["repository"].lower(), {}).get("id") if j else None),
+                "throttled_at": None}
 
     # ----------------------------------------------------------------- workflow runs
     def run_status(self, jobs):
@@ -789,6 +816,11 @@ class FakeGitHub:
             if want:
                 runs = [r for r in runs if r["status"] == want or (want == "completed" and r["conclusion"] == want)]
             return self.paginate(req, runs, "workflow_runs", lambda r: r)
+        if kind == "repo" and len(rest) == 2 and rest[0] == "jobs" and method == "GET":
+            j = st.jobs.get(int_or_404(rest[1]))
+            if j is None or j["repository"].lower() != scope:
+                raise not_found()
+            return 200, st.rest_job_json(j), {}
         if kind == "repo" and len(rest) == 3 and rest[0] == "runs" and rest[2] == "jobs" and method == "GET":
             jobs = st.runs_of(scope).get(int_or_404(rest[1]))
             if jobs is None:
@@ -865,6 +897,11 @@ class FakeGitHub:
                                         "secret": cfg.get("secret") or ""},
                              "created_at": now, "updated_at": now}
             return 201, st.hook_json(st.hooks[hid]), {}
+        if len(rest) >= 2 and rest[1] == "deliveries":
+            h = st.hooks.get(int_or_404(rest[0]))
+            if not h or h["scope"] != scope:
+                raise not_found()
+            return self.deliveries_route(req, h, rest[2:])
         if len(rest) == 1:
             h = st.hooks.get(int_or_404(rest[0]))
             if not h or h["scope"] != scope:
@@ -887,6 +924,54 @@ class FakeGitHub:
             if method == "DELETE":
                 st.hooks.pop(h["id"], None)
                 return 204, None, {}
+        raise not_found()
+
+    def deliveries_route(self, req, h, rest):
+        """`GET /{scope}/hooks/{id}/deliveries?per_page=&cursor=&redelivery=` (the attempted
+        deliveries, newest first; cursor pagination through `Link`), `GET …/deliveries/{delivery_id}`
+        (with `request{headers, payload}` and `response{headers, payload}`), `POST
+        …/deliveries/{delivery_id}/attempts` (202: sent again as a new delivery, same guid)."""
+        st = self.state
+        method = req["method"]
+        mine = sorted((d for d in st.deliveries if d["hook_id"] == h["id"] and d["delivered_at"] is not None),
+                      key=lambda d: d["delivery_id"], reverse=True)
+        if not rest and method == "GET":
+            q = req["query"]
+            try:
+                per_page = max(1, min(100, int(q.get("per_page", ["30"])[0])))
+            except ValueError:
+                raise HttpError(422, "Invalid request.")
+            redelivery = q.get("redelivery", [None])[0]
+            if redelivery in ("true", "false"):
+                mine = [d for d in mine if bool(d.get("redelivery")) == (redelivery == "true")]
+            cursor = q.get("cursor", [None])[0]
+            if cursor:
+                if not cursor.startswith("v1_") or not cursor[3:].isdigit():
+                    raise HttpError(422, "Invalid cursor.")
+                mine = [d for d in mine if d["delivery_id"] <= int(cursor[3:])]
+            page, rest_items = mine[:per_page], mine[per_page:]
+            headers = {}
+            if rest_items:
+                params = {k: v[0] for k, v in q.items() if k != "cursor"}
+                params["per_page"] = str(per_page)
+                params["cursor"] = "v1_%d" % rest_items[0]["delivery_id"]
+                headers["Link"] = '<http://%s%s%s?%s>; rel="next"' % (
+                    req["host"], req["prefix"], req["path"], urlencode(params))
+            return 200, [st.delivery_item(d) for d in page], headers
+        d = next((x for x in mine if x["delivery_id"] == int_or_404(rest[0])), None) if rest else None
+        if d is None:
+            raise not_found()
+        if len(rest) == 1 and method == "GET":
+            body = json.loads(d["body"].decode("utf-8"))
+            out = dict(st.delivery_item(d), url=d["url"],
+                       request={"headers": {"X-GitHub-Event": d["event"], "X-GitHub-Delivery": d["guid"]},
+                                "payload": body},
+                       response={"headers": {}, "payload": d.get("error") or ""})
+            return 200, out, {}
+        if len(rest) == 2 and rest[1] == "attempts" and method == "POST":
+            again = dict(d, status=None, error=None, delivered_at=None, queued_at=time.time(), redelivery=True)
+            st.send(again)
+            return 202, {}, {}
         raise not_found()
 
     def credential(self, req):
@@ -1560,8 +1645,7 @@ class FakeGitHub:
             if d is None:
                 raise not_found()
             again = dict(d, status=None, error=None, delivered_at=None, queued_at=time.time(), redelivery=True)
-            st.deliveries.append(again)
-            OUTBOX.put(again)
+            st.send(again)
             return 202, delivery_json(again), {}
         if parts == ["runners"] and method == "GET":
             return 200, [st.control_runner_json(st.runners[k]) for k in sorted(st.runners)], {}

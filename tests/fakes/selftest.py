@@ -1282,6 +1282,50 @@ def form_deliveries_drops_approvals_and_queued_runs_listing(c):
         rx.stop()
 
 
+@test
+def hook_deliveries_api_lists_failures_and_redelivers(c):
+    f = c.fake
+    rx = Receiver()
+    try:
+        hook = f.ok("POST", "/_fake/hooks", {"scope": "octo-org", "url": rx.url, "secret": "s"})
+        base = "/orgs/octo-org/hooks/%d/deliveries" % hook["id"]
+        f.ok("POST", "/_fake/deliveries/drop", {"count": 1, "action": "queued"})
+        lost = f.enqueue("lost", labels=["self-hosted", "x"])
+        sent = f.enqueue("sent", labels=["self-hosted", "x"])
+        wait_until(lambda: len(rx.got) == 1, 10, "the delivery after the dropped one")
+        items = f.ok("GET", base + "?per_page=100", token="ghp_admin")
+        eq([(d["action"], d["status"], d["status_code"], d["redelivery"]) for d in items],
+           [("queued", "OK", 200, False), ("queued", "failed to connect to host", 0, False)],
+           "newest first; the dropped one failed")
+        eq(sorted(items[0]) == sorted(["id", "guid", "delivered_at", "redelivery", "duration", "status",
+                                       "status_code", "event", "action", "installation_id", "repository_id",
+                                       "throttled_at"]), True, "hook-delivery-item fields")
+        # Cursor pagination through Link.
+        st, headers, page = f.call("GET", base + "?per_page=1", token="ghp_admin")
+        eq((st, [d["id"] for d in page]), (200, [items[0]["id"]]), "first page")
+        link = headers.get("Link") or headers.get("link") or ""
+        eq("cursor=v1_%d" % items[1]["id"] in link and 'rel="next"' in link, True, "next page's cursor: %s" % link)
+        nxt = link.split(">")[0].lstrip("<")
+        eq([d["id"] for d in f.ok("GET", nxt[nxt.index("/orgs/"):], token="ghp_admin")], [items[1]["id"]], "second page")
+        # One delivery, with its payload.
+        one = f.ok("GET", base + "/%d" % items[1]["id"], token="ghp_admin")
+        eq((one["guid"], one["request"]["payload"]["workflow_job"]["id"]), (items[1]["guid"], lost), "payload")
+        eq(f.call("GET", "/repos/octo-org/octo-repo/actions/jobs/%d" % lost, token="ghp_admin")[2]["status"],
+           "queued", "a job's status")
+        eq(f.call("GET", base, token="ghp_noadmin")[0], 403, "admin only")
+        # Redeliver: a new delivery id, the same guid, sent.
+        eq(f.call("POST", base + "/%d/attempts" % items[1]["id"], token="ghp_admin")[0], 202, "redeliver")
+        wait_until(lambda: len(rx.got) == 2, 10, "the redelivery")
+        eq(rx.got[1][0].get("x-github-delivery"), items[1]["guid"], "same X-GitHub-Delivery")
+        eq(json.loads(rx.got[1][1])["workflow_job"]["id"], lost, "same payload")
+        again = f.ok("GET", base, token="ghp_admin")[0]
+        eq((again["guid"], again["redelivery"], again["status"], again["id"] > items[0]["id"]),
+           (items[1]["guid"], True, "OK", True), "the redelivery listed")
+        eq(sent in [json.loads(b)["workflow_job"]["id"] for _, b in rx.got], True, "the other job's delivery")
+    finally:
+        rx.stop()
+
+
 def main():
     global VERBOSE
     ap = argparse.ArgumentParser()

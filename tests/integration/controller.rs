@@ -15,6 +15,7 @@ use crate::docker::{docker, docker_available, docker_ok, has_image, image, rand_
 use crate::harness::*;
 
 const SECRET: &str = "webhook-topsecret";
+const ORG: &str = "octo-org";
 const LONG: Duration = Duration::from_secs(120);
 
 /// What each test starts from: the fake GitHub, a scratch dir the runner containers bind-mount
@@ -55,6 +56,8 @@ struct Setup<'a> {
     scratch: PathBuf,
     state: PathBuf,
     extra: Vec<(String, String)>,
+    /// The single pool serves the organization `octo-org` instead of the repository.
+    org: bool,
 }
 
 impl<'a> Setup<'a> {
@@ -66,7 +69,19 @@ impl<'a> Setup<'a> {
             scratch: scratch.to_path_buf(),
             state: state.to_path_buf(),
             extra: Vec::new(),
+            org: false,
         }
+    }
+
+    fn org(mut self) -> Self {
+        self.org = true;
+        self
+    }
+
+    /// The webhook for `path` on `scope` (a repository or an organization); its id.
+    fn hook_on(&self, scope: &str, path: &str) -> u64 {
+        let h = self.gh.post("/_fake/hooks", json!({"scope": scope, "url": self.url(path), "secret": SECRET}));
+        h["id"].as_u64().expect("hook id")
     }
 
     fn with(mut self, k: &str, v: &str) -> Self {
@@ -102,7 +117,7 @@ impl<'a> Setup<'a> {
         if !self.extra.iter().any(|(k, _)| k == "CONTROLLER_CONFIG") {
             env.extend([
                 ("GH_TOKEN".into(), PAT.into()),
-                ("GH_REPOSITORY".into(), REPO.into()),
+                if self.org { ("GH_ORGANIZATION".into(), ORG.into()) } else { ("GH_REPOSITORY".into(), REPO.into()) },
                 ("GH_LABELS".into(), "ci-test".into()),
                 ("WEBHOOK_SECRET".into(), SECRET.into()),
                 ("CONTROLLER_IMAGE".into(), image().into()),
@@ -622,6 +637,122 @@ fn a_dropped_delivery_s_job_runs_within_one_reconcile_period_at_a_bounded_cost()
     ctl.wait_no_containers();
     // The webhook and reconcile paths are idempotent: one runner, however often it is listed.
     assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 1.0);
+    assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
+}
+
+/// A job of the organization's (its repository `octo-org/octo-repo`), for its runners.
+fn enqueue_org(gh: &FakeGithub, name: &str, labels: &[&str]) -> u64 {
+    let v = gh.post("/_fake/jobs", json!({"scope": ORG, "labels": labels, "name": name, "steps": "true"}));
+    v["id"].as_u64().expect("job id")
+}
+
+/// The fake's delivery log entries of job `id` (first deliveries and redeliveries).
+fn deliveries_of(gh: &FakeGithub, id: u64) -> Vec<Value> {
+    gh.get("/_fake/deliveries").as_array().unwrap().iter().filter(|d| d["job_id"] == id).cloned().collect()
+}
+
+#[test]
+fn an_organization_pool_s_dropped_delivery_is_redelivered_within_one_reconcile_period_at_a_bounded_cost() {
+    // Never: a job of an organization's pool left without a runner because its `queued`
+    // delivery was lost; nor two containers for one job; nor a redelivery of a delivery that
+    // succeeded; nor an idle pass costing more than its one listing of the deliveries.
+    let Some(t) = Fixture::new() else { return };
+    let gh = &t.gh;
+    let period = Duration::from_secs(3);
+    let setup = t.setup().org().with("CONTROLLER_RECONCILE_SEC", "3");
+    let hook_id = setup.hook_on(ORG, "/webhook");
+    let setup = setup.with("CONTROLLER_HOOK_ID", &hook_id.to_string());
+    let ctl = setup.start();
+    let metric = |ctl: &Controller, name: &str| ctl.metric(&format!("ci_runner_controller_{name}{{pool=\"default\"}}"));
+    let passes = |ctl: &Controller| metric(ctl, "reconcile_passes_total");
+    wait_for("two reconcile passes", LONG, || (passes(&ctl) >= 2.0).then_some(()));
+    let calls = metric(&ctl, "reconcile_api_calls_total");
+    let done = passes(&ctl);
+    assert!(calls <= done && calls >= done - 1.0, "idle: {calls} calls for {done} passes");
+    let deliveries_path = format!("/orgs/{ORG}/hooks/{hook_id}/deliveries");
+    let listings = gh.rest_requests("GET", &deliveries_path);
+    assert!(!listings.is_empty() && listings.iter().all(|r| r["status"] == 200), "{listings:?}");
+
+    // A job delivered as usual, then one whose delivery is lost on the way.
+    let delivered = enqueue_org(gh, "delivered", &["self-hosted", "ci-test"]);
+    assert_eq!(wait_job_done(gh, delivered)["result"], "Succeeded");
+    gh.post("/_fake/deliveries/drop", json!({"count": 1, "action": "queued"}));
+    let id = enqueue_org(gh, "dropped", &["self-hosted", "ci-test"]);
+    let lost = wait_answered_or_failed(gh, id, "queued");
+    assert_eq!(lost["error"], "dropped by the fake", "{lost}");
+    wait_for("the dropped delivery redelivered within one period", period + Duration::from_secs(2), || {
+        (metric(&ctl, "reconcile_redeliveries_total") == 1.0).then_some(())
+    });
+    assert_eq!(wait_job_done(gh, id)["result"], "Succeeded");
+    ctl.wait_no_containers();
+    // Two more passes: nothing more redelivered, and the redelivered event is not looked into again.
+    let later = passes(&ctl) + 2.0;
+    wait_for("two more passes", LONG, || (passes(&ctl) >= later).then_some(()));
+    assert_eq!(metric(&ctl, "reconcile_redeliveries_total"), 1.0);
+    let attempts = gh.rest_requests("POST", "/attempts");
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert!(
+        attempts[0]["path"].as_str().unwrap().ends_with(&format!("/deliveries/{}/attempts", lost["delivery_id"])),
+        "{attempts:?} for {lost}"
+    );
+    // The delivered job's event was never sent again; the lost one's exactly once, by GitHub's
+    // redelivery (the same guid), answered by the webhook path.
+    assert!(
+        deliveries_of(gh, delivered).iter().all(|d| d["redelivery"] == false),
+        "{:?}",
+        deliveries_of(gh, delivered)
+    );
+    let again: Vec<Value> =
+        deliveries_of(gh, id).into_iter().filter(|d| d["redelivery"] == true && d["action"] == "queued").collect();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!((again[0]["guid"].clone(), again[0]["status"].clone()), (lost["guid"].clone(), json!(202)));
+    // One runner per job; the calls: one listing a pass, plus 3 for the missed job (its
+    // payload, its job's status, its redelivery).
+    assert_eq!(metric(&ctl, "starts_total"), 2.0, "one runner per job");
+    let (calls, done) = (metric(&ctl, "reconcile_api_calls_total"), passes(&ctl));
+    assert!(calls <= done + 3.0 && calls >= done - 1.0 + 3.0, "{calls} calls for {done} passes");
+    assert_eq!(gh.rest_requests("GET", "/actions/jobs/").len(), 1, "the job's status asked once");
+    assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
+}
+
+#[test]
+fn an_organization_pool_started_after_missed_deliveries_runs_each_of_its_jobs_once_and_no_other() {
+    // Never: a job of an organization's pool left without a runner because its delivery came
+    // while the controller was down; nor a redelivery of an event for labels the pool does not
+    // serve, nor one looked into again at every pass.
+    let Some(t) = Fixture::new() else { return };
+    let gh = &t.gh;
+    let setup = t.setup().org().with("CONTROLLER_RECONCILE_SEC", "2");
+    let hook_id = setup.hook_on(ORG, "/webhook");
+    // No CONTROLLER_HOOK_ID: the webhook WEBHOOK_URL finds (and updates) is the one read.
+    let url = setup.url("/webhook");
+    let setup = setup.with("WEBHOOK_URL", &url);
+    let ids: Vec<u64> = (0..3).map(|i| enqueue_org(gh, &format!("missed{i}"), &["self-hosted", "ci-test"])).collect();
+    let gpu = enqueue_org(gh, "gpu", &["self-hosted", "gpu"]);
+    for id in ids.iter().chain([&gpu]) {
+        let d = wait_answered_or_failed(gh, *id, "queued");
+        assert!(d["status"].is_null() && d["error"].is_string(), "{d}");
+    }
+    let ctl = setup.start();
+    for id in &ids {
+        assert_eq!(wait_job_done(gh, *id)["result"], "Succeeded", "job {id}");
+    }
+    ctl.wait_no_containers();
+    let passes = || ctl.metric("ci_runner_controller_reconcile_passes_total{pool=\"default\"}");
+    let later = passes() + 2.0;
+    wait_for("two more passes", LONG, || (passes() >= later).then_some(()));
+    assert_eq!(ctl.metric("ci_runner_controller_reconcile_redeliveries_total{pool=\"default\"}"), 3.0);
+    assert_eq!(ctl.metric("ci_runner_controller_starts_total{pool=\"default\"}"), 3.0, "one runner per job");
+    assert!(deliveries_of(gh, gpu).iter().all(|d| d["redelivery"] == false), "{:?}", deliveries_of(gh, gpu));
+    assert_eq!(gh.job(gpu)["status"], "queued");
+    // Each failed event's payload read once, however many passes listed it.
+    let payload_reads = gh
+        .rest_requests("GET", &format!("/orgs/{ORG}/hooks/{hook_id}/deliveries/"))
+        .into_iter()
+        .filter(|r| !r["path"].as_str().unwrap().ends_with("/attempts"))
+        .count();
+    assert_eq!(payload_reads, 4, "{:?}", gh.rest_requests("GET", "/deliveries/"));
+    assert_eq!(gh.rest_requests("POST", "/attempts").len(), 3);
     assert!(gh.runners().is_empty(), "runners left registered: {:?}", gh.runners());
 }
 
