@@ -156,7 +156,7 @@ pub enum RunnerError {
         #[source]
         source: io::Error,
     },
-    #[error("the runner in RUNNER_DIR is version {found}, older than RUNNER_MIN_VERSION {min} (GitHub's minimum to register), and it may not update itself (RUNNER_DISABLE_UPDATE=true): rebuild the image with a newer runner")]
+    #[error("the runner in RUNNER_DIR is version {found}, older than RUNNER_MIN_VERSION {min} (GitHub's minimum to register), and it may not update itself (RUNNER_DISABLE_UPDATE=true): rebuild the image with a newer runner, or set RUNNER_UPDATE_AT_BOOT=true")]
     TooOld { found: RunnerVersion, min: RunnerVersion },
 }
 
@@ -252,7 +252,7 @@ pub(crate) fn identity(user: &RunnerUser) -> Identity {
 
 /// A command for the runner user: its own process group, a clean signal mask and default
 /// dispositions, the scrubbed environment, stdin from /dev/null, output piped.
-fn command(cfg: &Config, program: &Path, extra_env: &[(&str, &str)]) -> Command {
+pub(crate) fn command(cfg: &Config, program: &Path, extra_env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(program);
     cmd.current_dir(&cfg.runner_dir)
         .env_clear()
@@ -617,6 +617,29 @@ pub fn make_root(install: &Path, root: &Path) -> io::Result<RootMade> {
         }
     }
     Ok(made)
+}
+
+/// Undoes [`make_root`] in `root` after the install changed (the update at boot): every entry
+/// named as one of the install's shared ones goes (its hard links hold the old files), so that
+/// [`make_root`] makes them again; the root's own state (`.runner`, `_work`, `_diag` …) stays.
+pub fn unmake_root(install: &Path, root: &Path) -> io::Result<()> {
+    if !root.join("bin").exists() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(install)? {
+        let name = entry?.file_name();
+        let name_str = name.to_string_lossy();
+        if name_str.starts_with('.') || name_str.starts_with('_') {
+            continue;
+        }
+        let path = root.join(&name);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path)?,
+            Ok(_) => std::fs::remove_file(&path)?,
+            Err(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// `from`'s tree again at `to`: directories made, files hard-linked (copied across
