@@ -175,7 +175,7 @@ fn is_sha256(s: &str) -> bool {
 /// `- actions-runner-linux-x64-<RUNNER_VERSION>.tar.gz <!-- BEGIN SHA linux-x64 --><LINUX_X64_SHA><!-- END SHA linux-x64 -->`
 /// (line 136 of the v2.309.0 notes; the same markers for `linux-arm64` and `linux-arm`).
 /// Either is enough; both must agree when both are there.
-pub fn published_sha256(release: &serde_json::Value, asset: &str) -> Result<Option<String>, ()> {
+pub fn published_sha256(release: &serde_json::Value, asset: &str) -> Published {
     let digest = release["assets"]
         .as_array()
         .into_iter()
@@ -196,9 +196,18 @@ pub fn published_sha256(release: &serde_json::Value, asset: &str) -> Result<Opti
         is_sha256(sha).then(|| sha.to_ascii_lowercase())
     });
     match (digest, noted) {
-        (Some(a), Some(b)) if a != b => Err(()),
-        (a, b) => Ok(a.or(b)),
+        (Some(a), Some(b)) if a != b => Published::Conflict,
+        (a, b) => a.or(b).map_or(Published::Missing, Published::Sha256),
     }
+}
+
+/// What a release publishes for an asset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    Sha256(String),
+    Missing,
+    /// The digest and the notes disagree: neither is believed.
+    Conflict,
 }
 
 /// Runs the update; never fails the boot: a failure is logged as a WARN and gives
@@ -223,11 +232,13 @@ async fn update(cfg: &Config, s: &UpdateSettings) -> Result<Outcome, UpdateError
         .map(|t| SystemTime::now().duration_since(t).unwrap_or_default());
     let installed = runner::installed_version(cfg, VERSION_TIMEOUT).await;
     let Some(why) = due(age, installed, s.after, cfg.min_version) else {
-        info!(version = ?installed.map(|v| v.to_string()), days = age.map(|a| a.as_secs() / 86_400), "Runner is new enough; no update at boot.");
+        let shown = installed.map(|v| v.to_string()).unwrap_or_else(|| "unknown".into());
+        info!(version = %shown, days = age.map(|a| a.as_secs() / 86_400).unwrap_or_default(), "Runner is new enough; no update at boot.");
         return Ok(Outcome::NotDue);
     };
     let started = Instant::now();
-    info!(installed = ?installed.map(|v| v.to_string()), reason = %why, "Checking for a newer runner.");
+    let shown = installed.map(|v| v.to_string()).unwrap_or_else(|| "unknown".into());
+    info!(installed = %shown, reason = %why, "Checking for a newer runner.");
     let http = client(true)?;
     let latest = latest_version(&client(false)?, &s.releases_url).await?;
     if installed.is_some_and(|v| v >= latest) {
@@ -242,25 +253,31 @@ async fn update(cfg: &Config, s: &UpdateSettings) -> Result<Outcome, UpdateError
         None => expected_sha256(&http, cfg, s, latest, &asset).await?,
     };
     let tarball = cache.dir.join(&asset);
-    let from_cache = match sha256_file(&tarball).await {
-        Ok(got) if got == expected => true,
-        Ok(got) => {
-            // Never trusted as it is: a poisoned or torn entry is replaced, not unpacked.
-            warn!(path = %tarball.display(), expected = %expected, got = %got, "A cached runner tarball does not match its SHA-256; downloading it again.");
+    // The very file that was hashed goes to tar (an open descriptor, rewound): a cache entry
+    // replaced between the check and the unpack is never the one unpacked.
+    let cached = match open_verified(&tarball, &expected).await {
+        Ok(Some(file)) => Some(file),
+        Ok(None) => {
+            // Never trusted as it is: a poisoned or torn entry is removed, not unpacked.
+            warn!(path = %tarball.display(), expected = %expected, "A cached runner tarball does not match its SHA-256; downloading it again.");
             let _ = std::fs::remove_file(&tarball);
-            false
+            None
         }
-        Err(_) => false,
+        Err(_) => None,
     };
-    if !from_cache {
-        let url = format!("{}/download/v{latest}/{asset}", s.releases_url);
-        download(&http, &url, &cache, &asset, &expected).await?;
-    }
+    let from_cache = cached.is_some();
+    let file = match cached {
+        Some(f) => f,
+        None => {
+            let url = format!("{}/download/v{latest}/{asset}", s.releases_url);
+            download(&http, &url, &cache, &asset, &expected).await?
+        }
+    };
     cache.remember_sha256(&asset, &expected);
-    let entries = unpack_and_swap(cfg, &tarball, latest).await?;
+    let entries = unpack_and_swap(cfg, file, &tarball, latest).await?;
     stamp(cfg);
     info!(
-        from = ?installed.map(|v| v.to_string()),
+        from = %shown,
         to = %latest,
         from_cache,
         seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
@@ -307,9 +324,8 @@ async fn expected_sha256(
 ) -> Result<String, UpdateError> {
     let url = format!("{}/tags/v{version}", s.releases_api_url);
     let mut req = http.get(&url).timeout(REQUEST_TIMEOUT).header("Accept", "application/vnd.github+json");
-    let host = |u: &str| reqwest::Url::parse(u).ok().and_then(|u| u.host_str().map(str::to_string));
     if let Credentials::Pat(token) = &cfg.credentials {
-        if host(&cfg.api_url).is_some() && host(&cfg.api_url) == host(&s.releases_api_url) {
+        if same_origin(&cfg.api_url, &s.releases_api_url) {
             req = req.bearer_auth(token.expose());
         }
     }
@@ -320,9 +336,18 @@ async fn expected_sha256(
     let release: serde_json::Value =
         resp.json().await.map_err(|source| UpdateError::Http { url: url.clone(), source })?;
     match published_sha256(&release, asset) {
-        Ok(Some(sha)) => Ok(sha),
-        Ok(None) => Err(UpdateError::NoChecksum { version, asset: asset.to_string() }),
-        Err(()) => Err(UpdateError::ChecksumConflict { version, asset: asset.to_string() }),
+        Published::Sha256(sha) => Ok(sha),
+        Published::Missing => Err(UpdateError::NoChecksum { version, asset: asset.to_string() }),
+        Published::Conflict => Err(UpdateError::ChecksumConflict { version, asset: asset.to_string() }),
+    }
+}
+
+/// Whether two URLs have the same scheme, host and port: the only case where `GH_TOKEN`
+/// goes to the releases API.
+fn same_origin(a: &str, b: &str) -> bool {
+    match (reqwest::Url::parse(a), reqwest::Url::parse(b)) {
+        (Ok(a), Ok(b)) => a.origin().is_tuple() && a.origin() == b.origin(),
+        _ => false,
     }
 }
 
@@ -375,18 +400,25 @@ impl Cache {
     }
 }
 
-async fn sha256_file(path: &Path) -> io::Result<String> {
-    use tokio::io::AsyncReadExt;
+/// `path` opened and hashed: the open file, rewound, when it has the SHA-256 `expected`;
+/// `None` when it has another; an error when it cannot be read (e.g. it is not there).
+async fn open_verified(path: &Path, expected: &str) -> io::Result<Option<std::fs::File>> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let mut f = tokio::fs::File::open(path).await?;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = f.read(&mut buf).await?;
         if n == 0 {
-            return Ok(hex(ctx.finish().as_ref()));
+            break;
         }
         ctx.update(&buf[..n]);
     }
+    if hex(ctx.finish().as_ref()) != expected {
+        return Ok(None);
+    }
+    f.rewind().await?;
+    Ok(Some(f.into_std().await))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -394,14 +426,16 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The tarball to `<cache>/.<asset>.tmp.<pid>`, hashed as it streams, renamed to
-/// `<cache>/<asset>` only when it has the published SHA-256; removed otherwise.
+/// `<cache>/<asset>` only when it has the published SHA-256 (removed otherwise); returned
+/// open and rewound, the descriptor that was hashed.
 async fn download(
     http: &reqwest::Client,
     url: &str,
     cache: &Cache,
     asset: &str,
     expected: &str,
-) -> Result<(), UpdateError> {
+) -> Result<std::fs::File, UpdateError> {
+    use tokio::io::AsyncSeekExt;
     let tmp = cache.dir.join(format!(".{asset}.tmp.{}", std::process::id()));
     let result = async {
         let mut resp =
@@ -409,7 +443,14 @@ async fn download(
         if !resp.status().is_success() {
             return Err(UpdateError::Status { url: url.to_string(), status: resp.status().as_u16() });
         }
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(io_err("create", &tmp))?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .await
+            .map_err(io_err("create", &tmp))?;
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let mut bytes = 0u64;
         loop {
@@ -427,11 +468,11 @@ async fn download(
         if got != expected {
             return Err(UpdateError::BadChecksum { url: url.to_string(), expected: expected.to_string(), got });
         }
-        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
         let dest = cache.dir.join(asset);
         std::fs::rename(&tmp, &dest).map_err(io_err("rename into", &dest))?;
         info!(url = %url, bytes, "Runner tarball downloaded and verified.");
-        Ok(())
+        file.rewind().await.map_err(io_err("read", &dest))?;
+        Ok(file.into_std().await)
     }
     .await;
     if result.is_err() {
@@ -440,9 +481,15 @@ async fn download(
     result
 }
 
-/// `tarball` unpacked by `tar` as the runner user into [`STAGING`]`/new`, checked, then
-/// swapped into `RUNNER_DIR`. Returns the names of the entries swapped.
-async fn unpack_and_swap(cfg: &Config, tarball: &Path, version: RunnerVersion) -> Result<Vec<String>, UpdateError> {
+/// `file` (the verified `tarball`) unpacked by `tar` as the runner user, from its stdin, into
+/// [`STAGING`]`/new`, checked, then swapped into `RUNNER_DIR`. Returns the names of the
+/// entries swapped.
+async fn unpack_and_swap(
+    cfg: &Config,
+    file: std::fs::File,
+    tarball: &Path,
+    version: RunnerVersion,
+) -> Result<Vec<String>, UpdateError> {
     let staging = cfg.runner_dir.join(STAGING);
     let new = staging.join("new");
     if staging.exists() {
@@ -458,8 +505,9 @@ async fn unpack_and_swap(cfg: &Config, tarball: &Path, version: RunnerVersion) -
     let mut in_new = cfg.clone();
     in_new.runner_dir = new.clone();
     let mut tar = runner::command(&in_new, Path::new("tar"), &[]);
-    tar.arg("-xzf").arg(tarball).args(["--no-same-owner", "--no-same-permissions", "-C"]).arg(&new);
-    tar.kill_on_drop(true);
+    // As the runner user: its files, and a tarball cannot write where that user cannot.
+    tar.args(["-xzf", "-", "--no-same-owner", "-C"]).arg(&new);
+    tar.stdin(std::process::Stdio::from(file)).kill_on_drop(true);
     let out = tar.output().await.map_err(io_err("run tar on", tarball))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default().to_string();
@@ -603,14 +651,23 @@ mod tests {
             format!("- {asset} <!-- BEGIN SHA linux-x64 -->{x}<!-- END SHA linux-x64 -->\n- actions-runner-linux-arm64-2.336.0.tar.gz <!-- BEGIN SHA linux-arm64 -->{arm}<!-- END SHA linux-arm64 -->")
         };
         let notes = serde_json::json!({"body": body(&a, &b), "assets": []});
-        assert_eq!(published_sha256(&notes, asset), Ok(Some(a.clone())), "linux-x64's, not linux-arm64's");
+        assert_eq!(published_sha256(&notes, asset), Published::Sha256(a.clone()), "linux-x64's, not linux-arm64's");
         let digest = serde_json::json!({"body": "", "assets": [{"name": asset, "digest": format!("sha256:{b}")}]});
-        assert_eq!(published_sha256(&digest, asset), Ok(Some(b.clone())));
+        assert_eq!(published_sha256(&digest, asset), Published::Sha256(b.clone()));
         let both =
             serde_json::json!({"body": body(&a, &a), "assets": [{"name": asset, "digest": format!("sha256:{b}")}]});
-        assert_eq!(published_sha256(&both, asset), Err(()), "two different checksums: neither is believed");
+        assert_eq!(published_sha256(&both, asset), Published::Conflict, "two different checksums: neither is believed");
         let none = serde_json::json!({"body": body("<LINUX_X64_SHA>", &b), "assets": [{"name": "other", "digest": format!("sha256:{a}")}]});
-        assert_eq!(published_sha256(&none, asset), Ok(None));
+        assert_eq!(published_sha256(&none, asset), Published::Missing);
+    }
+
+    #[test]
+    fn the_token_goes_only_to_the_api_it_belongs_to() {
+        let gh = "https://api.github.com/repos/actions/runner/releases";
+        assert!(same_origin("https://api.github.com", gh));
+        assert!(!same_origin("https://ghe.example.com/api/v3", gh), "a GHES token never reaches github.com");
+        assert!(!same_origin("http://127.0.0.1:1/api/v3", "http://127.0.0.1:2/api/releases"), "another port");
+        assert!(!same_origin("http://api.github.com", gh), "another scheme");
     }
 
     #[test]
