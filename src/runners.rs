@@ -722,7 +722,14 @@ impl Runners {
     /// Returns false when a signal came first (the update is dropped: its children are
     /// killed, and a swap never stops halfway, see [`crate::update::recover`]).
     async fn update_runner(&mut self) -> bool {
-        let Some(settings) = self.cfg.update.clone() else { return true };
+        let Some(settings) = self.cfg.update.clone() else {
+            // A swap an earlier boot began is finished even with the update now off: the
+            // install is never left mixed.
+            if let Err(e) = crate::update::recover(&self.cfg.runner_dir) {
+                warn!(error = %chain(&e), "Failed to finish an earlier runner update.");
+            }
+            return true;
+        };
         self.status.set_state(State::Starting);
         let outcome = tokio::select! {
             o = crate::update::at_boot(&self.cfg, &settings) => o,

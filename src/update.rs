@@ -394,7 +394,7 @@ impl Cache {
 
     fn remember_sha256(&self, asset: &str, sha: &str) {
         if self.private {
-            let (path, tmp) = (self.sha_path(asset), self.dir.join(format!(".{asset}.sha256.tmp")));
+            let (path, tmp) = (self.sha_path(asset), self.dir.join(format!(".{asset}.sha256.tmp.{}", suffix())));
             let _ = std::fs::write(&tmp, format!("{sha}\n")).and_then(|()| std::fs::rename(&tmp, &path));
         }
     }
@@ -421,11 +421,18 @@ async fn open_verified(path: &Path, expected: &str) -> io::Result<Option<std::fs
     Ok(Some(f.into_std().await))
 }
 
+/// A random name part for temporary files in the shared cache.
+fn suffix() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::getrandom(&mut b);
+    hex(&b)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The tarball to `<cache>/.<asset>.tmp.<pid>`, hashed as it streams, renamed to
+/// The tarball to `<cache>/.<asset>.tmp.<random>`, hashed as it streams, renamed to
 /// `<cache>/<asset>` only when it has the published SHA-256 (removed otherwise); returned
 /// open and rewound, the descriptor that was hashed.
 async fn download(
@@ -436,49 +443,63 @@ async fn download(
     expected: &str,
 ) -> Result<std::fs::File, UpdateError> {
     use tokio::io::AsyncSeekExt;
-    let tmp = cache.dir.join(format!(".{asset}.tmp.{}", std::process::id()));
-    let result = async {
-        let mut resp =
-            http.get(url).send().await.map_err(|source| UpdateError::Http { url: url.to_string(), source })?;
-        if !resp.status().is_success() {
-            return Err(UpdateError::Status { url: url.to_string(), status: resp.status().as_u16() });
-        }
-        let mut file = tokio::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)
+    // Replicas share the cache (and have the same pid in their namespaces): a random name.
+    let tmp = cache.dir.join(format!(".{asset}.tmp.{}", suffix()));
+    // Removed however this ends short of the rename: an error, the timeout, a signal (the
+    // future is dropped), so no torn download is left in the cache.
+    let guard = RemoveOnDrop(Some(tmp.clone()));
+    let mut resp = http.get(url).send().await.map_err(|source| UpdateError::Http { url: url.to_string(), source })?;
+    if !resp.status().is_success() {
+        return Err(UpdateError::Status { url: url.to_string(), status: resp.status().as_u16() });
+    }
+    let mut file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .await
+        .map_err(io_err("create", &tmp))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut bytes = 0u64;
+    loop {
+        let chunk = tokio::time::timeout(STALL_TIMEOUT, resp.chunk())
             .await
-            .map_err(io_err("create", &tmp))?;
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut bytes = 0u64;
-        loop {
-            let chunk = tokio::time::timeout(STALL_TIMEOUT, resp.chunk())
-                .await
-                .map_err(|_| UpdateError::Stalled { url: url.to_string() })?
-                .map_err(|source| UpdateError::Http { url: url.to_string(), source })?;
-            let Some(chunk) = chunk else { break };
-            ctx.update(&chunk);
-            bytes += chunk.len() as u64;
-            file.write_all(&chunk).await.map_err(io_err("write", &tmp))?;
-        }
-        file.sync_all().await.map_err(io_err("write", &tmp))?;
-        let got = hex(ctx.finish().as_ref());
-        if got != expected {
-            return Err(UpdateError::BadChecksum { url: url.to_string(), expected: expected.to_string(), got });
-        }
-        let dest = cache.dir.join(asset);
-        std::fs::rename(&tmp, &dest).map_err(io_err("rename into", &dest))?;
-        info!(url = %url, bytes, "Runner tarball downloaded and verified.");
-        file.rewind().await.map_err(io_err("read", &dest))?;
-        Ok(file.into_std().await)
+            .map_err(|_| UpdateError::Stalled { url: url.to_string() })?
+            .map_err(|source| UpdateError::Http { url: url.to_string(), source })?;
+        let Some(chunk) = chunk else { break };
+        ctx.update(&chunk);
+        bytes += chunk.len() as u64;
+        file.write_all(&chunk).await.map_err(io_err("write", &tmp))?;
     }
-    .await;
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    file.sync_all().await.map_err(io_err("write", &tmp))?;
+    let got = hex(ctx.finish().as_ref());
+    if got != expected {
+        return Err(UpdateError::BadChecksum { url: url.to_string(), expected: expected.to_string(), got });
     }
-    result
+    let dest = cache.dir.join(asset);
+    std::fs::rename(&tmp, &dest).map_err(io_err("rename into", &dest))?;
+    guard.disarm();
+    info!(url = %url, bytes, "Runner tarball downloaded and verified.");
+    file.rewind().await.map_err(io_err("read", &dest))?;
+    Ok(file.into_std().await)
+}
+
+/// A temporary file removed when dropped, unless [`RemoveOnDrop::disarm`]ed.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// `file` (the verified `tarball`) unpacked by `tar` as the runner user, from its stdin, into
@@ -554,7 +575,19 @@ fn swap(dir: &Path, entries: &[String]) -> Result<(), UpdateError> {
             continue; // Moved by an earlier, interrupted swap.
         }
         if std::fs::symlink_metadata(&to).is_ok() && std::fs::symlink_metadata(&keep).is_err() {
-            std::fs::rename(&to, &keep).map_err(io_err("move aside", &to))?;
+            match std::fs::rename(&to, &keep) {
+                Ok(()) => {}
+                // overlayfs without `redirect_dir` (Docker's default) refuses to rename a
+                // directory of an image layer: the old one is removed instead. Still safe
+                // to cut short: the journal makes the next boot remove the rest and move
+                // the new one in.
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                    let meta = std::fs::symlink_metadata(&to).map_err(io_err("read", &to))?;
+                    if meta.is_dir() { std::fs::remove_dir_all(&to) } else { std::fs::remove_file(&to) }
+                        .map_err(io_err("remove", &to))?;
+                }
+                Err(e) => return Err(UpdateError::Io { what: "move aside", path: to, source: e }),
+            }
         }
         std::fs::rename(&from, &to).map_err(io_err("move into place", &to))?;
     }
