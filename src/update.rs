@@ -170,11 +170,12 @@ fn is_sha256(s: &str) -> bool {
 
 /// The published SHA-256 of `asset` in a release's JSON (`GET /repos/actions/runner/releases/tags/v<ver>`):
 /// the asset's `digest` (`"sha256:<hex>"`, which GitHub computes for every uploaded asset),
-/// and the release notes' marker, which actions/runner's release workflow fills in from
-/// `releaseNote.md`, section "SHA-256 Checksums", the line
+/// and the release notes' marker: actions/runner's notes template, `releaseNote.md`, has in its
+/// section "SHA-256 Checksums" the line
 /// `- actions-runner-linux-x64-<RUNNER_VERSION>.tar.gz <!-- BEGIN SHA linux-x64 --><LINUX_X64_SHA><!-- END SHA linux-x64 -->`
-/// (line 136 of the v2.309.0 notes; the same markers for `linux-arm64` and `linux-arm`).
-/// Either is enough; both must agree when both are there.
+/// (about line 136 of the notes as of v2.309.0, the first of the Linux ones after the Windows
+/// and macOS lines; the same markers for `linux-arm64` and `linux-arm`), whose placeholder a
+/// published release's body carries as the 64 hex digits. Either is enough; both must agree when both are there.
 pub fn published_sha256(release: &serde_json::Value, asset: &str) -> Published {
     let digest = release["assets"]
         .as_array()
@@ -247,7 +248,7 @@ async fn update(cfg: &Config, s: &UpdateSettings) -> Result<Outcome, UpdateError
         return Ok(Outcome::Latest(latest));
     }
     let asset = asset_name(std::env::consts::ARCH, latest)?;
-    let cache = Cache::open(&s.cache_dir, cfg)?;
+    let cache = Cache::open(&s.cache_dir, cfg.runner_user.as_ref().map(|u| u.uid))?;
     let expected = match cache.trusted_sha256(&asset) {
         Some(sha) => sha,
         None => expected_sha256(&http, cfg, s, latest, &asset).await?,
@@ -362,14 +363,14 @@ struct Cache {
 }
 
 impl Cache {
-    fn open(dir: &Path, cfg: &Config) -> Result<Self, UpdateError> {
+    /// `runner_uid`: the runner user's, when the supervisor runs it as another user.
+    fn open(dir: &Path, runner_uid: Option<u32>) -> Result<Self, UpdateError> {
         if !dir.is_dir() {
             std::fs::create_dir_all(dir).map_err(io_err("create the cache", dir))?;
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
         }
         let meta = std::fs::metadata(dir).map_err(io_err("read the cache", dir))?;
         let me = nix::unistd::geteuid().as_raw();
-        let runner_uid = cfg.runner_user.as_ref().map(|u| u.uid);
         let private = meta.uid() == me && meta.mode() & 0o022 == 0 && runner_uid.is_some_and(|u| u != me);
         Ok(Self { dir: dir.to_path_buf(), private })
     }
@@ -701,6 +702,32 @@ mod tests {
         assert!(!same_origin("https://ghe.example.com/api/v3", gh), "a GHES token never reaches github.com");
         assert!(!same_origin("http://127.0.0.1:1/api/v3", "http://127.0.0.1:2/api/releases"), "another port");
         assert!(!same_origin("http://api.github.com", gh), "another scheme");
+    }
+
+    #[test]
+    fn a_cached_checksum_is_believed_only_from_a_cache_no_job_can_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let sha = "c".repeat(64);
+        let me = nix::unistd::geteuid().as_raw();
+        let other = if me == 0 { 65534 } else { me + 1 };
+        let asset = "actions-runner-linux-x64-2.340.0.tar.gz";
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cache = Cache::open(dir.path(), Some(other)).unwrap();
+        cache.remember_sha256(asset, &sha);
+        assert_eq!(cache.trusted_sha256(asset), Some(sha.clone()), "ours, 0755, the runner user another uid");
+        // Everything runs as one user: a job could have written it.
+        assert_eq!(Cache::open(dir.path(), None).unwrap().trusted_sha256(asset), None);
+        assert_eq!(Cache::open(dir.path(), Some(me)).unwrap().trusted_sha256(asset), None);
+        // A group- or world-writable file or cache.
+        std::fs::set_permissions(cache.sha_path(asset), std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(Cache::open(dir.path(), Some(other)).unwrap().trusted_sha256(asset), None);
+        std::fs::set_permissions(cache.sha_path(asset), std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(Cache::open(dir.path(), Some(other)).unwrap().trusted_sha256(asset), None);
+        // Not written either: nothing that could be believed later is left there.
+        std::fs::remove_file(cache.sha_path(asset)).unwrap();
+        Cache::open(dir.path(), Some(other)).unwrap().remember_sha256(asset, &sha);
+        assert!(!cache.sha_path(asset).exists());
     }
 
     #[test]
