@@ -517,12 +517,16 @@ async fn unpack_and_swap(
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(io_err("remove", &staging))?;
     }
-    for d in [&staging, &new] {
-        std::fs::create_dir(d).map_err(io_err("create", d))?;
-        if let Some(u) = &cfg.runner_user {
-            nix::unistd::chown(d, Some(nix::unistd::Uid::from_raw(u.uid)), Some(nix::unistd::Gid::from_raw(u.gid)))
-                .map_err(|e| UpdateError::Io { what: "chown", path: d.to_path_buf(), source: e.into() })?;
-        }
+    // The staging dir is the supervisor's (0755), so that the journal and `old/` in it are
+    // too: RUNNER_DIR is the runner user's, and a job must not be able to plant a journal
+    // that root would follow at the next boot (see `recover`). Only `new/`, where tar
+    // writes, is the runner user's.
+    std::fs::create_dir(&staging).map_err(io_err("create", &staging))?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", &staging))?;
+    std::fs::create_dir(&new).map_err(io_err("create", &new))?;
+    if let Some(u) = &cfg.runner_user {
+        nix::unistd::chown(&new, Some(nix::unistd::Uid::from_raw(u.uid)), Some(nix::unistd::Gid::from_raw(u.gid)))
+            .map_err(|e| UpdateError::Io { what: "chown", path: new.clone(), source: e.into() })?;
     }
     let mut in_new = cfg.clone();
     in_new.runner_dir = new.clone();
@@ -599,32 +603,62 @@ fn swap(dir: &Path, entries: &[String]) -> Result<(), UpdateError> {
 /// a journal is thrown away. Either way the install is whole after this.
 pub fn recover(dir: &Path) -> Result<(), UpdateError> {
     let staging = dir.join(STAGING);
-    if std::fs::symlink_metadata(&staging).is_err() {
-        return Ok(());
-    }
-    match std::fs::read_to_string(staging.join("ready")) {
-        Ok(list) => {
+    let Ok(meta) = std::fs::symlink_metadata(&staging) else { return Ok(()) };
+    // Only a staging dir of our own is believed: one the runner user made (RUNNER_DIR is
+    // theirs) could name any path for root to move.
+    let ours = meta.is_dir() && meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o022 == 0;
+    let journal = if ours { std::fs::read_to_string(staging.join("ready")).ok() } else { None };
+    match journal {
+        Some(list) => {
             let entries: Vec<String> = list.lines().filter(|l| !l.is_empty()).map(str::to_string).collect();
+            if let Some(bad) = entries.iter().find(|e| !plain_name(e)) {
+                return Err(UpdateError::Unpacked(format!(
+                    "the update journal names {bad:?}, not an entry of the install"
+                )));
+            }
             warn!(runner_dir = %dir.display(), "Finishing a runner update that an earlier boot began.");
             swap(dir, &entries)
         }
-        Err(_) => std::fs::remove_dir_all(&staging).map_err(io_err("remove", &staging)),
+        None => {
+            if !ours {
+                warn!(path = %staging.display(), "Removing an update staging dir the supervisor did not make.");
+            }
+            // remove_dir_all removes a symlink itself, never what it points at.
+            std::fs::remove_dir_all(&staging).map_err(io_err("remove", &staging))
+        }
     }
+}
+
+/// One path component, neither `.` nor `..`: an entry at the top of the install.
+fn plain_name(e: &str) -> bool {
+    !e.is_empty() && e != "." && e != ".." && !e.contains('/') && !e.contains('\0')
 }
 
 /// `.updated_at` rewritten, the runner user's, as the original's `date > .updated_at`.
 fn stamp(cfg: &Config) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = cfg.runner_dir.join(UPDATED_AT);
+    let tmp = cfg.runner_dir.join(format!(".updated_at.tmp.{}", suffix()));
     let now =
         time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-    let res = std::fs::write(&path, format!("{now}\n")).and_then(|()| match &cfg.runner_user {
-        Some(u) => {
-            nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(u.uid)), Some(nix::unistd::Gid::from_raw(u.gid)))
-                .map_err(io::Error::from)
-        }
-        None => Ok(()),
-    });
+    // A new file (O_EXCL: never through a symlink the runner user left), chowned by its
+    // descriptor, renamed over the stamp (which replaces a symlink, never its target).
+    let res = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(format!("{now}\n").as_bytes())?;
+            if let Some(u) = &cfg.runner_user {
+                std::os::unix::fs::fchown(&f, Some(u.uid), Some(u.gid))?;
+            }
+            Ok(())
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path));
     if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
         warn!(path = %path.display(), error = %e, "Failed to write the install's update stamp.");
     }
 }
@@ -705,6 +739,31 @@ mod tests {
     }
 
     #[test]
+    fn a_journal_the_supervisor_did_not_write_is_never_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("victim"), "keep").unwrap();
+        std::fs::write(d.join("config.sh"), "install").unwrap();
+        // A journal naming a path outside the install.
+        let staging = d.join(STAGING);
+        std::fs::create_dir_all(staging.join("new")).unwrap();
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let escape = format!("../{}/victim", outside.path().file_name().unwrap().to_string_lossy());
+        std::fs::write(staging.join("ready"), &escape).unwrap();
+        assert!(recover(d).is_err(), "a journal entry that is not a plain name was followed");
+        assert_eq!(std::fs::read_to_string(outside.path().join("victim")).unwrap(), "keep");
+        // A staging dir anyone could have written (here: world-writable) is removed, unread.
+        std::fs::write(staging.join("ready"), "config.sh").unwrap();
+        std::fs::write(staging.join("new/config.sh"), "planted").unwrap();
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o777)).unwrap();
+        recover(d).unwrap();
+        assert_eq!(std::fs::read_to_string(d.join("config.sh")).unwrap(), "install");
+        assert!(!staging.exists());
+    }
+
+    #[test]
     fn a_cached_checksum_is_believed_only_from_a_cache_no_job_can_write() {
         let dir = tempfile::tempdir().unwrap();
         let sha = "c".repeat(64);
@@ -744,6 +803,7 @@ mod tests {
         std::fs::write(new.join("bin/Runner.Listener"), "new").unwrap();
         std::fs::write(new.join("config.sh"), "new").unwrap();
         std::fs::write(d.join(STAGING).join("ready"), "bin\nconfig.sh").unwrap();
+        std::fs::set_permissions(d.join(STAGING), std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::create_dir_all(d.join(STAGING).join("old")).unwrap();
         std::fs::rename(d.join("bin"), d.join(STAGING).join("old/bin")).unwrap();
         std::fs::rename(new.join("bin"), d.join("bin")).unwrap();

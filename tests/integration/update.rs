@@ -133,17 +133,33 @@ fn an_install_below_the_minimum_is_updated_then_registers_every_runner_on_the_ne
     let roots = tempfile::tempdir().unwrap();
     std::fs::set_permissions(roots.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     stamp_fresh(&runner);
+    // Runner 2's root already made from the old install, hard links and all, as the image
+    // lays roots out at build time: the update must not leave it on the old files.
+    let root2 = roots.path().join("runners/2");
+    std::fs::create_dir_all(&root2).unwrap();
+    let linked = Command::new("cp").arg("-al").arg(runner.path().join("bin")).arg(&root2).status().unwrap();
+    assert!(linked.success());
+    for f in ["config.sh", "env.sh", "run.sh", "run-helper.sh.template"] {
+        std::fs::hard_link(runner.path().join(f), root2.join(f)).unwrap();
+    }
+    if runner.user.is_some() {
+        nix::unistd::chown(&root2, Some(nix::unistd::Uid::from_raw(65534)), Some(nix::unistd::Gid::from_raw(65534)))
+            .unwrap();
+    }
     let roots_dir = roots.path().join("runners").display().to_string();
     // 2.336.0 is below this minimum: without the update the boot would end with exit 6.
     let extra = [("RUNNER_MIN_VERSION", "2.338.0"), ("RUNNER_COUNT", "2"), ("RUNNER_ROOTS_DIR", roots_dir.as_str())];
     let mut sup = Supervisor::start(&env_for(&gh, &runner, update_vars(releases.port, cache.path()), &extra));
-    wait_for("2 runners listening", BOOT, || {
+    // Both listening, or one refused (exit 6: an old runner below the minimum).
+    let states = wait_for("2 runners listening, or one failed", BOOT, || {
         let h = sup.health()?;
-        let idle = h["runners"].as_array()?.iter().filter(|r| r["state"] == "idle").count();
-        (idle == 2).then_some(())
+        let states: Vec<String> = h["runners"].as_array()?.iter().map(|r| r["state"].to_string()).collect();
+        let idle = states.iter().filter(|s| *s == "\"idle\"").count();
+        (idle == 2 || states.iter().any(|s| s == "\"failed\"")).then_some(states)
     });
     assert_eq!(version_in(runner.path()), NEW, "the install was not updated");
-    assert_eq!(version_in(&roots.path().join("runners/2")), NEW, "runner 2's root still links the old install");
+    assert_eq!(version_in(&root2), NEW, "runner 2's root still links the old install");
+    assert!(states.iter().all(|s| s == "\"idle\""), "{states:?}");
     // Never a registration before the update decided; the version check saw the new runner.
     let updated = line_of(&sup, "Runner updated at boot.");
     assert!(updated < line_of(&sup, "Runner registered."), "registered before the update:\n{}", sup.log());
