@@ -296,3 +296,23 @@ fn sigterm_during_the_update_stops_the_boot_at_once_with_nothing_registered() {
     assert!(gh.rest_requests("POST", "registration-token").is_empty(), "a token was asked for after the signal");
     assert_eq!(version_in(runner.path()), INSTALLED);
 }
+
+#[test]
+fn a_bad_update_setting_is_exit_3_naming_the_variable_before_any_request() {
+    let (gh, runner, releases) = (FakeGithub::start(), RunnerDir::new(), Releases::start(&[]));
+    let cache = tempfile::tempdir().unwrap();
+    let mut sup = Supervisor::start(&env_for(
+        &gh,
+        &runner,
+        update_vars(releases.port, cache.path()),
+        &[("RUNNER_UPDATE_AFTER_DAYS", "three weeks")],
+    ));
+    let status = sup.wait_exit(BOOT);
+    assert_eq!(status.code(), Some(3), "{}", sup.log());
+    let line = sup.log().lines().find(|l| l.contains("RUNNER_UPDATE_AFTER_DAYS")).map(str::to_string);
+    assert!(line.as_deref().is_some_and(|l| l.contains("a whole number of days")), "{line:?}");
+    // Never a request, a registration or a touched install on a bad configuration.
+    assert!(releases.paths().is_empty(), "{:?}", releases.paths());
+    assert!(gh.rest_requests("POST", "registration-token").is_empty());
+    assert_eq!(version_in(runner.path()), INSTALLED);
+}
