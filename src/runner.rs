@@ -716,6 +716,47 @@ mod tests {
     }
 
     #[test]
+    fn an_unmade_root_is_made_again_from_the_new_install_and_keeps_its_state() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (install, root) = (dir.path().join("install"), dir.path().join("root"));
+        std::fs::create_dir_all(install.join("bin")).unwrap();
+        std::fs::create_dir_all(install.join("externals")).unwrap();
+        std::fs::write(install.join("bin/Runner.Listener"), "old").unwrap();
+        std::fs::write(install.join("config.sh"), "old").unwrap();
+        make_root(&install, &root).unwrap();
+        std::fs::write(root.join(".runner"), "its registration").unwrap();
+        std::fs::create_dir_all(root.join("_work/repo")).unwrap();
+        // The update swaps new files in (new inodes), as `update::swap` does.
+        std::fs::remove_dir_all(install.join("bin")).unwrap();
+        std::fs::create_dir_all(install.join("bin")).unwrap();
+        std::fs::write(install.join("bin/Runner.Listener"), "new").unwrap();
+        std::fs::remove_file(install.join("config.sh")).unwrap();
+        std::fs::write(install.join("config.sh"), "new").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("bin/Runner.Listener")).unwrap(),
+            "old",
+            "the links hold the old files"
+        );
+        unmake_root(&install, &root).unwrap();
+        make_root(&install, &root).unwrap();
+        assert_eq!(std::fs::read_to_string(root.join("bin/Runner.Listener")).unwrap(), "new");
+        assert_eq!(std::fs::read_to_string(root.join("config.sh")).unwrap(), "new");
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(
+            ino(&root.join("bin/Runner.Listener")),
+            ino(&install.join("bin/Runner.Listener")),
+            "linked, not copied"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join(".runner")).unwrap(),
+            "its registration",
+            "the root's state stays"
+        );
+        assert!(root.join("_work/repo").is_dir(), "the work dir stays");
+    }
+
+    #[test]
     fn job_lines_are_parsed() {
         assert_eq!(parse_line("2026-08-17 14:15:44Z: Listening for Jobs"), Some(LineEvent::Listening));
         assert_eq!(
