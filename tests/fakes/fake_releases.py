@@ -10,7 +10,8 @@ Serves what ci-runner's update asks of GitHub (README "Ephemeral runners, JIT an
 - `GET /api/releases/tags/v<version>` -> the release's JSON as the REST API gives it: each file
   of D as an asset with its `digest` ("sha256:<hex>"), and the release notes with the
   `<!-- BEGIN SHA <platform> -->` markers of actions/runner's releaseNote.md.
-`--bad-sha` publishes a wrong checksum (both places); `--hang` answers nothing, ever.
+`--bad-sha` publishes a wrong checksum (both places); `--hang` answers nothing, ever;
+`--stall-download` sends half of a tarball, then nothing.
 Every request is appended to `<P>.requests` as a JSON line {method, path, auth} (`auth`: whether an
 Authorization header came, never its value). Stdlib only.
 """
@@ -34,6 +35,7 @@ def main():
     ap.add_argument("--version", required=True)
     ap.add_argument("--bad-sha", action="store_true")
     ap.add_argument("--hang", action="store_true")
+    ap.add_argument("--stall-download", action="store_true")
     args = ap.parse_args()
     lock = threading.Lock()
     log_path = args.port_file + ".requests"
@@ -83,6 +85,14 @@ def main():
             if m and m.group(1) == v and os.path.isfile(os.path.join(args.dir, m.group(2))):
                 with open(os.path.join(args.dir, m.group(2)), "rb") as f:
                     body = f.read()
+                if args.stall_download and not head:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    time.sleep(3600)
+                    return
                 return self.send(200, body, [("Content-Type", "application/octet-stream")], head)
             if self.path == "/api/releases/tags/v" + v:
                 names = sorted(os.listdir(args.dir))

@@ -316,3 +316,26 @@ fn a_bad_update_setting_is_exit_3_naming_the_variable_before_any_request() {
     assert!(gh.rest_requests("POST", "registration-token").is_empty());
     assert_eq!(version_in(runner.path()), INSTALLED);
 }
+
+#[test]
+fn sigterm_mid_download_leaves_no_torn_tarball_in_the_cache() {
+    let (gh, runner, releases) = (FakeGithub::start(), RunnerDir::new(), Releases::start(&["--stall-download"]));
+    let cache = tempfile::tempdir().unwrap();
+    let mut sup = Supervisor::start(&env_for(&gh, &runner, update_vars(releases.port, cache.path()), &[]));
+    let in_cache = || -> Vec<String> {
+        std::fs::read_dir(cache.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect()
+    };
+    wait_for("half a tarball in the cache", BOOT, || in_cache().iter().any(|n| n.contains(".tmp.")).then_some(()));
+    sup.signal(Signal::SIGTERM);
+    let status = sup.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}\n{}", sup.log());
+    // Never a torn download left for the next boot, never an install touched.
+    assert_eq!(in_cache(), Vec::<String>::new(), "the cache kept a partial download");
+    assert_eq!(version_in(runner.path()), INSTALLED);
+    assert!(!runner.path().join(".ci-runner-update").exists());
+    assert!(gh.rest_requests("POST", "registration-token").is_empty());
+}
