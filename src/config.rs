@@ -192,8 +192,12 @@ pub struct Config {
     pub jit: bool,
     pub no_default_labels: bool,
     pub disable_update: bool,
-    /// `RUNNER_MIN_VERSION`: with updates disabled, an older runner is refused at start.
+    /// `RUNNER_MIN_VERSION`: with updates disabled, an older runner is refused at start
+    /// (after the update at boot, when one ran: the check sees the version it left).
     pub min_version: crate::runner::RunnerVersion,
+    /// `RUNNER_UPDATE_AT_BOOT`: before anything registers, the install is brought to the
+    /// latest release when it is old or below `RUNNER_MIN_VERSION` ([`crate::update`]).
+    pub update: Option<UpdateSettings>,
     pub work_dir: String,
     pub server_url: String,
     pub api_url: String,
@@ -247,6 +251,24 @@ pub struct Config {
     /// have it.
     #[cfg(debug_assertions)]
     pub test_panic_runner: Option<(u32, bool)>,
+}
+
+/// `RUNNER_UPDATE_AT_BOOT` and its settings (README "Ephemeral runners, JIT and updates").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateSettings {
+    /// `RUNNER_UPDATE_AFTER_DAYS`: an install whose `.updated_at` is older than this (or
+    /// missing) is due, as the original's `find -mtime +21`.
+    pub after: Duration,
+    /// `RUNNER_CACHE_DIR`: the downloaded tarballs, kept across boots when it is a volume.
+    pub cache_dir: PathBuf,
+    /// `RUNNER_RELEASES_URL`: `<url>/latest` redirects to the newest tag, and
+    /// `<url>/download/v<ver>/<asset>` serves the tarballs (the web, not the API).
+    pub releases_url: String,
+    /// `RUNNER_RELEASES_API_URL`: `<url>/tags/v<ver>` gives the release's published
+    /// checksums (one REST call, only when no trusted checksum is cached).
+    pub releases_api_url: String,
+    /// `RUNNER_UPDATE_TIMEOUT_SEC`: the whole update's bound; past it the installed runner is used.
+    pub timeout: Duration,
 }
 
 /// The test-only variable of [`Config::test_panic_runner`] (debug builds only).
@@ -775,6 +797,7 @@ impl Config {
                 DEFAULT_MIN_RUNNER_VERSION
             }),
         };
+        let update = update_settings(&mut c);
         let work_dir = c.get("RUNNER_WORKDIR").unwrap_or_else(|| "_work".to_string());
         if work_dir.contains('\n') {
             c.bad("RUNNER_WORKDIR", Some(&work_dir), "a directory path");
@@ -914,6 +937,7 @@ impl Config {
             no_default_labels,
             disable_update,
             min_version,
+            update,
             work_dir,
             server_url,
             api_url,
@@ -976,6 +1000,50 @@ impl Config {
             self.runner_user.as_ref().map(|u| u.name.as_str()).unwrap_or("(self)"),
         )
     }
+}
+
+/// The default of `RUNNER_CACHE_DIR` (the image makes it, root's, 0755: see [`crate::update`]).
+pub const DEFAULT_RUNNER_CACHE_DIR: &str = "/var/cache/ci-runner";
+/// The default of `RUNNER_RELEASES_URL`.
+pub const DEFAULT_RUNNER_RELEASES_URL: &str = "https://github.com/actions/runner/releases";
+/// The default of `RUNNER_RELEASES_API_URL`.
+pub const DEFAULT_RUNNER_RELEASES_API_URL: &str = "https://api.github.com/repos/actions/runner/releases";
+
+/// `RUNNER_UPDATE_AT_BOOT` (default off) and, checked even when it is off, its settings.
+fn update_settings(c: &mut Collector<'_>) -> Option<UpdateSettings> {
+    let on = c.bool("RUNNER_UPDATE_AT_BOOT", false);
+    let days = match c.get("RUNNER_UPDATE_AFTER_DAYS") {
+        None => 21,
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if n <= 3650 => n,
+            _ => {
+                c.bad("RUNNER_UPDATE_AFTER_DAYS", Some(&v), "a whole number of days from 0 to 3650, e.g. 21");
+                21
+            }
+        },
+    };
+    let cache_dir = PathBuf::from(c.get("RUNNER_CACHE_DIR").unwrap_or_else(|| DEFAULT_RUNNER_CACHE_DIR.to_string()));
+    if !cache_dir.is_absolute() {
+        let shown = cache_dir.display().to_string();
+        c.bad("RUNNER_CACHE_DIR", Some(&shown), "an absolute directory path, e.g. /var/cache/ci-runner");
+    }
+    let url = |c: &mut Collector<'_>, var: &'static str, default: &str| {
+        let v = strip_slash(&c.get(var).unwrap_or_else(|| default.to_string()));
+        if let Err(why) = github_url(&v) {
+            c.bad(var, Some(&v), format!("an http(s) URL, e.g. {default}: {why}"));
+        }
+        v
+    };
+    let releases_url = url(c, "RUNNER_RELEASES_URL", DEFAULT_RUNNER_RELEASES_URL);
+    let releases_api_url = url(c, "RUNNER_RELEASES_API_URL", DEFAULT_RUNNER_RELEASES_API_URL);
+    let timeout = c.positive_seconds("RUNNER_UPDATE_TIMEOUT_SEC", 300, 3600);
+    on.then(|| UpdateSettings {
+        after: Duration::from_secs(days * 86_400),
+        cache_dir,
+        releases_url,
+        releases_api_url,
+        timeout,
+    })
 }
 
 /// `RUNNER_JIT`: unset, JIT for ephemeral runners whenever the credentials can mint a JIT
@@ -2128,6 +2196,53 @@ c2VjcmV0LWJ5dGVz
         assert_eq!(cfg.min_version, RunnerVersion(2, 340, 1));
         let e = load(&[GOOD, &[("RUNNER_MIN_VERSION", "latest")]].concat(), false).unwrap_err();
         assert_eq!(vars_of(&e), ["RUNNER_MIN_VERSION"]);
+    }
+
+    #[test]
+    fn update_at_boot_is_off_by_default_and_every_setting_is_checked() {
+        assert_eq!(load(GOOD, false).unwrap().update, None);
+        let on = load(&[GOOD, &[("RUNNER_UPDATE_AT_BOOT", "yes")]].concat(), false).unwrap().update.unwrap();
+        assert_eq!(on.after, Duration::from_secs(21 * 86_400), "21 days, as the original's hook 03");
+        assert_eq!(on.cache_dir, PathBuf::from(DEFAULT_RUNNER_CACHE_DIR));
+        assert_eq!(on.releases_url, DEFAULT_RUNNER_RELEASES_URL);
+        assert_eq!(on.releases_api_url, DEFAULT_RUNNER_RELEASES_API_URL);
+        assert_eq!(on.timeout, Duration::from_secs(300));
+        let set = [
+            ("RUNNER_UPDATE_AT_BOOT", "1"),
+            ("RUNNER_UPDATE_AFTER_DAYS", "0"),
+            ("RUNNER_CACHE_DIR", "/cache"),
+            ("RUNNER_RELEASES_URL", "http://127.0.0.1:9/r/"),
+            ("RUNNER_UPDATE_TIMEOUT_SEC", "5"),
+        ];
+        let s = load(&[GOOD, &set].concat(), false).unwrap().update.unwrap();
+        assert_eq!(
+            (s.after, s.cache_dir, s.releases_url.as_str()),
+            (Duration::ZERO, "/cache".into(), "http://127.0.0.1:9/r")
+        );
+        // Checked even when off: a typo must not wait for the day it is turned on.
+        let bad = [
+            ("RUNNER_UPDATE_AT_BOOT", "sometimes"),
+            ("RUNNER_UPDATE_AFTER_DAYS", "-1"),
+            ("RUNNER_CACHE_DIR", "cache"),
+            ("RUNNER_RELEASES_URL", "ftp://x"),
+            ("RUNNER_RELEASES_API_URL", "not a url"),
+            ("RUNNER_UPDATE_TIMEOUT_SEC", "0"),
+        ];
+        let e = load(&[GOOD, &bad].concat(), false).unwrap_err();
+        assert_eq!(
+            vars_of(&e),
+            [
+                "RUNNER_UPDATE_AT_BOOT",
+                "RUNNER_UPDATE_AFTER_DAYS",
+                "RUNNER_CACHE_DIR",
+                "RUNNER_RELEASES_URL",
+                "RUNNER_RELEASES_API_URL",
+                "RUNNER_UPDATE_TIMEOUT_SEC"
+            ]
+        );
+        let text = e.0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n");
+        assert!(text.contains("a whole number of days"), "{text}");
+        assert!(text.contains("an absolute directory path"), "{text}");
     }
 
     #[test]

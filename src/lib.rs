@@ -13,6 +13,7 @@
 //!   delete runners) with retries, authenticated by a PAT or a GitHub App's installation tokens.
 //! - [`app`]: GitHub App authentication: the private key, the RS256 JWT, token lifetimes.
 //! - [`runner`]: `config.sh` and `run.sh` as processes, their output lines, their files.
+//! - [`update`]: the runner brought to the latest release at boot, verified, cached, swapped in whole.
 //! - [`supervisor`]: one runner's life: register, supervise, drain, de-register; the exit table.
 //! - [`runners`]: the container's runners: the shared boot, one supervisor each, signals fanned out.
 //! - [`admin`]: the authenticated admin API: list, add and remove runners.
@@ -53,6 +54,7 @@ pub mod runners;
 pub mod secrets;
 pub mod status;
 pub mod supervisor;
+pub mod update;
 
 /// A unit test's prerequisite is missing (root, a tool): the test fails, saying how to get it,
 /// unless `CI_RUNNER_TEST_SKIP` (comma-separated) lists `what` or `all`; then it says it skips

@@ -156,7 +156,7 @@ pub enum RunnerError {
         #[source]
         source: io::Error,
     },
-    #[error("the runner in RUNNER_DIR is version {found}, older than RUNNER_MIN_VERSION {min} (GitHub's minimum to register), and it may not update itself (RUNNER_DISABLE_UPDATE=true): rebuild the image with a newer runner")]
+    #[error("the runner in RUNNER_DIR is version {found}, older than RUNNER_MIN_VERSION {min} (GitHub's minimum to register), and it may not update itself (RUNNER_DISABLE_UPDATE=true): rebuild the image with a newer runner, or set RUNNER_UPDATE_AT_BOOT=true")]
     TooOld { found: RunnerVersion, min: RunnerVersion },
 }
 
@@ -252,7 +252,7 @@ pub(crate) fn identity(user: &RunnerUser) -> Identity {
 
 /// A command for the runner user: its own process group, a clean signal mask and default
 /// dispositions, the scrubbed environment, stdin from /dev/null, output piped.
-fn command(cfg: &Config, program: &Path, extra_env: &[(&str, &str)]) -> Command {
+pub(crate) fn command(cfg: &Config, program: &Path, extra_env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(program);
     cmd.current_dir(&cfg.runner_dir)
         .env_clear()
@@ -619,6 +619,29 @@ pub fn make_root(install: &Path, root: &Path) -> io::Result<RootMade> {
     Ok(made)
 }
 
+/// Undoes [`make_root`] in `root` after the install changed (the update at boot): every entry
+/// named as one of the install's shared ones goes (its hard links hold the old files), so that
+/// [`make_root`] makes them again; the root's own state (`.runner`, `_work`, `_diag` …) stays.
+pub fn unmake_root(install: &Path, root: &Path) -> io::Result<()> {
+    if !root.join("bin").exists() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(install)? {
+        let name = entry?.file_name();
+        let name_str = name.to_string_lossy();
+        if name_str.starts_with('.') || name_str.starts_with('_') {
+            continue;
+        }
+        let path = root.join(&name);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path)?,
+            Ok(_) => std::fs::remove_file(&path)?,
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// `from`'s tree again at `to`: directories made, files hard-linked (copied across
 /// filesystems), symlinks recreated.
 fn link_tree(from: &Path, to: &Path, made: &mut RootMade) -> io::Result<()> {
@@ -690,6 +713,47 @@ mod tests {
         assert!(!root.join(".runner").exists() && !root.join("_diag").exists(), "no state is carried over");
         // Again on the same root: nothing to do.
         assert_eq!(make_root(&install, &root).unwrap(), RootMade::default());
+    }
+
+    #[test]
+    fn an_unmade_root_is_made_again_from_the_new_install_and_keeps_its_state() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (install, root) = (dir.path().join("install"), dir.path().join("root"));
+        std::fs::create_dir_all(install.join("bin")).unwrap();
+        std::fs::create_dir_all(install.join("externals")).unwrap();
+        std::fs::write(install.join("bin/Runner.Listener"), "old").unwrap();
+        std::fs::write(install.join("config.sh"), "old").unwrap();
+        make_root(&install, &root).unwrap();
+        std::fs::write(root.join(".runner"), "its registration").unwrap();
+        std::fs::create_dir_all(root.join("_work/repo")).unwrap();
+        // The update swaps new files in (new inodes), as `update::swap` does.
+        std::fs::remove_dir_all(install.join("bin")).unwrap();
+        std::fs::create_dir_all(install.join("bin")).unwrap();
+        std::fs::write(install.join("bin/Runner.Listener"), "new").unwrap();
+        std::fs::remove_file(install.join("config.sh")).unwrap();
+        std::fs::write(install.join("config.sh"), "new").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("bin/Runner.Listener")).unwrap(),
+            "old",
+            "the links hold the old files"
+        );
+        unmake_root(&install, &root).unwrap();
+        make_root(&install, &root).unwrap();
+        assert_eq!(std::fs::read_to_string(root.join("bin/Runner.Listener")).unwrap(), "new");
+        assert_eq!(std::fs::read_to_string(root.join("config.sh")).unwrap(), "new");
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(
+            ino(&root.join("bin/Runner.Listener")),
+            ino(&install.join("bin/Runner.Listener")),
+            "linked, not copied"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join(".runner")).unwrap(),
+            "its registration",
+            "the root's state stays"
+        );
+        assert!(root.join("_work/repo").is_dir(), "the work dir stays");
     }
 
     #[test]

@@ -370,6 +370,13 @@ impl Runners {
             info!("Stopped during boot: nothing was registered.");
             return Ok(ExitCode::Ok);
         }
+        // After the root hooks (they may bring up the network), before any runner is prepared:
+        // every root is made from the install as the update left it, and the version check
+        // (RUNNER_MIN_VERSION) sees the version it left.
+        if !self.update_runner().await {
+            info!("Stopped during boot: nothing was registered.");
+            return Ok(ExitCode::Ok);
+        }
         // After the root hooks (they may bring up what reaches the storage host), before the
         // guest hooks and registration, which go on while it loads.
         let mut sups = Vec::new();
@@ -709,6 +716,38 @@ impl Runners {
         }
     }
 
+    /// `RUNNER_UPDATE_AT_BOOT`: the install brought to the latest release, once per container
+    /// ([`crate::update`]; a failure is a WARN and the installed runner runs). The roots of
+    /// further runners, made from the old install, are unmade so that they are made again.
+    /// Returns false when a signal came first (the update is dropped: its children are
+    /// killed, and a swap never stops halfway, see [`crate::update::recover`]).
+    async fn update_runner(&mut self) -> bool {
+        let Some(settings) = self.cfg.update.clone() else {
+            // A swap an earlier boot began is finished even with the update now off: the
+            // install is never left mixed.
+            if let Err(e) = crate::update::recover(&self.cfg.runner_dir) {
+                warn!(error = %chain(&e), "Failed to finish an earlier runner update.");
+            }
+            return true;
+        };
+        self.status.set_state(State::Starting);
+        let outcome = tokio::select! {
+            o = crate::update::at_boot(&self.cfg, &settings) => o,
+            Some(sig) = self.signals.recv() => {
+                info!(signal = ?sig, "Signal received during the runner update.");
+                return false;
+            }
+        };
+        if matches!(outcome, crate::update::Outcome::Updated { .. }) {
+            for root in existing_roots(&self.cfg.roots_dir) {
+                if let Err(e) = runner::unmake_root(&self.cfg.runner_dir, &root) {
+                    warn!(root = %root.display(), error = %e, "Failed to clear a runner root of the old install.");
+                }
+            }
+        }
+        true
+    }
+
     /// The container's API client, when its credentials can call the API.
     fn github(&mut self) -> Result<Option<Github>, Error> {
         if self.github.is_none() {
@@ -782,6 +821,20 @@ async fn panic_once(sup: Supervisor, slot: RegistrationSlot, status: StatusHandl
         rc = sup.run() => rc,
         () = reached => panic!("{} is set: this runner's task panics now (a test hook)", config::TEST_PANIC_VAR),
     }
+}
+
+/// The runner roots already under `RUNNER_ROOTS_DIR`: `<n>` for `RUNNER_COUNT`, `api/<name>`
+/// for runners added over the admin API.
+fn existing_roots(roots_dir: &Path) -> Vec<PathBuf> {
+    let list = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect()
+    };
+    let mut roots: Vec<PathBuf> = list(roots_dir)
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().bytes().all(|b| b.is_ascii_digit())))
+        .collect();
+    roots.extend(list(&roots_dir.join("api")));
+    roots
 }
 
 /// A work dir of its own for a further runner: the runner user's, 0700.

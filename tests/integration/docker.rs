@@ -373,7 +373,7 @@ fn compose_scales_to_three_distinct_runners_and_down_leaves_none() {
     struct Down<'a>(&'a Path, &'a str);
     impl Drop for Down<'_> {
         fn drop(&mut self) {
-            let _ = compose(self.0, self.1, &["down", "-t", "60"]);
+            let _ = compose(self.0, self.1, &["down", "-v", "-t", "60"]);
         }
     }
     let _down = Down(dir.path(), &project);
@@ -382,7 +382,7 @@ fn compose_scales_to_three_distinct_runners_and_down_leaves_none() {
     let names = wait_online(&gh, 3);
     let distinct: std::collections::HashSet<_> = names.iter().collect();
     assert_eq!(distinct.len(), 3, "names collide: {names:?}");
-    let down = compose(dir.path(), &project, &["down", "-t", "60"]);
+    let down = compose(dir.path(), &project, &["down", "-v", "-t", "60"]);
     assert!(down.status.success(), "compose down failed: {}", String::from_utf8_lossy(&down.stderr));
     assert!(gh.runners().is_empty(), "runners left registered after down: {:?}", gh.runners());
 }

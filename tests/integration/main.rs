@@ -21,3 +21,4 @@ mod pid1;
 mod prewarm;
 mod scenarios;
 mod store;
+mod update;
