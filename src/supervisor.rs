@@ -124,6 +124,7 @@ pub struct Supervisor {
 struct PrewarmTask {
     result: tokio::sync::oneshot::Receiver<Result<prewarm::Loaded, prewarm::PrewarmError>>,
     gate: Arc<prewarm::Gate>,
+    progress: Arc<prewarm::Progress>,
     started: Instant,
     deadline: Instant,
 }
@@ -264,24 +265,26 @@ impl Supervisor {
     pub fn start_prewarm(&mut self) {
         let Some(settings) = self.cfg.prewarm.clone() else { return };
         let gate = Arc::new(prewarm::Gate::default());
+        let progress = Arc::new(prewarm::Progress::default());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let started = Instant::now();
         let deadline = crate::config::limits::later_tokio(started, settings.timeout);
         let host = format!("{}:{}", settings.host.host, settings.host.port);
         let thread_gate = gate.clone();
+        let thread_progress = progress.clone();
         let span = tracing::info_span!("prewarm");
         let spawned = std::thread::Builder::new().name("prewarm".into()).spawn(move || {
             let _span = span.enter();
-            let _ = tx.send(prewarm::load(&settings, &thread_gate));
+            let _ = tx.send(prewarm::load(&settings, &thread_gate, &thread_progress));
         });
         if let Err(e) = spawned {
             warn!(error = %e, "Failed to start the pre-warm; starting cold.");
             return;
         }
         info!(host = %host, "Pre-warming the work dir from ci-storage.");
-        self.status
-            .update(|s| s.prewarm = Some(crate::status::PrewarmStatus { outcome: "running", ..Default::default() }));
-        self.prewarm = Some(PrewarmTask { result: rx, gate, started, deadline });
+        let running = crate::status::PrewarmStatus::running(progress.clone(), started.into_std());
+        self.status.update(|s| s.prewarm = Some(running));
+        self.prewarm = Some(PrewarmTask { result: rx, gate, progress, started, deadline });
     }
 
     /// Waits for the pre-warm before the runner may take a job: it ends warm, cold (no slot,
@@ -310,21 +313,26 @@ impl Supervisor {
             None => task.result.await.unwrap_or(Err(prewarm::PrewarmError::Cancelled)),
         };
         let seconds = task.started.elapsed().as_secs_f64();
+        let done = task.progress.snapshot();
         let st = match outcome {
             Ok(l) => {
                 match &l.slot {
                     Some(slot) => {
-                        info!(slot = %slot, files = l.files, bytes = l.bytes, seconds = format!("{seconds:.2}"), "Work dir pre-warmed.")
+                        info!(slot = %slot, files = done.files, bytes = done.bytes, received_bytes = l.bytes, seconds = format!("{seconds:.2}"), "Work dir pre-warmed.")
                     }
                     None => info!("Nothing to pre-warm from; the runner starts cold."),
                 }
                 crate::status::PrewarmStatus {
                     outcome: if l.slot.is_some() { "warm" } else { "cold" },
                     slot: l.slot,
-                    files: l.files,
-                    bytes: l.bytes,
+                    files: done.files,
+                    bytes: done.bytes,
+                    total_files: done.totals.map(|t| t.0),
+                    total_bytes: done.totals.map(|t| t.1),
+                    rate_bytes_per_sec: (seconds > 0.0).then(|| (done.bytes as f64 / seconds).round()),
+                    received_bytes: l.bytes,
                     seconds,
-                    error: None,
+                    ..Default::default()
                 }
             }
             Err(e) => {
@@ -337,7 +345,10 @@ impl Supervisor {
                 }
             }
         };
-        self.status.update(|s| s.prewarm = Some(st));
+        self.status.update(|s| {
+            s.prewarm = Some(st);
+            s.boot.prewarm_seconds = Some(seconds);
+        });
         Ok(())
     }
 
