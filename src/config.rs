@@ -1380,7 +1380,7 @@ fn prewarm_settings(
     let progress_every = match c.get("CI_STORAGE_PROGRESS_SEC") {
         None => Some(Duration::from_secs_f64(DEFAULT_STORAGE_PROGRESS_SEC)),
         Some(v) => match v.parse::<f64>() {
-            Ok(n) if n == 0.0 => None,
+            Ok(0.0) => None,
             Ok(n) if (0.1..=3600.0).contains(&n) => Some(Duration::from_secs_f64(n)),
             _ => {
                 c.bad(

@@ -589,7 +589,7 @@ fn a_prewarm_of_100k_files_shows_its_progress_in_the_log_and_on_health_while_it_
     // a tmpfs of their own (the original image's advice for the work dir, too).
     let st = storage(&runner);
     let _slots = Tmpfs::mount(&st.dir, "size=1g,mode=0755");
-    let _work = Tmpfs::mount(&st.local.parent().unwrap().parent().unwrap().to_path_buf(), "size=1g,mode=1777");
+    let _work = Tmpfs::mount(st.local.parent().unwrap().parent().unwrap(), "size=1g,mode=1777");
     const FILES: u64 = 100_000;
     let made = std::time::Instant::now();
     let bytes = build_many(&st.dir.join("1"), FILES as u32);
