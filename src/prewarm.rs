@@ -226,7 +226,7 @@ pub struct Progress {
     bytes: AtomicU64,
     total_files: AtomicU64,
     total_bytes: AtomicU64,
-    /// The totals are known (the storage host sent them with stream 0's listing).
+    /// The totals are known (the storage host sent them with the last stream's listing).
     totals: AtomicBool,
 }
 
@@ -714,8 +714,8 @@ fn stream(
         .map_err(|e| ssh_err("start the load on the storage host", host, e))?;
     let (mut header, mut rest) = read_header(s, &mut channel, Vec::new(), header_end, gate, deadline)?;
     let (slots, chosen) = parse_header(&String::from_utf8_lossy(&header));
-    if i == 0 && slot.is_none() && chosen.is_some() {
-        // Stream 0 follows the chosen line with the slot's totals, for the progress's ETA.
+    if i + 1 == k && chosen.is_some() {
+        // The last stream follows the chosen line with the slot's totals, for the ETA.
         let (line, after) = read_header(s, &mut channel, rest, line_end, gate, deadline)?;
         match parse_totals(&String::from_utf8_lossy(&line)) {
             Some((files, bytes)) => shared.progress.set_totals(files, bytes),
@@ -790,7 +790,7 @@ fn stream(
 
 /// Reads what the remote command sends before the archive, after `buf` (already read), up
 /// to where `end` says it ends: the listing that every stream starts with, up to its last
-/// line (a tab, then the chosen slot's id or nothing, [`header_end`]), or stream 0's totals
+/// line (a tab, then the chosen slot's id or nothing, [`header_end`]), or the last stream's totals
 /// line ([`line_end`]). Returns it and the archive bytes read past it.
 fn read_header(
     s: &Settings,
@@ -847,7 +847,7 @@ fn line_end(buf: &[u8]) -> Option<usize> {
     buf.iter().position(|&b| b == b'\n').map(|nl| nl + 1)
 }
 
-/// Stream 0's totals line, `<TAB><TAB>files<TAB>bytes`.
+/// The last stream's totals line, `<TAB><TAB>files<TAB>bytes`.
 fn parse_totals(line: &str) -> Option<(u64, u64)> {
     let rest = line.trim_end_matches('\n').strip_prefix("\t\t")?;
     let (files, bytes) = rest.split_once('\t')?;
@@ -1046,10 +1046,12 @@ fn sh_quote(s: &str) -> String {
 /// 3. GNU tar of this stream's share as a POSIX (pax) archive: every `k`-th of the slot's
 ///    entries that are not directories, in `find` order (no side stats a file to split the
 ///    work; every stream computes the same split); stream 0 sends all the directories first.
-///    Stream 0 walks the whole slot before its archive starts (the others wait for its
-///    directories anyway) and sends `<TAB><TAB>files<TAB>bytes` first: the slot's entries
-///    other than directories and the bytes of its files, from the same walk, for the
-///    progress's ETA (no second walk, and nothing on the storage host but this command).
+///    The last stream walks the whole slot before its archive starts and sends
+///    `<TAB><TAB>files<TAB>bytes` first: the slot's entries other than directories and the
+///    bytes of its files, from the same walk, for the progress's ETA. Only its walk stats
+///    each file (the others' `find` reads the types from the directories), and it is off
+///    the critical path: no stream's files can be unpacked before stream 0's directories
+///    have come, which is when stream 0's own walk is over.
 ///
 /// perl is what ci-storage needs on the storage host anyway; the shell the storage user's
 /// login runs starts once per stream, and the streams start together.
@@ -1065,18 +1067,20 @@ if ($want ne "" ? $n eq $want : ($age < $limit && (!defined $best || $age < $bes
 print "\t", $best // "", "\n"; exit 0 unless defined $best;
 chdir "$d/$best" or die "failed to enter $d/$best: $!\n";
 if ($i == 0) { utime(undef, undef, ".") or die "failed to touch $d/$best: $!\n"; }
-open(my $find, "-|", "find", ".", "-printf", '%y%s %p\0') or die "failed to start find: $!\n";
+my $last = $i == $k - 1;
+open(my $find, "-|", "find", ".", "-printf", $last ? '%y%s %p\0' : '%y0 %p\0') or die "failed to start find: $!\n";
 my @tar = ("tar", "--format=posix", "--pax-option=delete=atime,delete=ctime", "--exclude=.ci-storage.meta",
 "--numeric-owner", "--null", "--no-recursion", "--hard-dereference", "-cf", "-", "-T", "-"); my $tar;
-if ($i > 0) { open($tar, "|-", @tar) or die "failed to start tar: $!\n"; }
+unless ($last) { open($tar, "|-", @tar) or die "failed to start tar: $!\n"; }
 $/ = "\0"; my ($seen, $files, $bytes) = (0, 0, 0); my (@dirs, @mine); while (my $e = <$find>) { chomp $e;
 my ($y, $size, $path) = $e =~ /\A(.)(\d+) (.*)\z/s or die "find printed $e\n";
 next if $path =~ m{(?:\A|/)\.ci-storage\.meta(?:/|\z)};
-if ($y eq "d") { push @dirs, $path if $i == 0; next; } $files++; $bytes += $size if $y eq "f";
-if ($seen++ % $k == $i) { if ($i == 0) { push @mine, $path; } else { print $tar "$path\0"; } } }
+if ($y eq "d") { if ($i == 0) { if ($last) { push @dirs, $path; } else { print $tar "$path\0"; } } next; }
+$files++; $bytes += $size if $y eq "f";
+if ($seen++ % $k == $i) { if ($i == 0 || $last) { push @mine, $path; } else { print $tar "$path\0"; } } }
 close $find or die "find failed\n";
-if ($i == 0) { print "\t\t$files\t$bytes\n"; open($tar, "|-", @tar) or die "failed to start tar: $!\n"; print $tar "$_\0" for @dirs, @mine; }
-close $tar or die "tar failed\n";"#;
+if ($last) { print "\t\t$files\t$bytes\n"; open($tar, "|-", @tar) or die "failed to start tar: $!\n"; print $tar "$_\0" for @dirs; }
+print $tar "$_\0" for @mine; close $tar or die "tar failed\n";"#;
     format!(
         "perl -we {} {} {} {k} {i} {}",
         sh_quote(SCRIPT),
@@ -1649,7 +1653,7 @@ mod tests {
     }
 
     #[test]
-    fn stream_0_sends_the_slots_totals_after_the_listing() {
+    fn the_last_stream_sends_the_slots_totals_after_the_listing() {
         assert_eq!(parse_totals("\t\t100000\t1073741824\n"), Some((100_000, 1_073_741_824)));
         assert_eq!(parse_totals("\t\t0\t0\n"), Some((0, 0)));
         // Never taken from anything else: an archive's first bytes, a slot id line, junk.
