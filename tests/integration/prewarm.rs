@@ -330,6 +330,8 @@ fn prewarm_loads_the_newest_slot_exactly_as_rsync_would_before_the_runner_listen
     let health = sup.health().unwrap();
     assert_eq!(health["prewarm"]["outcome"], "warm", "{health}");
     assert_eq!(health["prewarm"]["slot"], "200", "{health}");
+    // /health may say idle a moment before the log capture has the line (seen under load).
+    sup.wait_log("Listening for Jobs", BOOT);
     let warmed = log_index(&sup, "Work dir pre-warmed.").expect("no pre-warm line");
     let listening = log_index(&sup, "Listening for Jobs").expect("no Listening line");
     assert!(warmed < listening, "the runner listened before the work dir was warm:\n{}", sup.log());
