@@ -1073,8 +1073,8 @@ my @tar = ("tar", "--format=posix", "--pax-option=delete=atime,delete=ctime", "-
 "--numeric-owner", "--null", "--no-recursion", "--hard-dereference", "-cf", "-", "-T", "-"); my $tar;
 unless ($last) { open($tar, "|-", @tar) or die "failed to start tar: $!\n"; }
 $/ = "\0"; my ($seen, $files, $bytes) = (0, 0, 0); my (@dirs, @mine); while (my $e = <$find>) { chomp $e;
-my ($y, $size, $path) = $e =~ /\A(.)(\d+) (.*)\z/s or die "find printed $e\n";
-next if $path =~ m{(?:\A|/)\.ci-storage\.meta(?:/|\z)};
+my $sp = index($e, " "); my ($y, $size, $path) = (substr($e, 0, 1), substr($e, 1, $sp - 1), substr($e, $sp + 1));
+next if substr($path, -17) eq "/.ci-storage.meta";
 if ($y eq "d") { if ($i == 0) { if ($last) { push @dirs, $path; } else { print $tar "$path\0"; } } next; }
 $files++; $bytes += $size if $y eq "f";
 if ($seen++ % $k == $i) { if ($i == 0 || $last) { push @mine, $path; } else { print $tar "$path\0"; } } }
