@@ -18,6 +18,10 @@
 //! How it is safe: the tree is built in a hidden sibling of the work dir and renamed into place
 //! only when the archive and the remote tar both ended cleanly; any failure, a timeout or a
 //! signal removes it, and the runner starts cold with an empty work dir.
+//!
+//! How it is visible (issue #17): the writers count entries and bytes in a [`Progress`]
+//! (atomics, no lock); the last stream's remote walk sends the slot's totals before its
+//! archive; a thread logs a line every `progress_every`, and `/health` reads the counters.
 
 use std::collections::HashSet;
 use std::ffi::CString;
