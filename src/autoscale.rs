@@ -1,7 +1,8 @@
 //! The autoscaling signals, all from the supervisor's own busy/idle state (no GitHub call):
 //! - CloudWatch: this container's share of busy runners (100 or 0) under shared dimensions, so
 //!   that the Average over a pool's containers is its `ActiveRunnersPercent`; sent at once on
-//!   every change, plus a heartbeat on wall-clock multiples of the interval; the boot phases once.
+//!   every change, plus a heartbeat on wall-clock multiples of the interval; the boot phases once;
+//!   with `BTIME`, the original image's boot and uptime figures every minute (its guest hook 98).
 //! - ECS task scale-in protection, on while a job runs, refreshed before it expires.
 //! - The spot interruption notice on the instance metadata service, which starts the drain.
 //!
@@ -162,6 +163,129 @@ pub fn backoff(failures: u32) -> Duration {
     Duration::from_secs(1u64 << failures.min(6)).min(MAX_BACKOFF)
 }
 
+/// The namespace the original image's boot figures go to, so that they appear on the EC2
+/// instance's Monitoring tab beside the CloudWatch agent's.
+pub const CWAGENT_NAMESPACE: &str = "CWAgent";
+/// How often the boot and uptime figures are sent (the original's hook 98 loop).
+pub const BOOT_FIGURES_EVERY: Duration = Duration::from_secs(60);
+
+/// The original image's boot and uptime figures (its guest hook 98) at `now`, for a host booted
+/// at `btime` (Unix seconds), a container started at `started`, whose runner first listened
+/// `listening` seconds after that; whole seconds, as the original's.
+/// Returns those for [`CWAGENT_NAMESPACE`] (`DockerBootSec`: host boot → container start;
+/// `RunnerBootSec`: container start → the runner listening) and those for the busy share's
+/// namespace (`InstanceUptimeSec`, `RunnerUptimeSec`). The original took `RunnerBootSec` from
+/// `/proc/uptime`, the container's own only under sysbox (under runc it is the host's, which
+/// made `DockerBootSec` about 0): here both count from the container's start.
+pub fn boot_figures(btime: u64, started: SystemTime, listening: f64, now: SystemTime) -> (Vec<Datum>, Vec<Datum>) {
+    let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let datum = |name: &str, v: u64| Datum { name: name.to_string(), value: v as f64, unit: "None", at: now };
+    let runner_boot = listening.max(0.0).floor() as u64;
+    let docker_boot = unix(started).saturating_sub(btime);
+    let agent = vec![datum("DockerBootSec", docker_boot), datum("RunnerBootSec", runner_boot)];
+    let ours = vec![
+        datum("InstanceUptimeSec", unix(now).saturating_sub(btime)),
+        datum("RunnerUptimeSec", now.duration_since(started).map(|d| d.as_secs()).unwrap_or(0)),
+    ];
+    (agent, ours)
+}
+
+/// What the boot figures' loop needs, found by the CloudWatch task.
+struct BootFigures {
+    settings: AutoscaleSettings,
+    imds: Option<Arc<Imds>>,
+    region: String,
+    endpoint: String,
+    credentials: Arc<CredentialChain>,
+    btime: u64,
+    started: SystemTime,
+}
+
+impl BootFigures {
+    /// The dimensions the original gave them: `Region`, the scope, `GH_LABEL`, `InstanceId`.
+    fn dimensions(&self, instance: &str) -> Vec<(String, String)> {
+        let mut dims = vec![("Region".to_string(), self.region.clone())];
+        dims.extend(self.settings.boot_dimensions.iter().cloned());
+        dims.push(("InstanceId".to_string(), instance.to_string()));
+        dims
+    }
+
+    fn client(&self, namespace: &str, instance: &str) -> CloudWatch {
+        CloudWatch {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            namespace: namespace.to_string(),
+            dimensions: self.dimensions(instance),
+            storage_resolution: 1,
+            credentials: self.credentials.clone(),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(15))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Once the runner first listens, then every [`BOOT_FIGURES_EVERY`]; only on EC2 (the
+    /// figures are per instance), failures logged and otherwise ignored, as the original did.
+    async fn publish(self, mut status: watch::Receiver<Status>, cancel: CancellationToken) {
+        let instance = match &self.imds {
+            Some(imds) => tokio::select! {
+                r = imds.get("meta-data/instance-id") => r.ok().flatten().map(|id| id.trim().to_string()),
+                () = cancel.cancelled() => return,
+            },
+            None => None,
+        };
+        let Some(instance) = instance.filter(|id| !id.is_empty()) else {
+            info!("BTIME is set, but the boot and uptime figures are off: no EC2 instance id on the instance metadata service.");
+            return;
+        };
+        let listening = loop {
+            if let Some(l) = status.borrow_and_update().boot.listening_seconds {
+                break l;
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = status.changed() => if changed.is_err() { return },
+            }
+        };
+        let agent = self.client(CWAGENT_NAMESPACE, &instance);
+        let ours = self.client(&self.settings.namespace, &instance);
+        info!(
+            instance = %instance,
+            agent_namespace = CWAGENT_NAMESPACE,
+            namespace = %self.settings.namespace,
+            dimensions = ?agent.dimensions,
+            "Publishing the boot and uptime figures (BTIME) every minute."
+        );
+        let mut failures = 0u32;
+        loop {
+            let (for_agent, for_ours) = boot_figures(self.btime, self.started, listening, SystemTime::now());
+            for (cw, data) in [(&agent, for_agent), (&ours, for_ours)] {
+                let sent = tokio::select! {
+                    r = cw.put(&data) => r,
+                    () = cancel.cancelled() => return,
+                };
+                match sent {
+                    Ok(()) => failures = 0,
+                    Err(e) if failures == 0 => {
+                        failures += 1;
+                        warn!(error = %crate::error::chain(&e), namespace = %cw.namespace, "Failed to publish the boot figures; trying again in a minute (the runner is unaffected).");
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        debug!(error = %crate::error::chain(&e), namespace = %cw.namespace, "The boot figures still fail.");
+                    }
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(BOOT_FIGURES_EVERY) => {}
+            }
+        }
+    }
+}
+
 /// Sends datapoints in order and keeps them through an outage; one WARN per outage.
 struct Sender {
     cw: CloudWatch,
@@ -235,7 +359,7 @@ async fn publish(
         off("no AWS region: AWS_REGION unset, no ECS task metadata, no instance metadata");
         return;
     };
-    let chain = Arc::new(CredentialChain::new(settings.aws.clone(), imds));
+    let chain = Arc::new(CredentialChain::new(settings.aws.clone(), imds.clone()));
     let first = tokio::select! {
         c = chain.get() => c,
         () = cancel.cancelled() => return,
@@ -245,6 +369,20 @@ async fn publish(
         return;
     }
     let endpoint = settings.aws.cloudwatch_url.clone().unwrap_or_else(|| CloudWatch::default_endpoint(&region));
+    if let (Some(btime), Some(started)) = (settings.btime, settings.started) {
+        let figures = BootFigures {
+            settings: settings.clone(),
+            imds: imds.clone(),
+            region: region.clone(),
+            endpoint: endpoint.clone(),
+            credentials: chain.clone(),
+            btime,
+            started,
+        };
+        tokio::spawn(
+            figures.publish(status.clone(), cancel.clone()).instrument(tracing::info_span!("cloudwatch_boot")),
+        );
+    }
     info!(
         endpoint = %endpoint,
         region = %region,
@@ -513,7 +651,7 @@ mod tests {
         let mut p = Publisher::new("M");
         let t = SystemTime::now();
         let mut s = st(State::Idle, false);
-        s.boot = BootTimes { registration_seconds: Some(1.25), listening_seconds: Some(3.5) };
+        s.boot = BootTimes { registration_seconds: Some(1.25), listening_seconds: Some(3.5), ..BootTimes::default() };
         s.prewarm = Some(PrewarmStatus { outcome: "warm", seconds: 2.0, ..PrewarmStatus::default() });
         let names: Vec<(String, f64)> = p.on_status(&s, t).into_iter().map(|d| (d.name, d.value)).collect();
         assert_eq!(
@@ -528,6 +666,21 @@ mod tests {
         s.state = State::Busy;
         s.busy = true;
         assert_eq!(p.on_status(&s, t).len(), 1);
+    }
+
+    #[test]
+    fn boot_figures_split_host_boot_and_container_boot_as_the_original_named_them() {
+        let btime = 1_700_000_000;
+        let started = UNIX_EPOCH + Duration::from_millis(1_700_000_045_700);
+        let now = started + Duration::from_secs(600);
+        let (agent, ours) = boot_figures(btime, started, 12.9, now);
+        let named = |d: &[Datum]| d.iter().map(|d| (d.name.clone(), d.value)).collect::<Vec<_>>();
+        assert_eq!(named(&agent), vec![("DockerBootSec".into(), 45.0), ("RunnerBootSec".into(), 12.0)]);
+        assert_eq!(named(&ours), vec![("InstanceUptimeSec".into(), 645.0), ("RunnerUptimeSec".into(), 600.0)]);
+        assert!(agent.iter().chain(&ours).all(|d| d.unit == "None" && d.at == now));
+        // Never negative, even with a host clock that went back or a BTIME after the start.
+        let (agent, ours) = boot_figures(btime + 100, started, -1.0, started - Duration::from_secs(5));
+        assert!(agent.iter().chain(&ours).all(|d| d.value == 0.0), "{agent:?} {ours:?}");
     }
 
     #[test]

@@ -303,6 +303,15 @@ pub struct AutoscaleSettings {
     /// `SPOT_WATCH` (default on: watched when the instance metadata service answers).
     pub spot_watch: bool,
     pub spot_poll: Duration,
+    /// `BTIME`: the host's boot time (Unix seconds, `/proc/stat`'s `btime` on the host), which
+    /// turns on the original image's boot and uptime figures (its guest hook 98).
+    pub btime: Option<u64>,
+    /// The boot figures' dimensions between `Region` and `InstanceId`, as the original's hook 98
+    /// sets them: the scope's (`GH_REPOSITORY=owner/repo`), then `GH_LABEL`, the last of
+    /// `GH_LABELS`.
+    pub boot_dimensions: Vec<(String, String)>,
+    /// When the container started (PID 1's start), for the boot and uptime figures.
+    pub started: Option<std::time::SystemTime>,
 }
 
 pub const DEFAULT_CLOUDWATCH_NAMESPACE: &str = "ci-storage/metrics";
@@ -324,6 +333,8 @@ pub const DEFAULT_STORAGE_MAX_AGE_SEC: u64 = 1800;
 pub const DEFAULT_STORAGE_TIMEOUT_SEC: u64 = 300;
 pub const DEFAULT_STORAGE_CONNECT_TIMEOUT_SEC: u64 = 10;
 pub const DEFAULT_STORAGE_STALL_TIMEOUT_SEC: u64 = 30;
+/// `CI_STORAGE_PROGRESS_SEC`: a pre-warm logs how far it got this often.
+pub const DEFAULT_STORAGE_PROGRESS_SEC: f64 = 5.0;
 pub const DEFAULT_ZONEINFO: &str = "/usr/share/zoneinfo";
 /// The shortest `RUNNER_SWEEP_OFFLINE_SEC`: a peer registers before it is online, and must
 /// never be swept in between (README "Fleet hygiene").
@@ -878,7 +889,10 @@ impl Config {
             c.problems.extend(p);
             None
         });
-        let autoscale = autoscale_settings(&mut c, scope.as_ref());
+        let mut autoscale = autoscale_settings(&mut c, scope.as_ref());
+        if let Some(label) = labels.last() {
+            autoscale.boot_dimensions.push(("GH_LABEL".to_string(), label.clone()));
+        }
         let sweep_offline = sweep_setting(&mut c, credentials.as_ref(), &name);
         let (runner_count, roots_dir, admin, state_dir) = several_runners(&mut c, &runner_dir);
         if let Some(Credentials::Jit(_)) = &credentials {
@@ -1259,12 +1273,7 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
                 }
             }
         }
-        None => match scope {
-            Some(Scope::Repository { owner, repo }) => vec![("GH_REPOSITORY".to_string(), format!("{owner}/{repo}"))],
-            Some(Scope::Organization(org)) => vec![("GH_ORGANIZATION".to_string(), org.clone())],
-            Some(Scope::Enterprise(slug)) => vec![("GH_ENTERPRISE".to_string(), slug.clone())],
-            None => Vec::new(),
-        },
+        None => scope_dimension(scope).into_iter().collect(),
     };
     let heartbeat = c.positive_seconds(
         "CLOUDWATCH_HEARTBEAT_SEC",
@@ -1293,6 +1302,18 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
     };
     let spot_watch = c.bool("SPOT_WATCH", true);
     let spot_poll = c.positive_seconds("SPOT_POLL_SEC", DEFAULT_SPOT_POLL_SEC, limits::MAX_SPOT_POLL_SEC);
+    // The original image's `${BTIME:=}`: empty is unset; anything else must be the digits of
+    // `/proc/stat`'s btime (and not in the future).
+    let btime = match c.get("BTIME") {
+        None => None,
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if v.bytes().all(|b| b.is_ascii_digit()) && n <= crate::status::now() + 86400 => Some(n),
+            _ => {
+                c.bad("BTIME", Some(&v), "the host's boot time in Unix seconds (digits, as in /proc/stat's btime line), e.g. BTIME=$(awk '/^btime/{print $2}' /proc/stat)");
+                None
+            }
+        },
+    };
     AutoscaleSettings {
         aws: AwsSettings {
             region,
@@ -1313,6 +1334,18 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
         protection_expires_min,
         spot_watch,
         spot_poll,
+        btime,
+        boot_dimensions: scope_dimension(scope).into_iter().collect(),
+        started: None,
+    }
+}
+
+/// The dimension naming the runner's scope, as the original's variables name it.
+fn scope_dimension(scope: Option<&Scope>) -> Option<(String, String)> {
+    match scope? {
+        Scope::Repository { owner, repo } => Some(("GH_REPOSITORY".to_string(), format!("{owner}/{repo}"))),
+        Scope::Organization(org) => Some(("GH_ORGANIZATION".to_string(), org.clone())),
+        Scope::Enterprise(slug) => Some(("GH_ENTERPRISE".to_string(), slug.clone())),
     }
 }
 
@@ -1412,6 +1445,21 @@ fn prewarm_settings(
             }
         },
     };
+    let progress_every = match c.get("CI_STORAGE_PROGRESS_SEC") {
+        None => Some(Duration::from_secs_f64(DEFAULT_STORAGE_PROGRESS_SEC)),
+        Some(v) => match v.parse::<f64>() {
+            Ok(0.0) => None,
+            Ok(n) if (0.1..=3600.0).contains(&n) => Some(Duration::from_secs_f64(n)),
+            _ => {
+                c.bad(
+                    "CI_STORAGE_PROGRESS_SEC",
+                    Some(&v),
+                    "seconds between the pre-warm's progress lines, from 0.1 to 3600 (decimals allowed), or 0 for none",
+                );
+                None
+            }
+        },
+    };
     let meta_dir = PathBuf::from(c.env.get("TMPDIR").filter(|t| t.starts_with('/')).unwrap_or_else(|| "/tmp".into()));
     let (host, key, repository) = (host?, key?, repository?);
     let work = std::path::Path::new(work_dir);
@@ -1441,6 +1489,7 @@ fn prewarm_settings(
         owner: runner_user.map(|u| (u.uid, u.gid)),
         meta_dir,
         streams,
+        progress_every,
     })
 }
 
@@ -2337,6 +2386,26 @@ c2VjcmV0LWJ5dGVz
     }
 
     #[test]
+    fn btime_and_the_progress_interval_are_read_as_given() {
+        let base = [("GH_TOKEN", "t"), ("GH_REPOSITORY", "octo/repo"), ("GH_LABELS", "linux,x64")];
+        let cfg = load(&base, false).unwrap();
+        assert_eq!(cfg.autoscale.btime, None, "the boot figures are on without BTIME");
+        let cfg = load(&[&base[..], &[("BTIME", " 1700000000 ")]].concat(), false).unwrap();
+        assert_eq!(cfg.autoscale.btime, Some(1_700_000_000));
+        // The original's dimensions: the repository, then the last of GH_LABELS.
+        let dims: Vec<(&str, &str)> =
+            cfg.autoscale.boot_dimensions.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(dims, [("GH_REPOSITORY", "octo/repo"), ("GH_LABEL", "x64")]);
+        let storage = [("CI_STORAGE_HOST", "127.0.0.1:10022"), ("CI_STORAGE_PRIVATE_KEY", "k")];
+        for (v, want) in
+            [("0.25", Some(Duration::from_millis(250))), ("0", None), ("3600", Some(Duration::from_secs(3600)))]
+        {
+            let cfg = load(&[&base[..], &storage[..], &[("CI_STORAGE_PROGRESS_SEC", v)]].concat(), false).unwrap();
+            assert_eq!(cfg.prewarm.unwrap().progress_every, want, "{v}");
+        }
+    }
+
+    #[test]
     fn storage_settings_derive_the_action_s_paths_and_check_every_value() {
         let base = [("GH_TOKEN", "t"), ("GH_REPOSITORY", "octo/repo"), ("GH_LABELS", "x")];
         let cfg = load(
@@ -2352,6 +2421,7 @@ c2VjcmV0LWJ5dGVz
         assert_eq!(p.local_dir, PathBuf::from("/mnt/repo/repo"));
         assert_eq!(p.storage_dir, "/mnt/octo/repo/_mnt_repo_repo");
         assert_eq!((p.user.as_str(), p.host.port, p.owner), ("guest", 10022, Some((1000, 1000))));
+        assert_eq!(p.progress_every, Some(Duration::from_secs(5)), "progress lines on by default");
         assert!(!cfg.runner_env.iter().any(|(k, _)| k == "CI_STORAGE_PRIVATE_KEY"), "the key reached the runner");
 
         let e = load(
@@ -2423,6 +2493,13 @@ c2VjcmV0LWJ5dGVz
             storage(bad("CI_STORAGE_CONNECT_TIMEOUT_SEC", "3601", "from 1 to 3600")),
             storage(bad("CI_STORAGE_STALL_TIMEOUT_SEC", huge, "from 1 to 3600")),
             storage(bad("CI_STORAGE_MAX_AGE_SEC", "2592001", "from 0 to 2592000 (30 days)")),
+            storage(bad("CI_STORAGE_PROGRESS_SEC", "0.05", "from 0.1 to 3600")),
+            storage(bad("CI_STORAGE_PROGRESS_SEC", "5s", "or 0 for none")),
+            storage(bad("CI_STORAGE_PROGRESS_SEC", "NaN", "from 0.1 to 3600")),
+            bad("BTIME", "1.7e9", "Unix seconds (digits"),
+            bad("BTIME", "-1700000000", "/proc/stat"),
+            bad("BTIME", "+1700000000", "digits"),
+            bad("BTIME", "99999999999", "btime"),
             // URLs: parsed, with a valid port, no control characters, no credentials.
             bad("GH_SERVER_URL", "https://github.com:99999", "invalid port"),
             bad("GH_SERVER_URL", "https://git\nhub.com", "control characters"),

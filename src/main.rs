@@ -179,7 +179,7 @@ fn prewarm_command() {
         .try_init();
     let started = std::time::Instant::now();
     let gate = Arc::new(ci_runner::prewarm::Gate::default());
-    match ci_runner::prewarm::load(&settings, &gate) {
+    match ci_runner::prewarm::load(&settings, &gate, &ci_runner::prewarm::Progress::default()) {
         Ok(l) => {
             println!(
                 "{} slot={} files={} bytes={} seconds={:.3} dir={}",
@@ -260,6 +260,8 @@ async fn run(mut cfg: Config, registry: Registry, started: std::time::Instant) -
 
     let (status, status_rx) = StatusHandle::new();
     let cancel = CancellationToken::new();
+    // The container's start on the wall clock, for the boot figures (BTIME).
+    cfg.autoscale.started = std::time::SystemTime::now().checked_sub(started.elapsed());
     let autoscale = Autoscale::start(cfg.autoscale.clone(), status_rx.clone(), drain);
     if let Some(addr) = cfg.status_addr {
         match status::serve(addr, status_rx.clone(), cancel.clone()).await {

@@ -18,6 +18,10 @@
 //! How it is safe: the tree is built in a hidden sibling of the work dir and renamed into place
 //! only when the archive and the remote tar both ended cleanly; any failure, a timeout or a
 //! signal removes it, and the runner starts cold with an empty work dir.
+//!
+//! How it is visible (issue #17): the writers count entries and bytes in a [`Progress`]
+//! (atomics, no lock); the last stream's remote walk sends the slot's totals before its
+//! archive; a thread logs a line every `progress_every`, and `/health` reads the counters.
 
 use std::collections::HashSet;
 use std::ffi::CString;
@@ -28,7 +32,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -98,6 +102,8 @@ pub struct Settings {
     pub meta_dir: PathBuf,
     /// Parallel SSH sessions the slot's files are split over.
     pub streams: usize,
+    /// How often a load logs its progress (`CI_STORAGE_PROGRESS_SEC`); `None`: never.
+    pub progress_every: Option<Duration>,
 }
 
 impl Settings {
@@ -210,8 +216,191 @@ pub fn local_meta(remote_meta: &str, slot_id: &str) -> String {
 pub struct Loaded {
     /// The slot loaded; `None` when the storage had no slot young enough (a cold start).
     pub slot: Option<String>,
+    /// Entries made (directories included).
     pub files: u64,
+    /// Bytes received from the storage host (the listing and the archives).
     pub bytes: u64,
+}
+
+/// How far a load has got: counters the writers bump (one atomic add per entry and per
+/// chunk written, no lock), read by the progress lines and `/health` whenever they look.
+#[derive(Debug, Default)]
+pub struct Progress {
+    files: AtomicU64,
+    bytes: AtomicU64,
+    total_files: AtomicU64,
+    total_bytes: AtomicU64,
+    /// The totals are known (the storage host sent them with the last stream's listing).
+    totals: AtomicBool,
+}
+
+/// What [`Progress`] held at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    /// Entries other than directories made so far (files, links, fifos).
+    pub files: u64,
+    /// Bytes of file contents written so far.
+    pub bytes: u64,
+    /// The slot's (files, bytes), counted alike, once the storage host sent them.
+    pub totals: Option<(u64, u64)>,
+}
+
+impl Progress {
+    pub fn snapshot(&self) -> Snapshot {
+        let totals = self
+            .totals
+            .load(Ordering::Acquire)
+            .then(|| (self.total_files.load(Ordering::Relaxed), self.total_bytes.load(Ordering::Relaxed)));
+        Snapshot { files: self.files.load(Ordering::Relaxed), bytes: self.bytes.load(Ordering::Relaxed), totals }
+    }
+
+    fn set_totals(&self, files: u64, bytes: u64) {
+        self.total_files.store(files, Ordering::Relaxed);
+        self.total_bytes.store(bytes, Ordering::Relaxed);
+        self.totals.store(true, Ordering::Release);
+    }
+
+    fn add_file(&self) {
+        self.files.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn add_bytes(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// For other modules' tests: as if a load had got this far.
+    #[cfg(test)]
+    pub(crate) fn test_advance(&self, files: u64, bytes: u64, totals: Option<(u64, u64)>) {
+        self.files.fetch_add(files, Ordering::Relaxed);
+        self.add_bytes(bytes);
+        if let Some((f, b)) = totals {
+            self.set_totals(f, b);
+        }
+    }
+}
+
+impl Snapshot {
+    /// The share done, from 0 to 1: the mean of the files' and the bytes' shares, since a
+    /// slot of small files costs per file and one of large files per byte. `None` before the
+    /// totals are known.
+    pub fn fraction(&self) -> Option<f64> {
+        let (tf, tb) = self.totals?;
+        let share = |done: u64, total: u64| if total == 0 { 1.0 } else { (done as f64 / total as f64).min(1.0) };
+        Some(match (tf, tb) {
+            (0, 0) => 1.0,
+            (_, 0) => share(self.files, tf),
+            _ => (share(self.files, tf) + share(self.bytes, tb)) / 2.0,
+        })
+    }
+
+    /// Bytes of files written per second, over the load so far.
+    pub fn rate(&self, elapsed: Duration) -> f64 {
+        let secs = elapsed.as_secs_f64();
+        if secs <= 0.0 {
+            0.0
+        } else {
+            self.bytes as f64 / secs
+        }
+    }
+
+    /// The time left at the pace so far; `None` before the totals are known or anything is done.
+    pub fn eta(&self, elapsed: Duration) -> Option<Duration> {
+        let f = self.fraction()?;
+        if f <= 0.0 {
+            return None;
+        }
+        let left = elapsed.as_secs_f64() * (1.0 - f) / f;
+        Some(Duration::from_secs_f64(left.clamp(0.0, 365.0 * 86400.0)))
+    }
+
+    /// `41,000/100,000 files, 1.2 GB/2.9 GB, 310 MB/s, ETA 5 s` (before the totals:
+    /// `41,000 files, 1.2 GB, 310 MB/s`).
+    pub fn line(&self, elapsed: Duration) -> String {
+        let rate = format!("{}/s", human_bytes(self.rate(elapsed) as u64));
+        match self.totals {
+            Some((tf, tb)) => {
+                let eta = match self.eta(elapsed) {
+                    Some(d) => format!("ETA {}", human_secs(d)),
+                    None => "ETA unknown".to_string(),
+                };
+                format!(
+                    "{}/{} files, {}/{}, {rate}, {eta}",
+                    thousands(self.files),
+                    thousands(tf),
+                    human_bytes(self.bytes),
+                    human_bytes(tb)
+                )
+            }
+            None => format!("{} files, {}, {rate}", thousands(self.files), human_bytes(self.bytes)),
+        }
+    }
+}
+
+/// `1234567` → `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Decimal units, as `df -H` and transfer rates are read: `999 B`, `1.2 kB`, `310 MB`, `2.9 GB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["kB", "MB", "GB", "TB", "PB", "EB"];
+    if n < 1000 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1000.0;
+    let mut unit = 0;
+    while v >= 999.95 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if v >= 99.95 {
+        format!("{v:.0} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Whole seconds up to two minutes, then minutes and seconds: `5 s`, `2 min 05 s`.
+pub fn human_secs(d: Duration) -> String {
+    let s = d.as_secs_f64().round() as u64;
+    if s < 120 {
+        format!("{s} s")
+    } else if s < 3600 {
+        format!("{} min {:02} s", s / 60, s % 60)
+    } else {
+        format!("{} h {:02} min", s / 3600, (s % 3600) / 60)
+    }
+}
+
+/// Logs `progress` every `every` until `done` is dropped: nothing for a load shorter than that.
+fn report(progress: &Progress, started: Instant, every: Duration, done: &Receiver<()>) {
+    loop {
+        match done.recv_timeout(every) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        let snap = progress.snapshot();
+        let elapsed = started.elapsed();
+        let (total_files, total_bytes) = snap.totals.unzip();
+        tracing::info!(
+            files = snap.files,
+            bytes = snap.bytes,
+            total_files,
+            total_bytes,
+            rate_bytes_per_sec = snap.rate(elapsed) as u64,
+            eta_sec = snap.eta(elapsed).map(|d| d.as_secs()),
+            "Pre-warm: {}.",
+            snap.line(elapsed)
+        );
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -293,11 +482,32 @@ impl Gate {
 }
 
 /// Loads the newest slot into `settings.local_dir`. Blocking; bounded by the settings'
-/// timeouts and by `gate`.
-pub fn load(s: &Settings, gate: &Arc<Gate>) -> Result<Loaded, PrewarmError> {
+/// timeouts and by `gate`. `progress` counts what is done as it goes; every
+/// `settings.progress_every` a line says how far it got.
+pub fn load(s: &Settings, gate: &Arc<Gate>, progress: &Progress) -> Result<Loaded, PrewarmError> {
+    let started = Instant::now();
+    let (done, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|sc| {
+        if let Some(every) = s.progress_every {
+            let span = tracing::Span::current();
+            let spawned = std::thread::Builder::new().name("prewarm-progress".into()).spawn_scoped(sc, move || {
+                let _span = span.enter();
+                report(progress, started, every, &done_rx);
+            });
+            if let Err(e) = spawned {
+                tracing::debug!(error = %e, "No progress lines for this pre-warm: the thread did not start.");
+            }
+        }
+        let r = load_quietly(s, gate, progress);
+        drop(done);
+        r
+    })
+}
+
+fn load_quietly(s: &Settings, gate: &Arc<Gate>, progress: &Progress) -> Result<Loaded, PrewarmError> {
     let deadline = crate::config::limits::later(Instant::now(), s.timeout);
     let staging = sibling(&s.local_dir, "prewarm");
-    let result = fill(s, &staging, gate, deadline).and_then(|filled| {
+    let result = fill(s, &staging, gate, progress, deadline).and_then(|filled| {
         let Some((slot, files, bytes)) = filled else { return Ok(None) };
         let _fs = s.owner.map(FsIdentity::assume);
         if !gate.commit() {
@@ -369,11 +579,11 @@ impl<T: Clone> Published<T> {
 }
 
 /// What the streams of one load share: the slot stream 0 chose (`None`: none young enough),
-/// and the directories it made, which the other streams fill.
-#[derive(Default)]
-struct Shared {
+/// the directories it made, which the other streams fill, and the progress they all count.
+struct Shared<'a> {
     slot: Published<Option<Slot>>,
     dirs: Published<Arc<DirState>>,
+    progress: &'a Progress,
 }
 
 /// How one stream ended.
@@ -394,10 +604,11 @@ fn fill(
     s: &Settings,
     staging: &Path,
     gate: &Gate,
+    progress: &Progress,
     deadline: Instant,
 ) -> Result<Option<(Slot, u64, u64)>, PrewarmError> {
     let k = s.streams.max(1);
-    let shared = Shared::default();
+    let shared = Shared { slot: Published::default(), dirs: Published::default(), progress };
     let shared = &shared;
     let outcomes: Vec<(Result<Streamed, PrewarmError>, Option<ssh2::Session>)> = std::thread::scope(|sc| {
         let threads: Vec<_> = (0..k)
@@ -495,7 +706,7 @@ fn stream(
     i: usize,
     slot: Option<&str>,
     staging: &Path,
-    shared: &Shared,
+    shared: &Shared<'_>,
     gate: &Gate,
     deadline: Instant,
 ) -> Result<(u64, u64), PrewarmError> {
@@ -505,8 +716,23 @@ fn stream(
     channel
         .exec(&stream_command(&s.storage_dir, limit, k, i, slot))
         .map_err(|e| ssh_err("start the load on the storage host", host, e))?;
-    let (header, rest) = read_header(s, &mut channel, gate, deadline)?;
+    let (mut header, mut rest) = read_header(s, &mut channel, Vec::new(), header_end, gate, deadline)?;
     let (slots, chosen) = parse_header(&String::from_utf8_lossy(&header));
+    if i + 1 == k && chosen.is_some() {
+        // The last stream follows the chosen line with the slot's totals, for the ETA.
+        let (line, after) = read_header(s, &mut channel, rest, line_end, gate, deadline)?;
+        match parse_totals(&String::from_utf8_lossy(&line)) {
+            Some((files, bytes)) => shared.progress.set_totals(files, bytes),
+            None => {
+                return Err(PrewarmError::Slot {
+                    host: host.clone(),
+                    reason: "the slot's totals were not sent after the listing".into(),
+                })
+            }
+        }
+        header.extend_from_slice(&line);
+        rest = after;
+    }
     let slot_err = |reason: String| PrewarmError::Slot { host: host.clone(), reason };
     let agreed = if i == 0 && slot.is_none() {
         let expected = choose(&slots, s.max_age).cloned();
@@ -555,29 +781,34 @@ fn stream(
     } else {
         Dirs::Wait(&shared.dirs, deadline, s.timeout)
     };
+    let progress = shared.progress;
     std::thread::scope(|sc| {
         let writer = sc.spawn(move || {
             let _fs = s.owner.map(FsIdentity::assume);
-            unpack_stream(ChunkReader::new(rx, free_tx), staging, dirs, gate)
+            unpack_stream(ChunkReader::new(rx, free_tx), staging, dirs, gate, progress)
         });
         let read = pump(s, &mut channel, rest, gate, deadline, tx, free_rx).map(|b| b + header_bytes);
         finish_pair(read, writer.join(), gate, staging)
     })
 }
 
-/// Reads the listing that every stream starts with, up to its last line (a tab, then the
-/// chosen slot's id or nothing); returns it and the archive bytes read past it.
+/// Reads what the remote command sends before the archive, after `buf` (already read), up
+/// to where `end` says it ends: the listing that every stream starts with, up to its last
+/// line (a tab, then the chosen slot's id or nothing, [`header_end`]), or the last stream's totals
+/// line ([`line_end`]). Returns it and the archive bytes read past it.
 fn read_header(
     s: &Settings,
     channel: &mut ssh2::Channel,
+    mut buf: Vec<u8>,
+    end: fn(&[u8]) -> Option<usize>,
     gate: &Gate,
     deadline: Instant,
 ) -> Result<(Vec<u8>, Vec<u8>), PrewarmError> {
     let host = &s.host.host;
-    let mut buf = Vec::with_capacity(64 * 1024);
+    buf.reserve(64 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        if let Some(end) = header_end(&buf) {
+        if let Some(end) = end(&buf) {
             let rest = buf.split_off(end);
             return Ok((buf, rest));
         }
@@ -613,6 +844,18 @@ fn header_end(buf: &[u8]) -> Option<usize> {
         start += nl + 1;
     }
     None
+}
+
+/// Where the first line ends.
+fn line_end(buf: &[u8]) -> Option<usize> {
+    buf.iter().position(|&b| b == b'\n').map(|nl| nl + 1)
+}
+
+/// The last stream's totals line, `<TAB><TAB>files<TAB>bytes`.
+fn parse_totals(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim_end_matches('\n').strip_prefix("\t\t")?;
+    let (files, bytes) = rest.split_once('\t')?;
+    Some((files.parse().ok()?, bytes.parse().ok()?))
 }
 
 /// The listing's slots and the id the storage host chose (`None`: no slot young enough).
@@ -807,6 +1050,12 @@ fn sh_quote(s: &str) -> String {
 /// 3. GNU tar of this stream's share as a POSIX (pax) archive: every `k`-th of the slot's
 ///    entries that are not directories, in `find` order (no side stats a file to split the
 ///    work; every stream computes the same split); stream 0 sends all the directories first.
+///    The last stream walks the whole slot before its archive starts and sends
+///    `<TAB><TAB>files<TAB>bytes` first: the slot's entries other than directories and the
+///    bytes of its files, from the same walk, for the progress's ETA. Only its walk stats
+///    each file (the others' `find` reads the types from the directories), and it is off
+///    the critical path: no stream's files can be unpacked before stream 0's directories
+///    have come, which is when stream 0's own walk is over.
 ///
 /// perl is what ci-storage needs on the storage host anyway; the shell the storage user's
 /// login runs starts once per stream, and the streams start together.
@@ -822,13 +1071,20 @@ if ($want ne "" ? $n eq $want : ($age < $limit && (!defined $best || $age < $bes
 print "\t", $best // "", "\n"; exit 0 unless defined $best;
 chdir "$d/$best" or die "failed to enter $d/$best: $!\n";
 if ($i == 0) { utime(undef, undef, ".") or die "failed to touch $d/$best: $!\n"; }
-open(my $find, "-|", "find", ".", "-printf", '%y%p\0') or die "failed to start find: $!\n";
-open(my $tar, "|-", "tar", "--format=posix", "--pax-option=delete=atime,delete=ctime", "--exclude=.ci-storage.meta",
-"--numeric-owner", "--null", "--no-recursion", "--hard-dereference", "-cf", "-", "-T", "-") or die "failed to start tar: $!\n";
-$/ = "\0"; my $seen = 0; my @mine; while (my $e = <$find>) { chomp $e; my $path = substr($e, 1);
-if (substr($e, 0, 1) eq "d") { print $tar "$path\0" if $i == 0; } elsif ($seen++ % $k == $i) {
-if ($i == 0) { push @mine, $path; } else { print $tar "$path\0"; } } }
-close $find or die "find failed\n"; print $tar "$_\0" for @mine; close $tar or die "tar failed\n";"#;
+my $last = $i == $k - 1;
+open(my $find, "-|", "find", ".", "-printf", $last ? '%y%s %p\0' : '%y0 %p\0') or die "failed to start find: $!\n";
+my @tar = ("tar", "--format=posix", "--pax-option=delete=atime,delete=ctime", "--exclude=.ci-storage.meta",
+"--numeric-owner", "--null", "--no-recursion", "--hard-dereference", "-cf", "-", "-T", "-"); my $tar;
+unless ($last) { open($tar, "|-", @tar) or die "failed to start tar: $!\n"; }
+$/ = "\0"; my ($seen, $files, $bytes) = (0, 0, 0); my (@dirs, @mine); while (my $e = <$find>) { chomp $e;
+my $sp = index($e, " "); my ($y, $size, $path) = (substr($e, 0, 1), substr($e, 1, $sp - 1), substr($e, $sp + 1));
+next if substr($path, -17) eq "/.ci-storage.meta";
+if ($y eq "d") { if ($i == 0) { if ($last) { push @dirs, $path; } else { print $tar "$path\0"; } } next; }
+$files++; $bytes += $size if $y eq "f";
+if ($seen++ % $k == $i) { if ($i == 0 || $last) { push @mine, $path; } else { print $tar "$path\0"; } } }
+close $find or die "find failed\n";
+if ($last) { print "\t\t$files\t$bytes\n"; open($tar, "|-", @tar) or die "failed to start tar: $!\n"; print $tar "$_\0" for @dirs; }
+print $tar "$_\0" for @mine; close $tar or die "tar failed\n";"#;
     format!(
         "perl -we {} {} {} {k} {i} {}",
         sh_quote(SCRIPT),
@@ -989,7 +1245,7 @@ enum Dirs<'a> {
 /// Unpacks one tar stream into `root` (an empty directory we just made): see [`unpack_stream`].
 pub fn unpack(archive: impl Read, root: &Path, gate: &Gate) -> Result<u64, PrewarmError> {
     let dirs = Published::default();
-    let n = unpack_stream(archive, root, Dirs::Create(&dirs), gate)?;
+    let n = unpack_stream(archive, root, Dirs::Create(&dirs), gate, &Progress::default())?;
     if let Some(d) = dirs.get() {
         d.finish()?;
     }
@@ -1000,7 +1256,14 @@ pub fn unpack(archive: impl Read, root: &Path, gate: &Gate) -> Result<u64, Prewa
 /// without `-H` makes); mode and nanosecond mtime on everything (directories' are left to
 /// [`DirState::finish`]). An entry may only land in a directory that this load created, so
 /// nothing is written through a symlink or outside `root`.
-fn unpack_stream(archive: impl Read, root: &Path, dirs: Dirs<'_>, gate: &Gate) -> Result<u64, PrewarmError> {
+/// Counts every entry but directories, and the bytes of files, in `progress`.
+fn unpack_stream(
+    archive: impl Read,
+    root: &Path,
+    dirs: Dirs<'_>,
+    gate: &Gate,
+    progress: &Progress,
+) -> Result<u64, PrewarmError> {
     let err = |path: &Path, source: io::Error| PrewarmError::Unpack { path: path.to_path_buf(), source };
     let mut ar = tar::Archive::new(archive);
     let mut files: HashSet<PathBuf> = HashSet::new();
@@ -1069,6 +1332,7 @@ fn unpack_stream(archive: impl Read, root: &Path, dirs: Dirs<'_>, gate: &Gate) -
                     break;
                 }
                 f.write_all(&buf[..n]).map_err(|e| err(&dest, e))?;
+                progress.add_bytes(n as u64);
             }
             finish_file(&f, mode, mtime).map_err(|e| err(&dest, e))?;
             files.insert(rel);
@@ -1081,7 +1345,8 @@ fn unpack_stream(archive: impl Read, root: &Path, dirs: Dirs<'_>, gate: &Gate) -
                 .ok_or_else(|| err(&dest, invalid("a hard link to a file not in the archive")))?;
             let mut src = File::open(root.join(&target)).map_err(|e| err(&dest, e))?;
             let mut f = create_file(&dest).map_err(|e| err(&dest, e))?;
-            io::copy(&mut src, &mut f).map_err(|e| err(&dest, e))?;
+            let n = io::copy(&mut src, &mut f).map_err(|e| err(&dest, e))?;
+            progress.add_bytes(n);
             finish_file(&f, mode, mtime).map_err(|e| err(&dest, e))?;
             files.insert(rel);
         } else if kind.is_symlink() {
@@ -1100,7 +1365,11 @@ fn unpack_stream(archive: impl Read, root: &Path, dirs: Dirs<'_>, gate: &Gate) -
             // Devices (and anything else) cannot be made by the runner user; rsync -a run as
             // that user skips them too.
             tracing::debug!(path = %rel.display(), kind = ?kind, "Skipped an entry that is not a file, directory or link.");
+            progress.add_file();
             continue;
+        }
+        if !kind.is_dir() {
+            progress.add_file();
         }
         count += 1;
     }
@@ -1272,6 +1541,7 @@ mod tests {
             owner: None,
             meta_dir: "/tmp".into(),
             streams: 2,
+            progress_every: None,
         };
         assert_eq!(s.meta_path(), PathBuf::from("/tmp/.ci-storage.meta._mnt_repo_repo"));
     }
@@ -1342,6 +1612,80 @@ mod tests {
         // Not yet complete: more must be read.
         assert_eq!(header_end(b"1001\t5\t"), None);
         assert_eq!(header_end(b"1001\t5\t\n\t10"), None);
+    }
+
+    #[test]
+    fn progress_lines_read_as_the_issue_shows_them() {
+        let snap = Snapshot { files: 41_000, bytes: 1_200_000_000, totals: Some((100_000, 2_900_000_000)) };
+        // 41% of the files and 41.4% of the bytes in 3.9 s: about 5.5 s left.
+        let line = snap.line(Duration::from_millis(3870));
+        assert_eq!(line, "41,000/100,000 files, 1.2 GB/2.9 GB, 310 MB/s, ETA 6 s");
+        // Before the storage host sent the totals: no ETA, never a made-up one.
+        let early = Snapshot { files: 999, bytes: 999, totals: None };
+        assert_eq!(early.line(Duration::from_secs(1)), "999 files, 999 B, 999 B/s");
+        assert_eq!(early.eta(Duration::from_secs(1)), None);
+        // Nothing done yet: no ETA either (not infinity, not zero).
+        let none = Snapshot { files: 0, bytes: 0, totals: Some((10, 10)) };
+        assert_eq!(none.eta(Duration::from_secs(3)), None);
+        assert!(none.line(Duration::ZERO).ends_with("0 B/s, ETA unknown"), "{}", none.line(Duration::ZERO));
+        // Done: nothing left, and a share never above 1 when more came than was counted.
+        let over = Snapshot { files: 12, bytes: 50, totals: Some((10, 40)) };
+        assert_eq!((over.fraction(), over.eta(Duration::from_secs(2))), (Some(1.0), Some(Duration::ZERO)));
+        // A slot of empty files: the files alone say how far.
+        let empty = Snapshot { files: 5, bytes: 0, totals: Some((10, 0)) };
+        assert_eq!(empty.fraction(), Some(0.5));
+        assert_eq!(empty.eta(Duration::from_secs(2)), Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn numbers_are_grouped_and_sized_in_decimal_units() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(100_000), "100,000");
+        assert_eq!(thousands(1_234_567_890), "1,234,567,890");
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1000), "1.0 kB");
+        assert_eq!(human_bytes(310_400_000), "310 MB");
+        assert_eq!(human_bytes(99_960_000), "100 MB");
+        assert_eq!(human_bytes(999_960_000), "1.0 GB", "never 1000 MB");
+        assert_eq!(human_bytes(1_073_741_824), "1.1 GB");
+        assert_eq!(human_bytes(u64::MAX), "18.4 EB");
+        assert_eq!(human_secs(Duration::from_millis(4600)), "5 s");
+        assert_eq!(human_secs(Duration::from_secs(125)), "2 min 05 s");
+        assert_eq!(human_secs(Duration::from_secs(7300)), "2 h 01 min");
+    }
+
+    #[test]
+    fn the_last_stream_sends_the_slots_totals_after_the_listing() {
+        assert_eq!(parse_totals("\t\t100000\t1073741824\n"), Some((100_000, 1_073_741_824)));
+        assert_eq!(parse_totals("\t\t0\t0\n"), Some((0, 0)));
+        // Never taken from anything else: an archive's first bytes, a slot id line, junk.
+        for bad in ["./PaxHeaders/x\n", "\t1001\n", "\t\t12\n", "\t\t-1\t5\n", "\t\tx\ty\n"] {
+            assert_eq!(parse_totals(bad), None, "{bad:?}");
+        }
+        assert_eq!(line_end(b"\t\t3\t4\nrest"), Some(6));
+        assert_eq!(line_end(b"\t\t3\t4"), None);
+    }
+
+    #[test]
+    fn counting_sees_files_and_their_bytes_but_not_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut d = tar::Header::new_ustar();
+        d.set_entry_type(tar::EntryType::Directory);
+        d.set_size(0);
+        d.set_mode(0o755);
+        b.append_data(&mut d, "sub", &b""[..]).unwrap();
+        b.append_data(&mut file_header(5), "sub/a", &b"hello"[..]).unwrap();
+        b.append_data(&mut file_header(3), "b", &b"abc"[..]).unwrap();
+        let data = b.into_inner().unwrap();
+        let root = dir.path().join("r");
+        std::fs::create_dir(&root).unwrap();
+        let dirs = Published::default();
+        let progress = Progress::default();
+        assert_eq!(unpack_stream(&data[..], &root, Dirs::Create(&dirs), &Gate::default(), &progress).unwrap(), 3);
+        assert_eq!(progress.snapshot(), Snapshot { files: 2, bytes: 8, totals: None });
     }
 
     fn file_header(size: u64) -> tar::Header {

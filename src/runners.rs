@@ -706,8 +706,15 @@ impl Runners {
                 std::future::pending::<()>().await;
             }
         };
+        let started = Instant::now();
         match hooks::run_phase(&phase, &self.cfg.runner_env, &mut self.daemons, interrupt).await? {
             hooks::Outcome::Done(exported) => {
+                let seconds = started.elapsed().as_secs_f64();
+                info!(phase = phase.name, seconds = format!("{seconds:.2}"), "Boot hooks done.");
+                self.status.update(|s| match guest {
+                    true => s.boot.guest_hooks_seconds = Some(seconds),
+                    false => s.boot.root_hooks_seconds = Some(seconds),
+                });
                 // The runner's HOME/USER/LOGNAME are set again when it starts.
                 self.cfg.runner_env = exported;
                 Ok(true)
@@ -763,6 +770,7 @@ impl Runners {
     async fn resolve_group(&mut self) -> Result<bool, Error> {
         let (Some(name), Some(gh)) = (self.cfg.group.clone(), self.github()?) else { return Ok(true) };
         let lookup = gh.runner_group_id(&self.cfg.scope, &name, Budget::attempts(8), &self.cancel);
+        let started = Instant::now();
         let id = tokio::select! {
             id = lookup => id.map_err(Error::Github)?,
             Some(sig) = self.signals.recv() => {
@@ -770,7 +778,9 @@ impl Runners {
                 return Ok(false);
             }
         };
-        info!(group = %name, group_id = id, "Runner group found.");
+        let seconds = started.elapsed().as_secs_f64();
+        info!(group = %name, group_id = id, seconds = format!("{seconds:.2}"), "Runner group found.");
+        self.status.update(|s| s.boot.runner_group_seconds = Some(seconds));
         self.group_id = Some(id);
         Ok(true)
     }
@@ -780,7 +790,10 @@ impl Runners {
         let Some(older_than) = self.cfg.sweep_offline else { return };
         let Ok(Some(gh)) = self.github() else { return };
         let pool = crate::fleet::Pool::of(&self.cfg.name);
+        let started = Instant::now();
         crate::fleet::sweep(&gh, &self.cfg.scope, &pool, older_than, &self.cancel).await;
+        let seconds = started.elapsed().as_secs_f64();
+        self.status.update(|s| s.boot.sweep_seconds = Some(seconds));
     }
 }
 

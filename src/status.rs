@@ -3,7 +3,8 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State as AxumState;
 use axum::http::StatusCode;
@@ -53,7 +54,7 @@ pub struct Status {
     pub lock: Option<crate::lock::LockStatus>,
     /// The boot-time pre-warm, when `CI_STORAGE_HOST` is set.
     pub prewarm: Option<PrewarmStatus>,
-    /// How long the boot's phases took (the pre-warm's is in `prewarm`).
+    /// How long the boot's phases took.
     pub boot: BootTimes,
     /// How the drain ended, once it has.
     pub drain: Option<DrainOutcome>,
@@ -140,7 +141,9 @@ fn aggregate(top: &mut Status) {
     if top.runners.len() == 1 && live.len() == 1 {
         let one = &live[0];
         let keep_runners = std::mem::take(&mut top.runners);
+        let container = top.boot.clone();
         *top = Status { runners: keep_runners, runner_count: 1, busy_runners: usize::from(one.busy), ..one.clone() };
+        top.boot.keep_container_phases(&container);
         top.key = 0;
         top.added = false;
         return;
@@ -169,6 +172,8 @@ fn aggregate(top: &mut Status) {
     };
     top.boot.registration_seconds = all(|r| r.boot.registration_seconds);
     top.boot.listening_seconds = all(|r| r.boot.listening_seconds);
+    // Only the first runner of RUNNER_COUNT pre-warms; the container waits for the longest.
+    top.boot.prewarm_seconds = live.iter().filter_map(|r| r.boot.prewarm_seconds).reduce(f64::max);
     let drains: Vec<Option<DrainOutcome>> = live.iter().map(|r| r.drain).collect();
     top.drain = if !drains.is_empty() && drains.iter().all(Option::is_some) {
         drains.iter().flatten().copied().max_by_key(|d| match d {
@@ -181,13 +186,48 @@ fn aggregate(top: &mut Status) {
     };
 }
 
-/// Durations of the boot's phases, once each is over.
+/// Durations of the boot's phases (README "Boot sequence"), once each is over; a phase that
+/// has nothing to do (no hooks, no `RUNNER_GROUP`, no sweep, no pre-warm) stays `null`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BootTimes {
+    /// The boot hooks run as root (`entrypoint.*.sh` in `ROOT_HOOKS_DIR`).
+    pub root_hooks_seconds: Option<f64>,
+    /// The boot hooks run as the runner user (`GUEST_HOOKS_DIR`), the pre-warm going on.
+    pub guest_hooks_seconds: Option<f64>,
+    /// `RUNNER_GROUP` looked up on GitHub.
+    pub runner_group_seconds: Option<f64>,
+    /// `RUNNER_SWEEP_OFFLINE_SEC`: the pool's stale runners removed.
+    pub sweep_seconds: Option<f64>,
+    /// The pre-warm, from its start to the work dir in place (or the cold start decided).
+    pub prewarm_seconds: Option<f64>,
     /// The first successful registration: the token fetch and `config.sh`.
     pub registration_seconds: Option<f64>,
     /// From the supervisor's start to the runner's first `Listening for Jobs`.
     pub listening_seconds: Option<f64>,
+}
+
+impl BootTimes {
+    /// The phases as `/metrics` names them, in boot order.
+    pub fn phases(&self) -> [(&'static str, Option<f64>); 7] {
+        [
+            ("root_hooks", self.root_hooks_seconds),
+            ("prewarm", self.prewarm_seconds),
+            ("guest_hooks", self.guest_hooks_seconds),
+            ("runner_group", self.runner_group_seconds),
+            ("sweep", self.sweep_seconds),
+            ("registration", self.registration_seconds),
+            ("listening", self.listening_seconds),
+        ]
+    }
+
+    /// The container's own phases (before any runner starts), kept from `from` when the one
+    /// runner's entry is copied to the top.
+    fn keep_container_phases(&mut self, from: &BootTimes) {
+        self.root_hooks_seconds = from.root_hooks_seconds;
+        self.guest_hooks_seconds = from.guest_hooks_seconds;
+        self.runner_group_seconds = from.runner_group_seconds;
+        self.sweep_seconds = from.sweep_seconds;
+    }
 }
 
 /// How a drain ended: no job was running (`idle`), the job ran to its end (`finished`), or it
@@ -227,10 +267,63 @@ impl DrainOutcome {
 pub struct PrewarmStatus {
     pub outcome: &'static str,
     pub slot: Option<String>,
+    /// Entries other than directories made: so far while `running`, then in all.
     pub files: u64,
+    /// Bytes of files written: so far while `running`, then in all.
     pub bytes: u64,
+    /// The slot's entries other than directories and bytes of files, counted as `files` and
+    /// `bytes` are, once the storage host sent them.
+    pub total_files: Option<u64>,
+    pub total_bytes: Option<u64>,
+    /// `bytes` per second over the load so far (then over the whole load).
+    pub rate_bytes_per_sec: Option<f64>,
+    /// The time left at that pace, while `running` and once the totals are known.
+    pub eta_seconds: Option<f64>,
+    /// Bytes received from the storage host (the listing and the archive's framing included).
+    pub received_bytes: u64,
     pub seconds: f64,
     pub error: Option<String>,
+    /// The load's live counters while it runs, read at each request.
+    #[serde(skip)]
+    pub live: Option<LivePrewarm>,
+}
+
+/// A running pre-warm's counters and start.
+#[derive(Debug, Clone)]
+pub struct LivePrewarm {
+    pub progress: Arc<crate::prewarm::Progress>,
+    pub started: Instant,
+}
+
+impl PrewarmStatus {
+    /// A pre-warm that just started, counting in `progress`.
+    pub fn running(progress: Arc<crate::prewarm::Progress>, started: Instant) -> Self {
+        PrewarmStatus { outcome: "running", live: Some(LivePrewarm { progress, started }), ..Default::default() }
+    }
+
+    /// While `running`: the counters as they are now.
+    fn refresh(&mut self) {
+        let Some(live) = self.live.as_ref().filter(|_| self.outcome == "running") else { return };
+        let snap = live.progress.snapshot();
+        let elapsed = live.started.elapsed();
+        self.files = snap.files;
+        self.bytes = snap.bytes;
+        (self.total_files, self.total_bytes) = snap.totals.unzip();
+        self.rate_bytes_per_sec = Some(snap.rate(elapsed).round());
+        self.eta_seconds = snap.eta(elapsed).map(|d| (d.as_secs_f64() * 10.0).round() / 10.0);
+        self.seconds = elapsed.as_secs_f64();
+    }
+}
+
+impl Status {
+    /// A copy with every running pre-warm's counters read now.
+    pub fn live(&self) -> Status {
+        let mut s = self.clone();
+        for p in std::iter::once(&mut s.prewarm).chain(s.runners.iter_mut().map(|r| &mut r.prewarm)).flatten() {
+            p.refresh();
+        }
+        s
+    }
 }
 
 pub fn now() -> u64 {
@@ -328,7 +421,7 @@ impl StatusHandle {
 }
 
 async fn health(AxumState(rx): AxumState<watch::Receiver<Status>>) -> impl IntoResponse {
-    let status = rx.borrow().clone();
+    let status = rx.borrow().live();
     let code = if status.state.healthy() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(status))
 }
@@ -363,14 +456,12 @@ pub fn render_metrics(s: &Status, m: &Metrics) -> String {
         &mut out,
         "ci_runner_boot_phase_seconds",
         "gauge",
-        "How long each boot phase took, once over: prewarm (loading the work dir), registration (token \
-         and config.sh, the first that succeeded), listening (from the supervisor's start to the \
-         runner's first \"Listening for Jobs\").",
+        "How long each boot phase took, once over (none for a phase with nothing to do): root_hooks and \
+         guest_hooks (the boot hooks), prewarm (loading the work dir), runner_group (RUNNER_GROUP looked \
+         up), sweep (stale runners removed), registration (token and config.sh, the first that \
+         succeeded), listening (from the supervisor's start to the runner's first \"Listening for Jobs\").",
     );
-    let prewarm = s.prewarm.as_ref().filter(|p| p.outcome != "running").map(|p| p.seconds);
-    let phases =
-        [("prewarm", prewarm), ("registration", s.boot.registration_seconds), ("listening", s.boot.listening_seconds)];
-    for (phase, seconds) in phases {
+    for (phase, seconds) in s.boot.phases() {
         if let Some(seconds) = seconds {
             let _ = writeln!(out, "ci_runner_boot_phase_seconds{{phase=\"{phase}\"}} {seconds:.3}");
         }
@@ -405,14 +496,34 @@ pub fn render_metrics(s: &Status, m: &Metrics) -> String {
         family(&mut out, "ci_runner_prewarm_seconds", "gauge", "How long the pre-warm took.");
         let _ = writeln!(out, "ci_runner_prewarm_seconds {:.3}", p.seconds);
         family(&mut out, "ci_runner_prewarm_bytes", "gauge", "Bytes of the slot's archive received.");
-        let _ = writeln!(out, "ci_runner_prewarm_bytes {}", p.bytes);
+        let _ = writeln!(out, "ci_runner_prewarm_bytes {}", p.received_bytes);
+        family(
+            &mut out,
+            "ci_runner_prewarm_files",
+            "gauge",
+            "Entries other than directories loaded (so far, while running), and the slot's total once known.",
+        );
+        let _ = writeln!(out, "ci_runner_prewarm_files{{of=\"done\"}} {}", p.files);
+        if let Some(t) = p.total_files {
+            let _ = writeln!(out, "ci_runner_prewarm_files{{of=\"slot\"}} {t}");
+        }
+        family(
+            &mut out,
+            "ci_runner_prewarm_file_bytes",
+            "gauge",
+            "Bytes of files written (so far, while running), and the slot's total once known.",
+        );
+        let _ = writeln!(out, "ci_runner_prewarm_file_bytes{{of=\"done\"}} {}", p.bytes);
+        if let Some(t) = p.total_bytes {
+            let _ = writeln!(out, "ci_runner_prewarm_file_bytes{{of=\"slot\"}} {t}");
+        }
     }
     m.render(&mut out);
     out
 }
 
 async fn metrics(AxumState(rx): AxumState<watch::Receiver<Status>>) -> impl IntoResponse {
-    let body = render_metrics(&rx.borrow(), crate::metrics::global());
+    let body = render_metrics(&rx.borrow().live(), crate::metrics::global());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
@@ -527,6 +638,8 @@ mod tests {
             "ci_runner_prewarm_outcome",
             "ci_runner_prewarm_seconds",
             "ci_runner_prewarm_bytes",
+            "ci_runner_prewarm_files",
+            "ci_runner_prewarm_file_bytes",
         ]
         .into_iter()
         .chain(crate::metrics::FAMILIES)
@@ -555,14 +668,66 @@ mod tests {
         assert!(some.contains("ci_runner_boot_phase_seconds{phase=\"registration\"} 2.250\n"), "{some}");
         assert!(!some.contains("phase=\"prewarm\"") && !some.contains("phase=\"listening\""), "{some}");
         s.prewarm = Some(PrewarmStatus { outcome: "cold", seconds: 0.5, ..Default::default() });
+        s.boot.prewarm_seconds = Some(0.5);
         s.boot.listening_seconds = Some(4.0);
+        s.boot.root_hooks_seconds = Some(0.125);
+        s.boot.guest_hooks_seconds = Some(1.0);
         let all = render_metrics(&s, &Metrics::new());
         assert!(all.contains("ci_runner_boot_phase_seconds{phase=\"prewarm\"} 0.500\n"), "{all}");
         assert!(all.contains("ci_runner_boot_phase_seconds{phase=\"listening\"} 4.000\n"), "{all}");
+        assert!(all.contains("ci_runner_boot_phase_seconds{phase=\"root_hooks\"} 0.125\n"), "{all}");
+        assert!(all.contains("ci_runner_boot_phase_seconds{phase=\"guest_hooks\"} 1.000\n"), "{all}");
+        // Never a sample for a phase that had nothing to do.
+        assert!(!all.contains("phase=\"sweep\"") && !all.contains("phase=\"runner_group\""), "{all}");
         // The names another engineer's CloudWatch code reads.
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["boot"]["registration_seconds"], 2.25);
         assert_eq!(json["boot"]["listening_seconds"], 4.0);
+        assert_eq!(json["boot"]["root_hooks_seconds"], 0.125);
+        assert_eq!(json["boot"]["sweep_seconds"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn the_container_phases_survive_the_one_runner_copied_to_the_top() {
+        let (top, rx) = StatusHandle::new();
+        top.update(|s| s.boot.root_hooks_seconds = Some(0.25));
+        let a = top.add_runner(|_| {});
+        top.update(|s| s.boot.guest_hooks_seconds = Some(0.5));
+        a.update(|s| s.boot.registration_seconds = Some(1.0));
+        a.set_state(State::Idle);
+        let b = rx.borrow().boot.clone();
+        // Never lost when the runner's entry is copied over the container's.
+        assert_eq!(
+            (b.root_hooks_seconds, b.guest_hooks_seconds, b.registration_seconds),
+            (Some(0.25), Some(0.5), Some(1.0))
+        );
+        let c = top.add_runner(|_| {});
+        c.update(|s| s.boot.prewarm_seconds = None);
+        let b = rx.borrow().boot.clone();
+        assert_eq!((b.root_hooks_seconds, b.registration_seconds), (Some(0.25), None), "a runner still booting");
+    }
+
+    #[test]
+    fn health_reads_a_running_prewarm_live_and_never_goes_back() {
+        let progress = Arc::new(crate::prewarm::Progress::default());
+        let (top, rx) = StatusHandle::new();
+        let a = top.add_runner(|_| {});
+        a.update(|s| s.prewarm = Some(PrewarmStatus::running(progress.clone(), Instant::now())));
+        let before = rx.borrow().live();
+        let p = before.prewarm.as_ref().unwrap();
+        assert_eq!((p.files, p.total_files, p.eta_seconds), (0, None, None), "{p:?}");
+        progress.test_advance(3, 4096, Some((10, 8192)));
+        let after = rx.borrow().live();
+        let p = after.prewarm.as_ref().unwrap();
+        assert_eq!((p.files, p.bytes, p.total_files, p.total_bytes), (3, 4096, Some(10), Some(8192)), "{p:?}");
+        assert_eq!(after.runners[0].prewarm.as_ref().unwrap().files, 3, "the runner's entry is live too");
+        let json = serde_json::to_value(&after).unwrap();
+        assert_eq!(json["prewarm"]["total_files"], 10, "{json}");
+        assert!(json["prewarm"].get("live").is_none(), "{json}");
+        // Once over, the status is what the load ended with, not the counters.
+        a.update(|s| s.prewarm = Some(PrewarmStatus { outcome: "warm", files: 10, ..Default::default() }));
+        progress.test_advance(1, 0, None);
+        assert_eq!(rx.borrow().live().prewarm.unwrap().files, 10);
     }
 
     #[test]

@@ -124,8 +124,60 @@ pub struct Supervisor {
 struct PrewarmTask {
     result: tokio::sync::oneshot::Receiver<Result<prewarm::Loaded, prewarm::PrewarmError>>,
     gate: Arc<prewarm::Gate>,
+    progress: Arc<prewarm::Progress>,
     started: Instant,
     deadline: Instant,
+}
+
+/// Logs how a pre-warm ended and shows it on `/health`, unless it was already shown (a load
+/// that ends after the supervisor gave up on it); `over` replaces whatever was shown.
+fn finish_prewarm(
+    status: &StatusHandle,
+    result: &Result<prewarm::Loaded, prewarm::PrewarmError>,
+    seconds: f64,
+    done: prewarm::Snapshot,
+    over: bool,
+) {
+    let still_running = |s: &crate::status::Status| s.prewarm.as_ref().is_none_or(|p| p.outcome == "running");
+    if !over && !still_running(&status.get()) {
+        return;
+    }
+    let st = match result {
+        Ok(l) => {
+            match &l.slot {
+                Some(slot) => {
+                    info!(slot = %slot, files = done.files, bytes = done.bytes, received_bytes = l.bytes, seconds = format!("{seconds:.2}"), "Work dir pre-warmed.")
+                }
+                None => info!("Nothing to pre-warm from; the runner starts cold."),
+            }
+            crate::status::PrewarmStatus {
+                outcome: if l.slot.is_some() { "warm" } else { "cold" },
+                slot: l.slot.clone(),
+                files: done.files,
+                bytes: done.bytes,
+                total_files: done.totals.map(|t| t.0),
+                total_bytes: done.totals.map(|t| t.1),
+                rate_bytes_per_sec: (seconds > 0.0).then(|| (done.bytes as f64 / seconds).round()),
+                received_bytes: l.bytes,
+                seconds,
+                ..Default::default()
+            }
+        }
+        Err(e) => {
+            if matches!(e, prewarm::PrewarmError::Cancelled) {
+                info!("Pre-warm stopped; what it wrote is removed.");
+            } else {
+                warn!(error = %chain(e), "Pre-warm failed; the runner starts cold.");
+            }
+            crate::status::PrewarmStatus { outcome: "failed", seconds, error: Some(chain(e)), ..Default::default() }
+        }
+    };
+    status.update(|s| {
+        if over || still_running(s) {
+            s.prewarm = Some(st);
+            s.boot.prewarm_seconds = Some(seconds);
+        }
+    });
 }
 
 /// How the runner runs a `.sh` job hook.
@@ -264,24 +316,31 @@ impl Supervisor {
     pub fn start_prewarm(&mut self) {
         let Some(settings) = self.cfg.prewarm.clone() else { return };
         let gate = Arc::new(prewarm::Gate::default());
+        let progress = Arc::new(prewarm::Progress::default());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let started = Instant::now();
         let deadline = crate::config::limits::later_tokio(started, settings.timeout);
         let host = format!("{}:{}", settings.host.host, settings.host.port);
         let thread_gate = gate.clone();
+        let thread_progress = progress.clone();
+        let status = self.status.clone();
         let span = tracing::info_span!("prewarm");
         let spawned = std::thread::Builder::new().name("prewarm".into()).spawn(move || {
             let _span = span.enter();
-            let _ = tx.send(prewarm::load(&settings, &thread_gate));
+            let result = prewarm::load(&settings, &thread_gate, &thread_progress);
+            // Said and shown the moment it ends, not once the runner is registered.
+            let seconds = started.elapsed().as_secs_f64();
+            finish_prewarm(&status, &result, seconds, thread_progress.snapshot(), false);
+            let _ = tx.send(result);
         });
         if let Err(e) = spawned {
             warn!(error = %e, "Failed to start the pre-warm; starting cold.");
             return;
         }
         info!(host = %host, "Pre-warming the work dir from ci-storage.");
-        self.status
-            .update(|s| s.prewarm = Some(crate::status::PrewarmStatus { outcome: "running", ..Default::default() }));
-        self.prewarm = Some(PrewarmTask { result: rx, gate, started, deadline });
+        let running = crate::status::PrewarmStatus::running(progress.clone(), started.into_std());
+        self.status.update(|s| s.prewarm = Some(running));
+        self.prewarm = Some(PrewarmTask { result: rx, gate, progress, started, deadline });
     }
 
     /// Waits for the pre-warm before the runner may take a job: it ends warm, cold (no slot,
@@ -303,41 +362,21 @@ impl Supervisor {
                 return Err(Interrupted);
             }
         };
-        let outcome = match outcome {
-            Some(r) => r,
-            None if task.gate.cancel() => Err(prewarm::PrewarmError::Timeout(give_up - task.started)),
+        let seconds = || task.started.elapsed().as_secs_f64();
+        match outcome {
+            // The load's thread said and showed how it ended.
+            Some(Ok(_)) => {}
+            // It died without a word.
+            Some(Err(e)) => finish_prewarm(&self.status, &Err(e), seconds(), task.progress.snapshot(), false),
+            None if task.gate.cancel() => {
+                let e = prewarm::PrewarmError::Timeout(give_up - task.started);
+                finish_prewarm(&self.status, &Err(e), seconds(), task.progress.snapshot(), true);
+            }
             // It had just moved the tree into place: let it finish writing the meta.
-            None => task.result.await.unwrap_or(Err(prewarm::PrewarmError::Cancelled)),
-        };
-        let seconds = task.started.elapsed().as_secs_f64();
-        let st = match outcome {
-            Ok(l) => {
-                match &l.slot {
-                    Some(slot) => {
-                        info!(slot = %slot, files = l.files, bytes = l.bytes, seconds = format!("{seconds:.2}"), "Work dir pre-warmed.")
-                    }
-                    None => info!("Nothing to pre-warm from; the runner starts cold."),
-                }
-                crate::status::PrewarmStatus {
-                    outcome: if l.slot.is_some() { "warm" } else { "cold" },
-                    slot: l.slot,
-                    files: l.files,
-                    bytes: l.bytes,
-                    seconds,
-                    error: None,
-                }
+            None => {
+                let _ = task.result.await;
             }
-            Err(e) => {
-                warn!(error = %chain(&e), "Pre-warm failed; the runner starts cold.");
-                crate::status::PrewarmStatus {
-                    outcome: "failed",
-                    seconds,
-                    error: Some(chain(&e)),
-                    ..Default::default()
-                }
-            }
-        };
-        self.status.update(|s| s.prewarm = Some(st));
+        }
         Ok(())
     }
 

@@ -158,6 +158,7 @@ fn cloudwatch_follows_a_job_with_no_github_call_while_idle() {
         let m = m.unwrap_or_else(|| panic!("{name} not published: {listed}"));
         assert_eq!(m["Dimensions"], json!([{"Name": "GH_REPOSITORY", "Value": REPO}]), "{name}");
     }
+    assert!(listed_in(&moto, "CWAgent").is_empty(), "boot figures in CWAgent without BTIME");
     let boot = moto.stats("BootToListeningSec", &[("GH_REPOSITORY", REPO)], from, now() + 60.0, 60);
     assert_eq!(boot.iter().map(|p| p["SampleCount"].as_f64().unwrap()).sum::<f64>(), 1.0, "{boot:?}");
     assert!(boot[0]["Maximum"].as_f64().unwrap() > 0.0);
@@ -510,4 +511,119 @@ fn imds_env(gh: &FakeGithub, runner: &RunnerDir, imds: &FakeHttp) -> Vec<(String
 fn time_in(secs: u64) -> String {
     let t = time::OffsetDateTime::now_utc() + Duration::from_secs(secs);
     t.format(&time::format_description::well_known::Rfc3339).unwrap()
+}
+
+/// The statistics of `metric` in `namespace` under `dims` over the last ten minutes.
+fn stats_in(moto: &Moto, namespace: &str, metric: &str, dims: &Value) -> Vec<Value> {
+    let r = moto.call(
+        "get_metric_statistics",
+        json!({
+            "Namespace": namespace, "MetricName": metric, "Dimensions": dims,
+            "StartTime": now() - 600.0, "EndTime": now() + 60.0, "Period": 60,
+            "Statistics": ["Minimum", "Maximum", "SampleCount"],
+        }),
+    );
+    r["Datapoints"].as_array().cloned().unwrap_or_default()
+}
+
+/// The metric names in `namespace`, each with its dimensions sorted by name.
+fn listed_in(moto: &Moto, namespace: &str) -> Vec<(String, Value)> {
+    let r = moto.call("list_metrics", json!({"Namespace": namespace}));
+    let mut out: Vec<(String, Value)> = r["Metrics"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| {
+            let mut dims = m["Dimensions"].as_array().cloned().unwrap_or_default();
+            dims.sort_by(|a, b| a["Name"].as_str().cmp(&b["Name"].as_str()));
+            (m["MetricName"].as_str().unwrap_or_default().to_string(), Value::Array(dims))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+    out
+}
+
+/// `BTIME` on "EC2" (the fake instance metadata gives the instance id): the original image's
+/// hook-98 figures land as it sent them, `DockerBootSec` and `RunnerBootSec` in `CWAgent`,
+/// `InstanceUptimeSec` and `RunnerUptimeSec` in `ci-storage/metrics`, under `Region`,
+/// `GH_REPOSITORY`, `GH_LABEL` (the last of `GH_LABELS`) and `InstanceId`.
+/// Never: another name or the busy share in `CWAgent`, other dimensions, a figure that
+/// contradicts the clock (a container boot longer than the boot to listening, an uptime
+/// shorter than the time since `BTIME`).
+#[test]
+fn btime_sends_the_original_boot_figures_to_cwagent_with_its_dimensions() {
+    if !moto_available() {
+        return;
+    }
+    let moto = Moto::start();
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let imds = fake_imds(Arc::new(Mutex::new(None)));
+    let mut env = imds_env(&gh, &runner, &imds);
+    let btime = now() as u64 - 3600;
+    let btime_s = btime.to_string();
+    for (k, v) in [
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "AKIDTEST"),
+        ("AWS_SECRET_ACCESS_KEY", "secret-test-key"),
+        ("AWS_ENDPOINT_URL_CLOUDWATCH", moto.url().as_str()),
+        ("BTIME", btime_s.as_str()),
+        CHANGES_ONLY,
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    let started = now();
+    let mut sup = Supervisor::start(&env);
+    let health = sup.wait_state("idle", Duration::from_secs(30));
+    let dims = json!([
+        {"Name": "GH_LABEL", "Value": "linux"},
+        {"Name": "GH_REPOSITORY", "Value": REPO},
+        {"Name": "InstanceId", "Value": "i-0123456789abcdef0"},
+        {"Name": "Region", "Value": "us-east-1"},
+    ]);
+    let agent = wait_for("the boot figures in CWAgent", Duration::from_secs(20), || {
+        let l = listed_in(&moto, "CWAgent");
+        (l.len() >= 2).then_some(l)
+    });
+    assert_eq!(
+        agent,
+        vec![("DockerBootSec".to_string(), dims.clone()), ("RunnerBootSec".to_string(), dims.clone())],
+        "CWAgent holds exactly the two boot figures, with the original's dimensions"
+    );
+    let ours = wait_for("the uptime figures in ci-storage/metrics", Duration::from_secs(20), || {
+        let l: Vec<_> = listed_in(&moto, NAMESPACE).into_iter().filter(|(n, _)| n.ends_with("UptimeSec")).collect();
+        (l.len() >= 2).then_some(l)
+    });
+    assert_eq!(
+        ours,
+        vec![("InstanceUptimeSec".to_string(), dims.clone()), ("RunnerUptimeSec".to_string(), dims.clone())]
+    );
+    let one = |ns: &str, m: &str| {
+        let p = stats_in(&moto, ns, m, &dims);
+        assert!(!p.is_empty(), "no {m} in {ns}");
+        p[0]["Maximum"].as_f64().unwrap()
+    };
+    let docker = one("CWAgent", "DockerBootSec");
+    assert!((3599.0..=started - btime as f64 + 5.0).contains(&docker), "DockerBootSec {docker}");
+    let listening = health["boot"]["listening_seconds"].as_f64().unwrap();
+    let runner_boot = one("CWAgent", "RunnerBootSec");
+    assert_eq!(runner_boot, listening.floor(), "RunnerBootSec is the boot to listening, whole seconds");
+    assert!(one(NAMESPACE, "InstanceUptimeSec") >= 3600.0);
+    assert!(one(NAMESPACE, "RunnerUptimeSec") <= now() - started + 1.0);
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    assert!(!sup.log_has("secret-test-key"), "the AWS secret reached the log");
+}
+
+/// `BTIME` that is not the digits of a boot time: exit 3, naming it, before any call.
+#[test]
+fn a_malformed_btime_is_a_configuration_error_naming_it() {
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    let mut sup = Supervisor::start(&env_with(&gh, &runner, &[("BTIME", "yesterday")]));
+    assert_eq!(sup.wait_exit(Duration::from_secs(30)).code(), Some(3), "{}", sup.log());
+    assert!(sup.log_has("BTIME"), "{}", sup.log());
+    assert!(gh.rest_requests("POST", "registration-token").is_empty(), "GitHub was called");
 }

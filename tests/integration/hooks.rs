@@ -78,6 +78,18 @@ fn hooks_run_in_order_as_root_then_the_runner_user_and_share_exports() {
     assert!(sup.log_has("[entrypoint.05-first.sh] hello from first"), "{}", sup.log());
     let hook_env = std::fs::read_to_string(d.scratch.path().join("root-env")).unwrap();
     assert!(hook_env.contains("GH_REPOSITORY=") && !hook_env.contains(PAT), "a hook saw the token: {hook_env}");
+    // Each phase's duration, on /health and /metrics; never lost when the runner's own
+    // status (registration, listening) is copied over the container's.
+    let boot = sup.health().unwrap()["boot"].clone();
+    for phase in ["root_hooks", "guest_hooks", "registration", "listening"] {
+        let secs = boot[format!("{phase}_seconds")].as_f64();
+        assert!(secs.is_some_and(|s| s >= 0.0), "no {phase} time: {boot}");
+        let metrics = sup.metrics();
+        assert!(metrics.contains(&format!("ci_runner_boot_phase_seconds{{phase=\"{phase}\"}} ")), "{metrics}");
+    }
+    assert!(boot["sweep_seconds"].is_null() && boot["prewarm_seconds"].is_null(), "a phase that did not run: {boot}");
+    let (root, listening) = (boot["root_hooks_seconds"].as_f64().unwrap(), boot["listening_seconds"].as_f64().unwrap());
+    assert!(root <= listening, "the root hooks took longer than the whole boot: {boot}");
     sup.signal(Signal::SIGTERM);
     assert_eq!(sup.wait_exit(BOOT).code(), Some(0));
 }

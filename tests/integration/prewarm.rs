@@ -328,6 +328,8 @@ fn prewarm_loads_the_newest_slot_exactly_as_rsync_would_before_the_runner_listen
     let health = sup.health().unwrap();
     assert_eq!(health["prewarm"]["outcome"], "warm", "{health}");
     assert_eq!(health["prewarm"]["slot"], "200", "{health}");
+    // /health may say idle a moment before the log capture has the line (seen under load).
+    sup.wait_log("Listening for Jobs", BOOT);
     let warmed = log_index(&sup, "Work dir pre-warmed.").expect("no pre-warm line");
     let listening = log_index(&sup, "Listening for Jobs").expect("no Listening line");
     assert!(warmed < listening, "the runner listened before the work dir was warm:\n{}", sup.log());
@@ -506,5 +508,154 @@ fn prewarm_reaches_the_storage_host_through_a_port_forward_that_is_up_first() {
     let reference = tempfile::tempdir().unwrap();
     sshd.rsync(&st.dir.join("7"), reference.path());
     assert_same_tree(&st.local, reference.path());
+    stop(sup);
+}
+
+/// A tmpfs mounted for a test, unmounted (lazily) when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// None (after saying so) where mounting is not allowed: the test then runs on the disk.
+    fn mount(at: &Path, opts: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(at)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("note: no tmpfs at {} (mount refused); the files go to the disk, slower", at.display());
+        }
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A slot of `files` small files, 1,000 per directory, made on two threads (a few seconds for
+/// 100k): returns the files' total size.
+fn build_many(slot: &Path, files: u32) -> u64 {
+    let per_dir = 1000;
+    let dirs = files.div_ceil(per_dir);
+    let make = |range: std::ops::Range<u32>| -> u64 {
+        let mut bytes = 0;
+        for d in range {
+            let dir = slot.join(format!("d{d:03}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in d * per_dir..((d + 1) * per_dir).min(files) {
+                let data = format!("file {i}\n").repeat(1 + (i % 7) as usize);
+                std::fs::write(dir.join(format!("f{i:06}")), &data).unwrap();
+                bytes += data.len() as u64;
+            }
+        }
+        bytes
+    };
+    std::fs::create_dir_all(slot).unwrap();
+    let half = dirs / 2;
+    let total = std::thread::scope(|s| {
+        let a = s.spawn(|| make(0..half));
+        make(half..dirs) + a.join().unwrap()
+    });
+    // Not part of what a load makes, and so never counted in its totals.
+    std::fs::write(slot.join(".ci-storage.meta"), "full_snapshot_history=\nhints=\n").unwrap();
+    total
+}
+
+/// The numbers of a progress line, `Pre-warm: 41,000/100,000 files, …`: (done, total) files.
+fn progress_files(line: &str) -> Option<(u64, u64)> {
+    let rest = &line[line.find("Pre-warm: ")? + "Pre-warm: ".len()..];
+    let (done, rest) = rest.split_once('/')?;
+    let total = rest.split_once(" files")?.0;
+    let n = |s: &str| s.replace(',', "").parse::<u64>().ok();
+    Some((n(done)?, n(total)?))
+}
+
+/// A pre-warm of 100k files, progress lines every 0.1 s: the log shows lines with the slot's
+/// totals, and /health, polled while it loads, shows it running part way.
+/// Never: counters that go backwards, totals other than the slot's (the meta file counted),
+/// more done than the slot holds, a running pre-warm without its counters, progress lines
+/// once it is over.
+#[test]
+fn a_prewarm_of_100k_files_shows_its_progress_in_the_log_and_on_health_while_it_runs() {
+    let Some(sshd) = Sshd::start() else { return };
+    let gh = FakeGithub::start();
+    let runner = RunnerDir::new();
+    // 100k files on a disk cost minutes to make and remove on a busy machine: both sides on
+    // a tmpfs of their own (the original image's advice for the work dir, too).
+    let st = storage(&runner);
+    let _slots = Tmpfs::mount(&st.dir, "size=1g,mode=0755");
+    let _work = Tmpfs::mount(st.local.parent().unwrap().parent().unwrap(), "size=1g,mode=1777");
+    const FILES: u64 = 100_000;
+    let made = std::time::Instant::now();
+    let bytes = build_many(&st.dir.join("1"), FILES as u32);
+    eprintln!("slot of {FILES} files, {bytes} bytes, made in {:.1} s", made.elapsed().as_secs_f64());
+    let env = prewarm_env(
+        &gh,
+        &runner,
+        &st,
+        &format!("root@127.0.0.1:{}", sshd.port),
+        &sshd.key_file(),
+        &[("CI_STORAGE_PROGRESS_SEC", "0.1")],
+    );
+    let sup = Supervisor::start(&env);
+    let mut samples = Vec::new();
+    let last = wait_for("the pre-warm to end", BOOT, || {
+        let p = sup.health()?["prewarm"].clone();
+        if p.is_null() {
+            return None;
+        }
+        samples.push(p.clone());
+        (p["outcome"] != "running").then_some(p)
+    });
+    assert_eq!(last["outcome"], "warm", "{last}\n{}", sup.log());
+    eprintln!("loaded in {} s; {} /health samples", last["seconds"], samples.len());
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64();
+    let mut seen_part_way = false;
+    let (mut files, mut done_bytes) = (0, 0);
+    for p in &samples {
+        let (f, b) = (n(p, "files").expect("files"), n(p, "bytes").expect("bytes"));
+        assert!(f >= files && b >= done_bytes, "went backwards: {f} files, {b} bytes after {files}, {done_bytes}");
+        (files, done_bytes) = (f, b);
+        assert!(f <= FILES && b <= bytes, "more done than the slot holds: {p}");
+        if !p["total_files"].is_null() {
+            assert_eq!((n(p, "total_files"), n(p, "total_bytes")), (Some(FILES), Some(bytes)), "{p}");
+        }
+        if p["outcome"] == "running" {
+            assert!(p["rate_bytes_per_sec"].as_f64().is_some(), "a running pre-warm without its rate: {p}");
+            if f > 0 && f < FILES && !p["total_files"].is_null() {
+                seen_part_way = true;
+                assert!(p["eta_seconds"].as_f64().is_some(), "part way, no ETA: {p}");
+            }
+        }
+    }
+    assert!(seen_part_way, "/health never showed the load part way ({} samples): {samples:?}", samples.len());
+    assert_eq!((n(&last, "files"), n(&last, "bytes")), (Some(FILES), Some(bytes)), "{last}");
+    assert_eq!(n(&last, "total_files"), Some(FILES), "{last}");
+
+    let log = sup.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("Pre-warm: ")).collect();
+    assert!(!lines.is_empty(), "no progress line:\n{log}");
+    let mut before = 0;
+    for line in &lines {
+        if let Some((done, total)) = progress_files(line) {
+            assert_eq!(total, FILES, "{line}");
+            assert!(done >= before && done <= FILES, "{line}");
+            before = done;
+        }
+    }
+    assert!(lines.iter().any(|l| progress_files(l).is_some()), "no line with the slot's totals: {lines:?}");
+    let warmed = log_index(&sup, "Work dir pre-warmed.").expect("no pre-warm line");
+    let last_line = log.lines().enumerate().filter(|(_, l)| l.contains("Pre-warm: ")).map(|(i, _)| i).last().unwrap();
+    assert!(last_line < warmed, "a progress line after the load was over:\n{log}");
+    assert_eq!(std::fs::read_dir(st.local.join("d099")).unwrap().count(), 1000);
+    sup.wait_state("idle", BOOT);
+    let m = sup.metrics();
+    assert!(m.contains(&format!("ci_runner_prewarm_files{{of=\"slot\"}} {FILES}\n")), "{m}");
+    assert!(m.contains("ci_runner_boot_phase_seconds{phase=\"prewarm\"}"), "{m}");
     stop(sup);
 }
