@@ -283,23 +283,23 @@ fn off_aws_metrics_are_off_with_one_info_line() {
 
 /// One request a fake HTTP service saw.
 #[derive(Debug, Clone)]
-struct Request {
-    method: String,
-    path: String,
-    headers: BTreeMap<String, String>,
-    body: String,
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
 }
 
-type Handler = dyn Fn(&Request) -> (u16, String) + Send + Sync;
+pub type Handler = dyn Fn(&Request) -> (u16, String) + Send + Sync;
 
 /// A tiny HTTP/1.1 server on loopback for the ECS agent and the instance metadata service.
-struct FakeHttp {
+pub struct FakeHttp {
     port: u16,
     seen: Arc<Mutex<Vec<Request>>>,
 }
 
 impl FakeHttp {
-    fn start(handler: Arc<Handler>) -> Self {
+    pub fn start(handler: Arc<Handler>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -349,7 +349,7 @@ impl FakeHttp {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    fn requests(&self) -> Vec<Request> {
+    pub fn requests(&self) -> Vec<Request> {
         self.seen.lock().unwrap().clone()
     }
 }
