@@ -374,7 +374,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--rss", action="store_true", help="only the idle RSS, with CloudWatch off and on")
+    ap.add_argument("--bin", help="the ci-runner binary (default: the release build)")
     args = ap.parse_args()
+    if args.bin:
+        global BIN
+        BIN = os.path.abspath(args.bin)
     if not os.path.exists(BIN):
         raise SystemExit("build first: cargo build --release")
     if args.rss:
@@ -419,13 +423,13 @@ def rss_only(runs):
     finally:
         gh.close()
         aws.close()
-    print("Command: `python3 bench/bench.py --rss --runs %d` (release build, %s, %d bytes)."
+    print("Command: `python3 bench/bench.py --rss --runs %d --bin %s` (%d bytes)."
           % (runs, BIN, os.path.getsize(BIN)))
     print()
     print("| Idle RSS of both processes, %d runs | Target | Measured (median) | Spread | PSS |" % runs)
     print("|---|---|---|---|---|")
     for name, target, mem in (("CloudWatch off (AWS_EC2_METADATA_DISABLED, no region)", "≤ 10 MiB", off),
-                              ("CloudWatch on (container credentials through the SDK, a datapoint sent)", "measured", on)):
+                              ("CloudWatch on (container credentials from a loopback endpoint, a datapoint sent)", "measured", on)):
         tot = [a + b for a, b, _ in mem]
         print("| %s | %s | %.1f MiB (PID 1 %.1f + supervisor %.1f) | min %.1f, max %.1f | %.1f MiB |"
               % (name, target, med(tot) / 1024, med([a for a, _, _ in mem]) / 1024, med([b for _, b, _ in mem]) / 1024,

@@ -333,10 +333,16 @@ impl FakeHttp {
                     let _ = reader.read_exact(&mut body);
                     let req = Request { method, path, headers, body: String::from_utf8_lossy(&body).into_owned() };
                     let (code, reply) = handler(&req);
+                    // IMDSv2 answers a token request with the token's TTL, which the SDK's
+                    // client requires.
+                    let ttl = match req.headers.get("x-aws-ec2-metadata-token-ttl-seconds") {
+                        Some(t) if code == 200 => format!("X-aws-ec2-metadata-token-ttl-seconds: {t}\r\n"),
+                        _ => String::new(),
+                    };
                     log.lock().unwrap().push(req);
                     let _ = write!(
                         stream,
-                        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\n{ttl}Content-Length: {}\r\nConnection: close\r\n\r\n{reply}",
                         reply.len()
                     );
                 });
