@@ -431,7 +431,7 @@ def rss_only(runs):
     for name, target, mem in (("CloudWatch off (AWS_EC2_METADATA_DISABLED, no region)", "≤ 10 MiB", off),
                               ("CloudWatch on (container credentials from a loopback endpoint, a datapoint sent)", "measured", on)):
         tot = [a + b for a, b, _ in mem]
-        print("| %s | %s | %.1f MiB (PID 1 %.1f + supervisor %.1f) | min %.1f, max %.1f | %.1f MiB |"
+        print("| %s | %s | %.2f MiB (PID 1 %.2f + supervisor %.2f) | min %.2f, max %.2f | %.2f MiB |"
               % (name, target, med(tot) / 1024, med([a for a, _, _ in mem]) / 1024, med([b for _, b, _ in mem]) / 1024,
                  min(tot) / 1024, max(tot) / 1024, med([c for _, _, c in mem]) / 1024))
     print("Baseline: bash PID 1 of the original image: %.1f MiB." % (bash_rss / 1024))
