@@ -2,6 +2,7 @@
 """Benchmarks for the supervisor's bars (issue #2). Run as root after `cargo build --release`:
 
     python3 bench/bench.py [--runs N]
+    python3 bench/bench.py --rss [--runs N]   # idle RSS only: CloudWatch off, then on (issue #20)
 
 Everything is local: the fake GitHub on 127.0.0.1, the fake runner in temp dirs.
 Prints a Markdown report (the body of BENCHMARKS.md) on stdout.
@@ -182,18 +183,69 @@ def pss_kib(pid):
     return 0
 
 
-def start_idle(gh):
+def start_idle(gh, extra=None):
     d = runner_copy()
     port = free_port()
-    p = subprocess.Popen([BIN], env=env_for(gh, d, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = env_for(gh, d, port)
+    env.update(extra or {})
+    p = subprocess.Popen([BIN], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for("idle", 30, lambda: (health(port) or {}).get("state") == "idle", interval=0.01)
     return p, d, port
 
 
-def bench_memory(gh, runs):
+class FakeAws:
+    """A loopback CloudWatch that accepts PutMetricData (and counts it) and an ECS/EKS-style
+    container credentials endpoint (`GET /creds`), so that with CloudWatch on the supervisor
+    goes through the SDK's container provider and its HTTP client, as in a task."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        outer = self
+        self.puts = 0
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                body = json.dumps({"AccessKeyId": "ASIABENCH", "SecretAccessKey": "bench-secret",
+                                   "Token": "bench-token", "Expiration": "2099-01-01T00:00:00Z"}).encode()
+                self.send_response(200 if self.path == "/creds" else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.puts += 1
+                body = b"<PutMetricDataResponse></PutMetricDataResponse>"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def env(self):
+        return {"CLOUDWATCH_ENABLED": "true", "AWS_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL_CLOUDWATCH": self.url,
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI": self.url + "/creds",
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN": "bench-auth"}
+
+    def close(self):
+        self.server.shutdown()
+
+
+def bench_memory(gh, runs, aws=None):
     samples = []
     for _ in range(runs):
-        p, d, port = start_idle(gh)
+        before = aws.puts if aws else 0
+        p, d, port = start_idle(gh, aws.env() if aws else None)
+        if aws:
+            wait_for("the idle datapoint at CloudWatch", 30, lambda: aws.puts > before, interval=0.01)
         time.sleep(1)  # settle after start-up; this is a measurement, not a test assertion
         child = [c for c in descendants(p.pid) if open("/proc/%d/comm" % c).read().strip() == "ci-runner"][0]
         samples.append((rss_kib(p.pid), rss_kib(child), pss_kib(p.pid) + pss_kib(child)))
@@ -321,9 +373,16 @@ def med(xs):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--rss", action="store_true", help="only the idle RSS, with CloudWatch off and on")
+    ap.add_argument("--bin", help="the ci-runner binary (default: the release build)")
     args = ap.parse_args()
+    if args.bin:
+        global BIN
+        BIN = os.path.abspath(args.bin)
     if not os.path.exists(BIN):
         raise SystemExit("build first: cargo build --release")
+    if args.rss:
+        return rss_only(args.runs)
     gh = FakeGithub()
     try:
         start, base = bench_start(gh, args.runs)
@@ -353,6 +412,29 @@ def main():
     print("| Hardware-lock hand-off: a job's last step ends → the waiting runner's first step starts (two supervisors, one lock dir), %d runs | < 100 ms | %.0f ms | min %.0f, max %.0f | — |"
           % (len(lock), med(lock), min(lock), max(lock)))
     print("| Hardware-lock hand-off after the holder's container is SIGKILLed mid-job: kill → the waiter's first step starts, 1 run | within 1 s | %.0f ms | — | — |" % crash)
+
+
+def rss_only(runs):
+    gh = FakeGithub()
+    aws = FakeAws()
+    try:
+        off, bash_rss = bench_memory(gh, runs)
+        on, _ = bench_memory(gh, runs, aws)
+    finally:
+        gh.close()
+        aws.close()
+    print("Command: `python3 bench/bench.py --rss --runs %d --bin %s` (%d bytes)."
+          % (runs, BIN, os.path.getsize(BIN)))
+    print()
+    print("| Idle RSS of both processes, %d runs | Target | Measured (median) | Spread | PSS |" % runs)
+    print("|---|---|---|---|---|")
+    for name, target, mem in (("CloudWatch off (AWS_EC2_METADATA_DISABLED, no region)", "≤ 10 MiB", off),
+                              ("CloudWatch on (container credentials from a loopback endpoint, a datapoint sent)", "measured", on)):
+        tot = [a + b for a, b, _ in mem]
+        print("| %s | %s | %.2f MiB (PID 1 %.2f + supervisor %.2f) | min %.2f, max %.2f | %.2f MiB |"
+              % (name, target, med(tot) / 1024, med([a for a, _, _ in mem]) / 1024, med([b for _, b, _ in mem]) / 1024,
+                 min(tot) / 1024, max(tot) / 1024, med([c for _, _, c in mem]) / 1024))
+    print("Baseline: bash PID 1 of the original image: %.1f MiB." % (bash_rss / 1024))
 
 
 if __name__ == "__main__":

@@ -359,7 +359,9 @@ async fn publish(
         off("no AWS region: AWS_REGION unset, no ECS task metadata, no instance metadata");
         return;
     };
-    let chain = Arc::new(CredentialChain::new(settings.aws.clone(), imds.clone()));
+    // Built only here, with a region found: an idle supervisor off AWS never loads the SDK's
+    // providers (issue #20's RSS bar).
+    let chain = Arc::new(CredentialChain::new(&settings.aws, Some(&region)));
     let first = tokio::select! {
         c = chain.get() => c,
         () = cancel.cancelled() => return,

@@ -1,13 +1,13 @@
-//! AWS, as far as autoscaling needs it: credentials and region from the standard chain,
-//! Signature Version 4, CloudWatch `PutMetricData`, the ECS agent's task scale-in protection and
-//! the instance metadata service (IMDSv2).
+//! AWS, as far as autoscaling needs it: credentials through the SDK's own providers, the
+//! region, Signature Version 4, CloudWatch `PutMetricData`, the ECS agent's task scale-in
+//! protection and the instance metadata service (IMDSv2).
 //!
-//! Why not the AWS SDK: `aws-sdk-cloudwatch` speaks only the new Smithy RPC v2 CBOR protocol,
-//! which moto (the CloudWatch the tests run against) does not serve; CloudWatch itself still
-//! serves the documented Query API, which is a signed form POST. The credential chain is the
-//! three sources a runner container meets (environment, ECS task role, EC2 instance profile),
-//! in the SDK's order, with the SDK's variable names; the SDK's own would add about 4 MB and a
-//! second TLS stack to an image whose supervisor must stay small.
+//! Credentials come from aws-config's providers (profiles, `credential_process`, web identity,
+//! ECS/EKS container credentials with the SDK's endpoint allow-list, IMDSv2), built only when
+//! CloudWatch is to be published, over rustls on ring (no second crypto stack). The CloudWatch
+//! call stays hand-built: `aws-sdk-cloudwatch` speaks only the newer Smithy RPC v2 CBOR
+//! protocol, which moto (the CloudWatch the tests run against) does not serve, while CloudWatch
+//! itself still serves the documented Query API, a SigV4-signed form POST (issue #20).
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
@@ -16,6 +16,9 @@ use reqwest::{Client, Method, StatusCode};
 use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
+
+use aws_config::meta::credentials::CredentialsProviderChain;
+use aws_credential_types::provider::{error::CredentialsError, ProvideCredentials};
 
 use crate::config::Secret;
 
@@ -26,11 +29,6 @@ pub struct AwsSettings {
     pub region: Option<String>,
     /// `AWS_ACCESS_KEY_ID` + `AWS_SECRET_ACCESS_KEY` (+ `AWS_SESSION_TOKEN`).
     pub static_credentials: Option<Credentials>,
-    /// `AWS_CONTAINER_CREDENTIALS_FULL_URI`, or `http://169.254.170.2` +
-    /// `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`: the ECS task role.
-    pub container_credentials_url: Option<String>,
-    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN` (or the contents of `…_TOKEN_FILE`).
-    pub container_authorization: Option<Secret>,
     /// `ECS_CONTAINER_METADATA_URI_V4`: the task's ARN names its region.
     pub ecs_metadata_url: Option<String>,
     /// `AWS_EC2_METADATA_SERVICE_ENDPOINT` (default `http://169.254.169.254`); `None` when
@@ -42,7 +40,6 @@ pub struct AwsSettings {
 }
 
 pub const DEFAULT_IMDS_URL: &str = "http://169.254.169.254";
-pub const ECS_CREDENTIALS_HOST: &str = "http://169.254.170.2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AwsError {
@@ -55,8 +52,15 @@ pub enum AwsError {
     },
     #[error("{url} answered {status}: {message}")]
     Status { url: String, status: u16, code: String, message: String },
-    #[error("no AWS credentials: none in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, no ECS task role (AWS_CONTAINER_CREDENTIALS_RELATIVE_URI), no instance profile on the instance metadata service")]
+    #[error("no AWS credentials: none in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, no profile (AWS_PROFILE, AWS_CONFIG_FILE), no web identity (AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN), no container credentials (AWS_CONTAINER_CREDENTIALS_RELATIVE_URI or _FULL_URI), no instance profile on the instance metadata service")]
     NoCredentials,
+    /// A provider was configured and failed: a refused `AWS_CONTAINER_CREDENTIALS_FULL_URI`,
+    /// STS refusing the web identity token, a `credential_process` that failed.
+    #[error("failed to load AWS credentials through the SDK's chain")]
+    Credentials {
+        #[source]
+        source: CredentialsError,
+    },
     #[error("failed to read {what} from {url}: {detail}")]
     Invalid { what: &'static str, url: String, detail: String },
 }
@@ -66,7 +70,10 @@ impl AwsError {
     /// expired credentials will fail the same way again.
     pub fn is_transient(&self) -> bool {
         match self {
-            AwsError::Transport { .. } | AwsError::NoCredentials | AwsError::Invalid { .. } => true,
+            AwsError::Transport { .. }
+            | AwsError::NoCredentials
+            | AwsError::Invalid { .. }
+            | AwsError::Credentials { .. } => true,
             AwsError::Status { status, code, .. } => {
                 *status >= 500
                     || *status == 429
@@ -91,41 +98,6 @@ impl Credentials {
     /// Still good for at least `margin`.
     fn fresh(&self, margin: Duration) -> bool {
         self.expires.is_none_or(|e| SystemTime::now() + margin < e)
-    }
-}
-
-/// The JSON the ECS agent and IMDS answer with for a role's credentials.
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct RoleCredentials {
-    access_key_id: String,
-    secret_access_key: String,
-    token: Option<String>,
-    expiration: Option<String>,
-}
-
-impl RoleCredentials {
-    /// The ECS agent's or IMDS's answer; the error names the source, never the body.
-    fn parse(body: &str, what: &'static str, url: &str) -> Result<Credentials, AwsError> {
-        serde_json::from_str::<Self>(body).map(Self::into_credentials).map_err(|e| AwsError::Invalid {
-            what,
-            url: url.to_string(),
-            detail: e.to_string(),
-        })
-    }
-
-    fn into_credentials(self) -> Credentials {
-        let expires = self
-            .expiration
-            .as_deref()
-            .and_then(|e| OffsetDateTime::parse(e, &time::format_description::well_known::Rfc3339).ok())
-            .map(SystemTime::from);
-        Credentials {
-            access_key_id: self.access_key_id,
-            secret_access_key: Secret::new(self.secret_access_key),
-            session_token: self.token.map(Secret::new),
-            expires,
-        }
     }
 }
 
@@ -233,18 +205,32 @@ fn error_of(body: &str) -> (String, String) {
 
 /// Credentials from the standard chain, fetched on first use and refreshed five minutes
 /// before they expire.
+///
+/// The order is the SDK's default chain: ci-runner's own keys (`AWS_ACCESS_KEY_ID` and
+/// `AWS_SECRET_ACCESS_KEY`, from the variables or `SECRETS_DIR`, as config.rs read them), then
+/// the SDK's providers: the shared config and credentials files (`AWS_PROFILE`, `source_profile`
+/// and `role_arn`, `credential_process`), web identity (`AWS_WEB_IDENTITY_TOKEN_FILE` +
+/// `AWS_ROLE_ARN`, through STS), the ECS/EKS container endpoint (the SDK's allow-list, its
+/// token file re-read on every fetch), the instance profile over IMDSv2. The SDK's providers
+/// read their own standard variables from the process environment: aws-config takes an
+/// environment map only in its test build.
 pub struct CredentialChain {
-    settings: AwsSettings,
-    imds: Option<std::sync::Arc<Imds>>,
-    http: Client,
+    static_credentials: Option<Credentials>,
+    sdk: Option<CredentialsProviderChain>,
     cached: Mutex<Option<Credentials>>,
 }
 
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 
 impl CredentialChain {
-    pub fn new(settings: AwsSettings, imds: Option<std::sync::Arc<Imds>>) -> Self {
-        Self { settings, imds, http: local_client(), cached: Mutex::new(None) }
+    /// The chain for `region` (STS is regional); no I/O until the first [`get`](Self::get).
+    /// `None` for `region` builds the static keys alone (unit tests).
+    pub fn new(settings: &AwsSettings, region: Option<&str>) -> Self {
+        Self {
+            static_credentials: settings.static_credentials.clone(),
+            sdk: region.map(|r| sdk_chain(settings, r)),
+            cached: Mutex::new(None),
+        }
     }
 
     pub async fn get(&self) -> Result<Credentials, AwsError> {
@@ -263,35 +249,53 @@ impl CredentialChain {
     }
 
     async fn fetch(&self) -> Result<Credentials, AwsError> {
-        if let Some(c) = &self.settings.static_credentials {
+        if let Some(c) = &self.static_credentials {
             return Ok(c.clone());
         }
-        if let Some(url) = &self.settings.container_credentials_url {
-            let mut req = self.http.get(url);
-            if let Some(auth) = &self.settings.container_authorization {
-                req = req.header(reqwest::header::AUTHORIZATION, auth.expose());
-            }
-            let resp = req.send().await.map_err(|source| AwsError::Transport {
-                method: Method::GET,
-                url: url.clone(),
-                source,
-            })?;
-            let body = text_or_status(resp, url).await?;
-            return RoleCredentials::parse(&body, "the task role's credentials", url);
+        let Some(sdk) = &self.sdk else { return Err(AwsError::NoCredentials) };
+        match sdk.provide_credentials().await {
+            Ok(c) => Ok(Credentials {
+                access_key_id: c.access_key_id().to_string(),
+                secret_access_key: Secret::new(c.secret_access_key().to_string()),
+                session_token: c.session_token().map(|t| Secret::new(t.to_string())),
+                expires: c.expiry(),
+            }),
+            Err(CredentialsError::CredentialsNotLoaded(_)) => Err(AwsError::NoCredentials),
+            Err(source) => Err(AwsError::Credentials { source }),
         }
-        if let Some(imds) = &self.imds {
-            let Some(roles) = imds.get("meta-data/iam/security-credentials/").await? else {
-                return Err(AwsError::NoCredentials);
-            };
-            let Some(role) = roles.lines().map(str::trim).find(|l| !l.is_empty()) else {
-                return Err(AwsError::NoCredentials);
-            };
-            let path = format!("meta-data/iam/security-credentials/{role}");
-            let Some(body) = imds.get(&path).await? else { return Err(AwsError::NoCredentials) };
-            let url = format!("{}/latest/{path}", imds.base);
-            return RoleCredentials::parse(&body, "the instance profile's credentials", &url);
+    }
+}
+
+/// The SDK's providers after ci-runner's own keys, in the default chain's order; the instance
+/// profile only where config.rs left the instance metadata on, at its endpoint.
+fn sdk_chain(settings: &AwsSettings, region: &str) -> CredentialsProviderChain {
+    use aws_config::{
+        ecs::EcsCredentialsProvider, imds, profile::ProfileFileCredentialsProvider, provider_config::ProviderConfig,
+        web_identity_token::WebIdentityTokenCredentialsProvider, Region,
+    };
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+    // rustls on ring, as reqwest's, so the image carries one crypto stack (the SDK's default
+    // client would add aws-lc).
+    let http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
+    let conf = ProviderConfig::default().with_http_client(http).with_region(Some(Region::new(region.to_string())));
+    let chain = CredentialsProviderChain::first_try(
+        "Profile",
+        ProfileFileCredentialsProvider::builder().configure(&conf).build(),
+    )
+    .or_else("WebIdentityToken", WebIdentityTokenCredentialsProvider::builder().configure(&conf).build())
+    .or_else("EcsContainer", EcsCredentialsProvider::builder().configure(&conf).build());
+    let Some(url) = &settings.imds_url else { return chain };
+    match imds::Client::builder().configure(&conf).endpoint(url) {
+        Ok(client) => chain.or_else(
+            "Ec2InstanceMetadata",
+            imds::credentials::ImdsCredentialsProvider::builder().configure(&conf).imds_client(client.build()).build(),
+        ),
+        // config.rs checked the URL already; an endpoint the SDK still refuses means no
+        // instance profile, said once at DEBUG.
+        Err(e) => {
+            tracing::debug!(error = %e, "The SDK refused the instance metadata endpoint.");
+            chain
         }
-        Err(AwsError::NoCredentials)
     }
 }
 
@@ -641,7 +645,7 @@ mod tests {
             namespace: "ci-storage/metrics".into(),
             dimensions: vec![("GH_REPOSITORY".into(), "octo-org/octo-repo".into())],
             storage_resolution: 1,
-            credentials: std::sync::Arc::new(CredentialChain::new(AwsSettings::default(), None)),
+            credentials: std::sync::Arc::new(CredentialChain::new(&AwsSettings::default(), None)),
             http: Client::new(),
         };
         let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250);

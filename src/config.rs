@@ -1192,7 +1192,7 @@ fn url_var(c: &mut Collector<'_>, var: &'static str) -> Option<String> {
 
 /// The AWS standard chain's variables, CloudWatch's, the ECS agent's and the spot watch's.
 fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> AutoscaleSettings {
-    use crate::aws::{AwsSettings, Credentials as AwsCredentials, DEFAULT_IMDS_URL, ECS_CREDENTIALS_HOST};
+    use crate::aws::{AwsSettings, Credentials as AwsCredentials, DEFAULT_IMDS_URL};
     // Each is checked and named as set: AWS_DEFAULT_REGION is the one many images set.
     let mut region = None;
     for var in ["AWS_REGION", "AWS_DEFAULT_REGION"] {
@@ -1220,26 +1220,19 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
         }
         (None, None) => None,
     };
-    let container_credentials_url =
-        match (c.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"), url_var(c, "AWS_CONTAINER_CREDENTIALS_FULL_URI")) {
-            (Some(rel), _) if rel.starts_with('/') => Some(format!("{ECS_CREDENTIALS_HOST}{rel}")),
-            (Some(rel), _) => {
-                c.bad(
-                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                    Some(&rel),
-                    "a path starting with /, as the ECS agent sets it",
-                );
-                None
-            }
-            (None, full) => full,
-        };
-    let container_authorization = c
-        .get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
-        .and_then(|f| std::fs::read_to_string(f).ok())
-        .map(|t| t.trim().to_string())
-        .inspect(|t| c.check("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", t, true))
-        .or_else(|| c.secret("AWS_CONTAINER_AUTHORIZATION_TOKEN"))
-        .map(Secret::new);
+    // The SDK's container provider reads these itself (and re-reads the token file on every
+    // fetch, as EKS Pod Identity rotates it); their forms are checked here, the allow-list of
+    // full URIs is the SDK's.
+    if let Some(rel) = c.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
+        if !rel.starts_with('/') {
+            c.bad(
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                Some(&rel),
+                "a path starting with /, as the ECS agent sets it",
+            );
+        }
+    }
+    let _ = url_var(c, "AWS_CONTAINER_CREDENTIALS_FULL_URI");
     let ecs_metadata_url = url_var(c, "ECS_CONTAINER_METADATA_URI_V4");
     let imds_url = if c.bool("AWS_EC2_METADATA_DISABLED", false) {
         None
@@ -1315,15 +1308,7 @@ fn autoscale_settings(c: &mut Collector<'_>, scope: Option<&Scope>) -> Autoscale
         },
     };
     AutoscaleSettings {
-        aws: AwsSettings {
-            region,
-            static_credentials,
-            container_credentials_url,
-            container_authorization,
-            ecs_metadata_url,
-            imds_url,
-            cloudwatch_url,
-        },
+        aws: AwsSettings { region, static_credentials, ecs_metadata_url, imds_url, cloudwatch_url },
         cloudwatch,
         namespace,
         metric_name,
@@ -2510,6 +2495,9 @@ c2VjcmV0LWJ5dGVz
             bad("GH_API_URL", "https://api.github.com/?per_page=1", "no ?query"),
             bad("ECS_AGENT_URI", "http://127.0.0.1:70000", "invalid port"),
             bad("AWS_ENDPOINT_URL_CLOUDWATCH", "http://cw\t.local", "control characters"),
+            // The SDK's container provider reads these; their forms are checked first.
+            bad("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://169.254.170.23:99999/v1", "invalid port"),
+            bad("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "v2/credentials/x", "a path starting with /"),
             // Tokens and secrets: refused, never shown.
             secret(Malformed { without: &["GH_TOKEN"], ..bad("GH_TOKEN", "ghp_abc\ndef", "control characters") }),
             secret(Malformed { without: &["GH_TOKEN"], ..bad("GH_TOKEN", "ghp_abc def", "without spaces") }),

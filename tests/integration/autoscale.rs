@@ -284,23 +284,23 @@ fn off_aws_metrics_are_off_with_one_info_line() {
 
 /// One request a fake HTTP service saw.
 #[derive(Debug, Clone)]
-struct Request {
-    method: String,
-    path: String,
-    headers: BTreeMap<String, String>,
-    body: String,
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
 }
 
-type Handler = dyn Fn(&Request) -> (u16, String) + Send + Sync;
+pub type Handler = dyn Fn(&Request) -> (u16, String) + Send + Sync;
 
 /// A tiny HTTP/1.1 server on loopback for the ECS agent and the instance metadata service.
-struct FakeHttp {
+pub struct FakeHttp {
     port: u16,
     seen: Arc<Mutex<Vec<Request>>>,
 }
 
 impl FakeHttp {
-    fn start(handler: Arc<Handler>) -> Self {
+    pub fn start(handler: Arc<Handler>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -334,10 +334,16 @@ impl FakeHttp {
                     let _ = reader.read_exact(&mut body);
                     let req = Request { method, path, headers, body: String::from_utf8_lossy(&body).into_owned() };
                     let (code, reply) = handler(&req);
+                    // IMDSv2 answers a token request with the token's TTL, which the SDK's
+                    // client requires.
+                    let ttl = match req.headers.get("x-aws-ec2-metadata-token-ttl-seconds") {
+                        Some(t) if code == 200 => format!("X-aws-ec2-metadata-token-ttl-seconds: {t}\r\n"),
+                        _ => String::new(),
+                    };
                     log.lock().unwrap().push(req);
                     let _ = write!(
                         stream,
-                        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\n{ttl}Content-Length: {}\r\nConnection: close\r\n\r\n{reply}",
                         reply.len()
                     );
                 });
@@ -350,7 +356,7 @@ impl FakeHttp {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    fn requests(&self) -> Vec<Request> {
+    pub fn requests(&self) -> Vec<Request> {
         self.seen.lock().unwrap().clone()
     }
 }

@@ -5,6 +5,7 @@ mod app;
 mod autoscale;
 mod config;
 mod controller;
+mod credentials;
 mod deploy;
 mod docker;
 mod drain;
