@@ -1293,6 +1293,10 @@ def hook_deliveries_api_lists_failures_and_redelivers(c):
         lost = f.enqueue("lost", labels=["self-hosted", "x"])
         sent = f.enqueue("sent", labels=["self-hosted", "x"])
         wait_until(lambda: len(rx.got) == 1, 10, "the delivery after the dropped one")
+        # The receiver has the body before the fake has its answer (and so the delivery's
+        # status): wait for the fake to list it.
+        wait_until(lambda: len(f.ok("GET", base + "?per_page=100", token="ghp_admin")) == 2, 10,
+                   "both deliveries listed")
         items = f.ok("GET", base + "?per_page=100", token="ghp_admin")
         eq([(d["action"], d["status"], d["status_code"], d["redelivery"]) for d in items],
            [("queued", "OK", 200, False), ("queued", "failed to connect to host", 0, False)],
@@ -1316,6 +1320,7 @@ def hook_deliveries_api_lists_failures_and_redelivers(c):
         # Redeliver: a new delivery id, the same guid, sent.
         eq(f.call("POST", base + "/%d/attempts" % items[1]["id"], token="ghp_admin")[0], 202, "redeliver")
         wait_until(lambda: len(rx.got) == 2, 10, "the redelivery")
+        wait_until(lambda: len(f.ok("GET", base, token="ghp_admin")) == 3, 10, "the redelivery listed")
         eq(rx.got[1][0].get("x-github-delivery"), items[1]["guid"], "same X-GitHub-Delivery")
         eq(json.loads(rx.got[1][1])["workflow_job"]["id"], lost, "same payload")
         again = f.ok("GET", base, token="ghp_admin")[0]
