@@ -62,7 +62,7 @@ def default_dimension_of_scope():
     CLOUDWATCH_DIMENSIONS is unset."""
     with open(os.path.join(ROOT, "src", "config.rs")) as f:
         src = f.read()
-    found = dict(re.findall(r'Some\(Scope::(\w+)[^=]*=> vec!\[\("(GH_\w+)"', src))
+    found = dict(re.findall(r'Scope::(\w+)\b[^=\n]*=> (?:vec!\[\(|Some\(\()"(GH_\w+)"', src))
     assert set(found) == {"Repository", "Organization", "Enterprise"}, found
     return {k.lower(): v for k, v in found.items()}
 
