@@ -364,8 +364,11 @@ fn compose_scales_to_three_distinct_runners_and_down_leaves_none() {
         format!(
             "GH_REPOSITORY={REPO}\nGH_LABELS=ci-test,compose\nGH_SERVER_URL={url}\n\
              GH_API_URL={url}/api/v3\nCI_RUNNER_IMAGE={img}\nCI_RUNNER_NETWORK_MODE=host\nSTATUS_ADDR=off\n\
-             STOP_GRACE_PERIOD=60s\nDRAIN_TIMEOUT_SEC=30\nAWS_EC2_METADATA_DISABLED=true\n",
-            url = gh.url()
+             STOP_GRACE_PERIOD=60s\nDRAIN_TIMEOUT_SEC=30\nAWS_EC2_METADATA_DISABLED=true\n\
+             RUNNER_LOCK_HOST_DIR={locks}\n",
+            url = gh.url(),
+            // Not the host's /tmp/github-runner-locks, which Docker would make and leave.
+            locks = dir.path().join("locks").display()
         ),
     )
     .unwrap();
