@@ -56,12 +56,12 @@ pub mod status;
 pub mod supervisor;
 pub mod update;
 
-/// A unit test's prerequisite is missing (root, a tool): the test fails, saying how to get it,
-/// unless `CI_RUNNER_TEST_SKIP` (comma-separated) lists `what` or `all`; then it says it skips
-/// and returns false. With `CI` set nothing may be skipped. (The integration tests' harness has
-/// the same rule.)
-#[cfg(test)]
-pub(crate) fn prerequisite_missing(what: &str, fix: &str) -> bool {
+/// A test's prerequisite is missing (root, a tool, the Docker engine): the test fails, saying
+/// how to get it, unless `CI_RUNNER_TEST_SKIP` (comma-separated) lists `what` or `all`; then it
+/// says it skips and returns false. With `CI` set nothing may be skipped. The one rule of the
+/// unit tests and the integration tests (whose harness calls it); not for the binary.
+#[doc(hidden)]
+pub fn prerequisite_missing(what: &str, fix: &str) -> bool {
     let skip = std::env::var("CI_RUNNER_TEST_SKIP").unwrap_or_default();
     let skipped = skip.split(',').map(str::trim).any(|s| s == what || s == "all");
     assert!(

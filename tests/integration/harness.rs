@@ -35,20 +35,9 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut cond: impl FnMut() -> Opti
     }
 }
 
-/// A prerequisite of a test is missing (root, a tool, the Docker engine): the test fails, saying
-/// how to get it, unless `CI_RUNNER_TEST_SKIP` (comma-separated) lists `what` or `all`; then it
-/// says it skips and returns false. With `CI` set nothing may be skipped. (`src/lib.rs` has the
-/// same rule for the unit tests.)
-pub fn prerequisite_missing(what: &str, fix: &str) -> bool {
-    let skip = std::env::var("CI_RUNNER_TEST_SKIP").unwrap_or_default();
-    let skipped = skip.split(',').map(str::trim).any(|s| s == what || s == "all");
-    assert!(
-        skipped && std::env::var("CI").is_err(),
-        "{what} is missing: {fix} (or skip the tests that need it with CI_RUNNER_TEST_SKIP={what}, never on CI)"
-    );
-    eprintln!("skipping (CI_RUNNER_TEST_SKIP): {what} is missing: {fix}");
-    false
-}
+/// A prerequisite of a test is missing: fail, or skip when `CI_RUNNER_TEST_SKIP` names it
+/// (never on CI). The crate's own rule, shared with its unit tests.
+pub use ci_runner::prerequisite_missing;
 
 /// Whether `tool` is on PATH; when not, [`prerequisite_missing`] decides (fail or skip).
 pub fn require(tool: &str) -> bool {
